@@ -1,0 +1,164 @@
+"""Image decoding and resizing shared by training and serving.
+
+Both sides must turn a file into exactly the same pixels, so this module (numpy + Pillow + tifffile,
+no torch) is the one place where that happens. Every image becomes RGB uint8 of shape (H, W, 3):
+- grayscale is repeated into three channels (the network has three input channels);
+- RGBA and LA drop alpha (microscopy exports carry an opaque alpha; compositing would invent colour);
+- 16-bit data (PNG or TIFF) is scaled by the full 16-bit range (value / 257), so the same file always
+  gives the same pixels regardless of what else is in the collection;
+- palette, CMYK and other modes go through Pillow's RGB conversion.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+# Pillow's own bomb guard raises only above 2x this; we raise at the limit itself, with a clear message.
+DEFAULT_MAX_PIXELS = 100_000_000
+TIFF_SUFFIXES = {".tif", ".tiff"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp"}
+RESIZE_FILTERS = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+    "area": Image.Resampling.BOX,
+}
+
+
+class ImageDecodeError(ValueError):
+    """An image that cannot be turned into pixels; the message names the source and the reason."""
+
+
+def to_uint8(array: np.ndarray) -> np.ndarray:
+    """Bring any integer or float pixel array to uint8 by its type's full range."""
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8) * 255
+    if np.issubdtype(array.dtype, np.integer):
+        info = np.iinfo(array.dtype)
+        if info.max <= 255 and info.min >= 0:
+            return array.astype(np.uint8)
+        if array.dtype == np.uint16 or (info.max == 65535):
+            return ((array.astype(np.uint32) + 128) // 257).astype(np.uint8)
+        # Other integer types (int16, int32, uint32): scale by their observed non-negative range.
+        clipped = np.clip(array.astype(np.float64), 0, None)
+        peak = clipped.max()
+        return np.round(clipped * (255.0 / peak)).astype(np.uint8) if peak > 0 else clipped.astype(np.uint8)
+    if np.issubdtype(array.dtype, np.floating):
+        finite = np.nan_to_num(array.astype(np.float64), nan=0.0, posinf=1.0, neginf=0.0)
+        scale = 255.0 if finite.max(initial=0.0) <= 1.0 else 1.0
+        return np.clip(np.round(finite * scale), 0, 255).astype(np.uint8)
+    raise ImageDecodeError(f"unsupported pixel type {array.dtype}")
+
+
+def _channels_to_rgb(array: np.ndarray, source: str) -> np.ndarray:
+    """Give an (H, W), (H, W, 1..4) or channel-first array the (H, W, 3) layout."""
+    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+        array = np.moveaxis(array, 0, -1)  # channel-first TIFF
+    if array.ndim == 2:
+        return np.repeat(array[:, :, None], 3, axis=2)
+    if array.ndim != 3:
+        raise ImageDecodeError(f"{source}: expected a 2-D image, got an array of shape {array.shape}")
+    channels = array.shape[2]
+    if channels == 1:
+        return np.repeat(array, 3, axis=2)
+    if channels == 2:  # gray + alpha
+        return np.repeat(array[:, :, :1], 3, axis=2)
+    if channels >= 3:
+        return np.ascontiguousarray(array[:, :, :3])
+    raise ImageDecodeError(f"{source}: cannot use an image with {channels} channels")
+
+
+def _decode_tiff(data: bytes, source: str, max_pixels: int) -> np.ndarray:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+            page = tif.pages[0]
+            shape = page.shape
+            pixels = int(np.prod(shape[:2])) if len(shape) >= 2 else 0
+            if pixels > max_pixels:
+                raise ImageDecodeError(
+                    f"{source}: {shape[1]}x{shape[0]} pixels exceeds the limit of {max_pixels:,} pixels"
+                )
+            array = page.asarray()
+    except ImageDecodeError:
+        raise
+    except Exception as exc:  # tifffile raises many types for broken files
+        raise ImageDecodeError(f"{source}: not a readable TIFF ({exc})") from exc
+    if array.ndim == 3 and page.photometric == 5:  # SEPARATED (CMYK): let Pillow convert
+        return _decode_with_pillow(data, source, max_pixels)
+    return _channels_to_rgb(to_uint8(array), source)
+
+
+def _decode_with_pillow(data: bytes, source: str, max_pixels: int) -> np.ndarray:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise ImageDecodeError(
+                    f"{source}: {width}x{height} pixels exceeds the limit of {max_pixels:,} pixels"
+                )
+            image.load()
+    except ImageDecodeError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageDecodeError(f"{source}: not a readable image ({exc.__class__.__name__})") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageDecodeError(f"{source}: broken or truncated image ({exc})") from exc
+    mode = image.mode
+    if mode.startswith("I"):  # 16-bit grayscale (I;16*) and 32-bit integer (I) hold 16-bit data
+        array = np.clip(np.asarray(image, dtype=np.int64), 0, 65535).astype(np.uint16)
+        return _channels_to_rgb(to_uint8(array), source)
+    if mode == "F":
+        return _channels_to_rgb(to_uint8(np.asarray(image)), source)
+    if mode in ("RGBA", "LA", "PA"):
+        return np.ascontiguousarray(np.asarray(image.convert("RGBA"))[:, :, :3])
+    if mode != "RGB":
+        image = image.convert("RGB")
+    return np.asarray(image).copy()
+
+
+def decode_image(data: bytes, source: str = "<upload>", max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode encoded image bytes into RGB uint8 (H, W, 3); ImageDecodeError names `source` on failure."""
+    if not data:
+        raise ImageDecodeError(f"{source}: empty file (0 bytes)")
+    if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return _decode_tiff(data, source, max_pixels)
+    return _decode_with_pillow(data, source, max_pixels)
+
+
+def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Read an image file into RGB uint8 (H, W, 3)."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ImageDecodeError(f"{path}: cannot read file ({exc.strerror or exc})") from exc
+    return decode_image(data, str(path), max_pixels)
+
+
+def resize_rgb(image: np.ndarray, size: tuple[int, int], method: str = "bicubic") -> np.ndarray:
+    """Resize RGB uint8 (H, W, 3) to size = (height, width) with Pillow; no-op at the right size."""
+    height, width = size
+    if image.shape[0] == height and image.shape[1] == width:
+        return image
+    if method not in RESIZE_FILTERS:
+        raise ValueError(f"unknown resize method {method!r}; choose one of {sorted(RESIZE_FILTERS)}")
+    resized = Image.fromarray(image, mode="RGB").resize((width, height), RESIZE_FILTERS[method])
+    return np.asarray(resized).copy()
+
+
+def load_rgb(path: str | Path, size: tuple[int, int] | None, method: str = "bicubic") -> np.ndarray:
+    """Read a file and bring it to `size` (height, width); None keeps the native size."""
+    image = read_image(path)
+    return image if size is None else resize_rgb(image, size, method)

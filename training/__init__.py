@@ -1,0 +1,1 @@
+"""Training side of tsimcne: data readers, augmentations, network, loss and the staged trainer (torch)."""

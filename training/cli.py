@@ -1,0 +1,310 @@
+"""`tsimcne` command line: train, evaluate, plot, presets, synth.
+
+Thin on purpose: parse, validate, print, and call library functions (which tests call directly).
+Bad input ends with `error: <what and where>` and exit code 2, never a traceback; Ctrl-C during
+training saves a checkpoint and exits with 130.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from training.errors import UserError
+
+app = typer.Typer(
+    name="tsimcne",
+    help="Map microscopy image collections with t-SimCNE.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn UserError and config validation errors into one clear line and exit code 2."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from pydantic import ValidationError
+
+        try:
+            return command(*args, **kwargs)
+        except UserError as exc:
+            raise _fail(str(exc)) from None
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+            raise _fail(f"invalid settings: {problems}") from None
+        except KeyError as exc:  # unknown preset / recipe names
+            raise _fail(str(exc.args[0]) if exc.args else str(exc)) from None
+
+    return wrapper
+
+
+def _parse_triple(text: str | None, what: str, cast: Callable[[str], Any] = int) -> tuple | None:
+    if text is None:
+        return None
+    parts = [p.strip() for p in text.split(",")]
+    if len(parts) != 3:
+        raise UserError(f"{what} {text!r}: give three comma-separated values, one per stage, e.g. 1000,50,450")
+    try:
+        return tuple(cast(p) for p in parts)
+    except ValueError as exc:
+        raise UserError(f"{what} {text!r}: {exc}") from exc
+
+
+@app.command()
+@user_errors
+def train(
+    data: Annotated[str | None, typer.Option(help="folder, .npz, .csv manifest, or synthetic[:N]")] = None,
+    name: Annotated[str | None, typer.Option(help="run name: results go to RUNS_DIR/NAME")] = None,
+    resume: Annotated[Path | None, typer.Option(help="continue the run in this folder from its last.pt")] = None,
+    runs_dir: Annotated[Path, typer.Option(help="parent folder of runs")] = Path("runs"),
+    recipe: Annotated[str, typer.Option(help="named defaults: reference, cpu, demo, tiny")] = "reference",
+    image_size: Annotated[str | None, typer.Option(help="N or HxW; default: the data's own size")] = None,
+    augmentation: Annotated[str | None, typer.Option(help="augmentation preset (see `tsimcne presets`)")] = None,
+    width: Annotated[int | None, typer.Option(help="ResNet-18 base width (64 = reference)")] = None,
+    epochs: Annotated[str | None, typer.Option(help="epochs per stage, e.g. 1000,50,450")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="images per step")] = None,
+    lr: Annotated[float | None, typer.Option(help="stage 1/2 learning rate (default 0.03 * batch / 256)")] = None,
+    stage3_lr_factor: Annotated[float | None, typer.Option(help="stage 3 lr as a fraction of lr")] = None,
+    metric: Annotated[str | None, typer.Option(help="cauchy (t-SimCNE) or cosine (SimCLR)")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda")] = None,
+    precision: Annotated[str | None, typer.Option(help="auto, bf16 or fp32")] = None,
+    channels_last: Annotated[str | None, typer.Option(help="auto, on or off")] = None,
+    seed: Annotated[int | None, typer.Option(help="random seed")] = None,
+    checkpoint_every: Annotated[int | None, typer.Option(help="epochs between periodic checkpoints")] = None,
+    skip_bad: Annotated[bool, typer.Option(help="skip unreadable images (and report them) instead of stopping")] = False,
+    allow_upscale: Annotated[bool, typer.Option(help="allow images smaller than --image-size")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing run folder of the same name")] = False,
+    progress: Annotated[bool | None, typer.Option(help="progress bars (default: when on a terminal)")] = None,
+) -> None:
+    """Train t-SimCNE through its three stages, writing checkpoints to RUNS_DIR/NAME."""
+    from training.checkpoint import atomic_write_json, load_checkpoint
+    from training.config import TrainConfig, build_config
+    from training.data import load_dataset, parse_size
+    from training.device import resolve_runtime
+    from training.distributed import init_from_env, shutdown
+    from training.trainer import StagedTrainer, embed_images, format_seconds
+    from training.runs import write_embedding
+
+    resume_state = None
+    if resume is not None:
+        given = [k for k, v in {"data": data, "name": name, "image_size": image_size, "epochs": epochs}.items() if v]
+        if given:
+            raise UserError(f"--resume continues a run with its saved settings; drop {', '.join('--' + g for g in given)}")
+        run_dir = Path(resume)
+        resume_state = load_checkpoint(run_dir / "last.pt")
+        settings = dict(resume_state["config"])
+        for key, value in {"device": device, "precision": precision, "channels_last": channels_last}.items():
+            if value is not None:
+                settings[key] = value
+        config = TrainConfig(**settings)
+        if resume_state["position"]["stage"] > 3:
+            typer.echo(f"{run_dir}: training already finished (stage3.pt); nothing to resume")
+            return
+    else:
+        if data is None or name is None:
+            raise UserError("give --data and --name for a new run, or --resume RUN_DIR to continue one")
+        run_dir = runs_dir / name
+        if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+            raise UserError(
+                f"{run_dir} already exists; continue it with --resume {run_dir}, choose another --name, "
+                "or pass --overwrite to replace it"
+            )
+        overrides = {
+            "data": data,
+            "image_size": parse_size(image_size),
+            "augmentation": augmentation,
+            "width": width,
+            "epochs": _parse_triple(epochs, "--epochs"),
+            "batch_size": batch_size,
+            "base_lr": lr,
+            "stage3_lr_factor": stage3_lr_factor,
+            "metric": metric,
+            "device": device,
+            "precision": precision,
+            "channels_last": channels_last,
+            "seed": seed,
+            "checkpoint_every": checkpoint_every,
+            "skip_bad": skip_bad or None,
+            "allow_upscale": allow_upscale or None,
+        }
+        config = build_config(recipe, overrides)
+    from training.augment import get_preset
+
+    get_preset(config.augmentation)  # unknown preset: fail before reading any data
+    runtime = resolve_runtime(config.device, config.precision, config.channels_last)
+    dist_info = init_from_env(runtime.device.type == "cuda")
+    if dist_info.enabled and runtime.device.type == "cuda":
+        runtime = resolve_runtime(config.device, config.precision, config.channels_last, dist_info.local_rank)
+    dataset = load_dataset(config.data, config.image_size, config.resize_method, config.skip_bad, config.allow_upscale)
+    if dataset.skipped:
+        typer.echo(f"skipped {len(dataset.skipped)} unreadable image(s), first: {dataset.skipped[0]}", err=True)
+    if resume_state is None:
+        config = config.model_copy(update={"image_size": dataset.size})
+        if dist_info.is_main:
+            if run_dir.exists() and overwrite:
+                shutil.rmtree(run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(run_dir / "config.json", config.model_dump(mode="json"))
+            if dataset.skipped:
+                atomic_write_json(run_dir / "skipped.json", dataset.skipped)
+    if dist_info.is_main:
+        labels = f", {len(dataset.class_names)} classes" if dataset.labels is not None else ", no labels"
+        typer.echo(
+            f"data: {len(dataset):,} images of {dataset.size[0]}x{dataset.size[1]} from {dataset.source}{labels}\n"
+            f"device: {runtime.describe()}" + (f", {dist_info.world_size} processes" if dist_info.enabled else "")
+        )
+    trainer = StagedTrainer(config, dataset, run_dir, runtime, dist_info, resume_state, show_progress=progress)
+    summary = trainer.run()
+    shutdown(dist_info)
+    if summary.stopped_early:
+        typer.echo(f"stopped; continue with: tsimcne train --resume {run_dir}", err=True)
+        raise typer.Exit(130)
+    if not dist_info.is_main:
+        return
+    coords, _ = embed_images(trainer.model, dataset.images, runtime.device)
+    write_embedding(run_dir, coords, dataset, "stage3.pt")
+    loss = f", final loss {summary.final_loss:.4f}" if summary.final_loss is not None else ""
+    typer.echo(f"done in {format_seconds(summary.seconds)}{loss}: {run_dir}/stage3.pt, map in {run_dir}/embedding.npz")
+
+
+@app.command()
+@user_errors
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(help="a run folder")],
+    data: Annotated[str | None, typer.Option(help="evaluate on other data instead of the training set")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+) -> None:
+    """kNN accuracy (k=15, 10 % stratified hold-out) and silhouette of the 2-D map; writes metrics.json."""
+    from training.checkpoint import atomic_write_json, load_checkpoint
+    from training.device import resolve_runtime
+    from training.evaluate import map_quality
+    from training.runs import dataset_for_state, final_checkpoint_path, model_from_state, read_embedding
+    from training.trainer import embed_images
+
+    checkpoint = final_checkpoint_path(run_dir)
+    saved = read_embedding(run_dir) if data is None else None
+    state = load_checkpoint(checkpoint)
+    if saved is not None and "labels" in saved and str(saved["fingerprint"]) == state["dataset"]["fingerprint"]:
+        coords, labels, n_images = saved["coords"], saved["labels"], len(saved["coords"])
+    else:
+        runtime = resolve_runtime(device, "fp32", "off")
+        dataset = dataset_for_state(state, data)
+        coords, _ = embed_images(model_from_state(state, runtime.device), dataset.images, runtime.device)
+        labels, n_images = dataset.labels, len(dataset)
+    if state["model_out_dim"] != 2 and state["finished_stage"] < 2:
+        typer.echo(f"note: {checkpoint.name} is from stage 1 ({state['model_out_dim']}-D output)", err=True)
+    quality = map_quality(coords, labels)
+    result = {**quality.as_dict(), "checkpoint": checkpoint.name, "data": data or state["config"]["data"]}
+    if data is None:
+        atomic_write_json(Path(run_dir) / "metrics.json", result)
+    typer.echo(
+        f"kNN accuracy (k=15, 10% hold-out): {quality.knn_accuracy:.3f}   silhouette: {quality.silhouette:.3f}   "
+        f"({n_images:,} images, {quality.n_classes} classes, {checkpoint.name})"
+    )
+
+
+@app.command()
+@user_errors
+def plot(
+    run_dir: Annotated[Path, typer.Argument(help="a run folder")],
+    out: Annotated[Path | None, typer.Option(help="PNG path (default RUN_DIR/map.png)")] = None,
+) -> None:
+    """Draw the 2-D map of the training images, coloured by label."""
+    from training.plot import plot_map
+    from training.runs import read_embedding, require_run_dir
+
+    require_run_dir(run_dir)
+    saved = read_embedding(run_dir)
+    if saved is None:
+        raise UserError(f"{run_dir}: no embedding.npz yet; it is written when training finishes")
+    coords = saved["coords"]
+    if coords.shape[1] < 2:
+        raise UserError(f"{run_dir}: the map is {coords.shape[1]}-D; plotting needs 2-D")
+    metrics_file = Path(run_dir) / "metrics.json"
+    subtitle = ""
+    if metrics_file.is_file():
+        metrics = json.loads(metrics_file.read_text())
+        subtitle = f"kNN accuracy {metrics['knn_accuracy']:.3f}, silhouette {metrics['silhouette']:.3f}"
+    target = out or Path(run_dir) / "map.png"
+    plot_map(
+        coords[:, :2],
+        saved.get("labels"),
+        [str(c) for c in saved["class_names"]],
+        target,
+        title=f"t-SimCNE map of {Path(run_dir).name} ({len(coords):,} images)",
+        subtitle=subtitle,
+    )
+    typer.echo(f"map written to {target}")
+
+
+@app.command()
+def presets() -> None:
+    """List the augmentation presets and the training recipes."""
+    from training.augment import PRESETS
+    from training.config import RECIPE_NOTES
+
+    typer.echo("augmentation presets (--augmentation):")
+    for preset in PRESETS.values():
+        typer.echo(f"  {preset.name:<12} {preset.description}")
+    typer.echo("training recipes (--recipe):")
+    for name, note in RECIPE_NOTES.items():
+        typer.echo(f"  {name:<12} {note}")
+
+
+@app.command()
+@user_errors
+def synth(
+    out: Annotated[Path, typer.Argument(help="folder (class sub-folders of PNGs) or a .npz file")],
+    n: Annotated[int, typer.Option(help="number of images")] = 2400,
+    size: Annotated[str, typer.Option(help="N or HxW")] = "32",
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+) -> None:
+    """Write the synthetic cell dataset (the project's demo data) as PNG folders or an npz."""
+    import numpy as np
+    from PIL import Image
+
+    from training.checkpoint import atomic_write
+    from training.data import parse_size
+    from training.synthetic import make_synthetic_cells
+
+    if n < 1:
+        raise UserError(f"--n must be positive, got {n}")
+    images, labels, names = make_synthetic_cells(n, parse_size(size), seed=seed)
+    if out.suffix == ".npz":
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as handle:
+                np.savez_compressed(handle, images=images, labels=labels, class_names=np.array(names))
+
+        atomic_write(out, write)
+    else:
+        if out.exists() and any(out.iterdir()):
+            raise UserError(f"{out} exists and is not empty; choose another folder")
+        for index, (image, label) in enumerate(zip(images, labels, strict=True)):
+            folder = out / names[label]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(folder / f"{index:06d}.png")
+    typer.echo(f"wrote {n} synthetic images ({len(names)} classes) to {out}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

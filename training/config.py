@@ -1,0 +1,111 @@
+"""Training configuration and named recipes.
+
+One pydantic model holds every setting; the same object is written to runs/<name>/config.json and
+into every checkpoint, so a run can be resumed, audited and exported without guessing.
+
+Recipes set defaults that explicit CLI options override:
+- "reference": the paper's schedule and network (ResNet-18, 1000/50/450 epochs, batch 1024). GPU-sized.
+- "cpu": a width-16 ResNet-18 that draws a useful map of ~17k 28 px images in under 30 minutes on two
+  CPU cores (benchmarks/README.md has the figures), microscopy augmentations, stage 3 at lr/100.
+- "demo": a width-8 net on the synthetic cells; the README's end-to-end command (a few minutes on CPU).
+- "tiny": a width-4 net for tests (seconds).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+REFERENCE_LR_PER_256 = 0.03
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    data: str = Field(description="folder, .npz, .csv manifest, or 'synthetic[:N]'")
+    image_size: tuple[int, int] | None = Field(None, description="(height, width); None = the data's own size")
+    resize_method: Literal["bicubic", "bilinear", "nearest", "lanczos", "area"] = "bicubic"
+    skip_bad: bool = False
+    allow_upscale: bool = False
+    augmentation: str = "default"
+    width: int = Field(64, ge=1, description="ResNet-18 base width; 64 is the reference network")
+    epochs: tuple[int, int, int] = (1000, 50, 450)
+    batch_size: int = Field(1024, ge=2, description="images per optimisation step (2x as many views)")
+    base_lr: float | None = Field(None, gt=0, description="stage 1/2 lr; None = 0.03 * batch / 256")
+    stage3_lr_factor: float = Field(1e-3, gt=0, description="stage 3 lr = base lr * this (reference: 1/1000)")
+    warmup_epochs: tuple[int, int, int] = (10, 0, 10)
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    grad_clip: float | None = Field(4.0, description="clip every gradient element to +-value (reference: 4)")
+    metric: Literal["cauchy", "cosine"] = "cauchy"
+    temperature: float = Field(0.5, gt=0, description="cosine metric only")
+    pretrain_dim: int = Field(128, ge=2)
+    out_dim: int = Field(2, ge=1)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    checkpoint_every: int = Field(10, ge=1, description="epochs between periodic checkpoints")
+
+    @field_validator("epochs", "warmup_epochs")
+    @classmethod
+    def _non_negative(cls, value: tuple[int, int, int]) -> tuple[int, int, int]:
+        if any(v < 0 for v in value):
+            raise ValueError("epochs must be >= 0 for every stage")
+        return value
+
+    @model_validator(mode="after")
+    def _some_training(self) -> TrainConfig:
+        if self.epochs[0] < 1:
+            raise ValueError("stage 1 needs at least one epoch")
+        return self
+
+    def lr_for_stage(self, stage: int, batch_size: int) -> float:
+        """Reference 'auto_batch' rule: eta = 0.03 * B / 256 for stages 1-2, eta * factor for stage 3."""
+        eta = self.base_lr if self.base_lr is not None else REFERENCE_LR_PER_256 * batch_size / 256
+        return eta * self.stage3_lr_factor if stage == 3 else eta
+
+
+RECIPES: dict[str, dict[str, Any]] = {
+    "reference": {"width": 64, "epochs": (1000, 50, 450), "batch_size": 1024, "augmentation": "default"},
+    "cpu": {
+        "width": 16,
+        "epochs": (70, 15, 25),
+        "batch_size": 512,
+        "augmentation": "microscopy",
+        "stage3_lr_factor": 1e-2,
+    },
+    "demo": {
+        "width": 8,
+        "epochs": (30, 8, 10),
+        "batch_size": 256,
+        "augmentation": "microscopy",
+        "stage3_lr_factor": 1e-2,
+        "checkpoint_every": 5,
+    },
+    "tiny": {
+        "width": 4,
+        "epochs": (3, 2, 2),
+        "batch_size": 32,
+        "augmentation": "default",
+        "stage3_lr_factor": 1e-2,
+        "checkpoint_every": 1,
+    },
+}
+
+RECIPE_NOTES = {
+    "reference": "the paper: ResNet-18, 1000/50/450 epochs, batch 1024 (GPU-sized)",
+    "cpu": "width-16 ResNet-18, 70/15/25 epochs, batch 512, microscopy augmentations (2 CPU cores, ~30 min at 17k images)",
+    "demo": "width-8 ResNet-18, 30/8/10 epochs, batch 256: the README demo on synthetic cells",
+    "tiny": "width-4 ResNet-18, 3/2/2 epochs, batch 32: for tests",
+}
+
+
+def build_config(recipe: str, overrides: dict[str, Any]) -> TrainConfig:
+    """Recipe defaults, then every override that is not None."""
+    if recipe not in RECIPES:
+        raise KeyError(f"unknown recipe {recipe!r}; available: {', '.join(RECIPES)}")
+    values = dict(RECIPES[recipe])
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig(**values)

@@ -1,0 +1,51 @@
+"""The map picture: every image a dot at its 2-D position, coloured by label, with a legend."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from training.checkpoint import atomic_write
+
+
+def plot_map(
+    coords: np.ndarray,
+    labels: np.ndarray | None,
+    class_names: list[str],
+    path: Path,
+    title: str = "",
+    subtitle: str = "",
+) -> None:
+    """Write a PNG scatter of the map; dot size adapts to the number of points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(coords)
+    size = float(np.clip(3000 / max(n, 1), 0.5, 20))
+    fig, ax = plt.subplots(figsize=(8, 7), dpi=120)
+    if labels is None:
+        ax.scatter(coords[:, 0], coords[:, 1], s=size, c="#444444", alpha=0.6, linewidths=0, rasterized=True)
+    else:
+        cmap = plt.get_cmap("tab10" if len(class_names) <= 10 else "tab20")
+        order = np.random.default_rng(0).permutation(n)  # no class hides under another
+        colours = np.array([cmap(i % cmap.N) for i in range(max(len(class_names), int(labels.max()) + 1))])
+        ax.scatter(
+            coords[order, 0], coords[order, 1], s=size, c=colours[labels[order]], alpha=0.7, linewidths=0, rasterized=True
+        )
+        handles = [
+            plt.Line2D([], [], marker="o", linestyle="", color=colours[i], label=name)
+            for i, name in enumerate(class_names)
+        ]
+        ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False, markerscale=1.5)
+    ax.set_aspect("equal", adjustable="datalim")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    ax.set_title(title + (f"\n{subtitle}" if subtitle else ""), fontsize=10)
+    fig.tight_layout()
+    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))
+    plt.close(fig)

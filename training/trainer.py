@@ -1,0 +1,413 @@
+"""The staged t-SimCNE trainer: 128-D pre-training, 2-D last layer only, full fine-tune.
+
+All randomness of a step (the epoch's permutation, the augmentations, the stage-2 layer init) comes
+from generators seeded by (seed, stage, epoch, step, rank), not from a global stream. A run therefore
+continues from any saved position (even mid-epoch, after Ctrl-C) and reaches the same weights as a run
+that was never interrupted, on the same hardware and thread count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from training.augment import BatchAugmenter, get_preset, mean_border_colour
+from training.checkpoint import atomic_write_text, save_checkpoint
+from training.config import TrainConfig
+from training.data import ImageDataset
+from training.device import Runtime
+from training.distributed import DistInfo, all_reduce_mean, barrier
+from training.errors import UserError
+from training.loss import InfoNCELoss
+from training.network import TSimCNENet
+from training.schedule import effective_warmup_epochs, learning_rate
+
+STAGE_NAMES = {1: "pre-train (128-D)", 2: "2-D output layer", 3: "fine-tune all"}
+
+
+def derived_seed(*parts: object) -> int:
+    """A stable 63-bit seed from any parts (same on every machine and Python version)."""
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def seeded_generator(device: torch.device, *parts: object) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    generator.manual_seed(derived_seed(*parts))
+    return generator
+
+
+@dataclass
+class Position:
+    """Where training continues: stage 1-3 (4 = finished), epochs done in it, steps done in that epoch."""
+
+    stage: int = 1
+    epoch: int = 0
+    step: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"stage": self.stage, "epoch": self.epoch, "step": self.step}
+
+    def before(self, stage: int, epoch: int) -> bool:
+        """True if epoch (stage, epoch) was finished before this position."""
+        return (stage, epoch) < (self.stage, self.epoch)
+
+
+class StopRequested(Exception):
+    """Raised after Ctrl-C / SIGTERM once the checkpoint is safely written."""
+
+
+class _SignalGuard:
+    """Turns the first SIGINT/SIGTERM into a flag checked between steps; a second one aborts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstop requested: finishing this step and saving a checkpoint (press again to abort)", file=sys.stderr)
+
+    def __enter__(self) -> _SignalGuard:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not in the main thread
+                pass
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+@dataclass
+class TrainSummary:
+    run_dir: Path
+    seconds: float
+    final_loss: float | None
+    position: Position
+    stopped_early: bool
+
+
+def _steps_per_epoch(n_local: int, batch_local: int) -> int:
+    full, rest = divmod(n_local, batch_local)
+    return full + (1 if rest >= 2 else 0)  # a last batch needs 2 images to have negatives
+
+
+class StagedTrainer:
+    def __init__(
+        self,
+        config: TrainConfig,
+        dataset: ImageDataset,
+        run_dir: Path,
+        runtime: Runtime,
+        dist_info: DistInfo = DistInfo(),
+        resume_state: dict[str, Any] | None = None,
+        show_progress: bool | None = None,
+        echo: Callable[[str], None] = print,
+    ) -> None:
+        self.config = config
+        self.dataset = dataset
+        self.run_dir = Path(run_dir)
+        self.runtime = runtime
+        self.dist = dist_info
+        self.echo = echo if dist_info.is_main else (lambda _msg: None)
+        self.show_progress = show_progress if dist_info.is_main else False
+        device = runtime.device
+        self.images = torch.from_numpy(dataset.images).permute(0, 3, 1, 2).contiguous().to(device)
+        self.fill = mean_border_colour(dataset.images)
+        self.augment = BatchAugmenter(get_preset(config.augmentation), self.fill)
+        self.loss_fn = InfoNCELoss(config.metric, config.temperature, gather_distributed=dist_info.enabled)
+        torch.manual_seed(derived_seed(config.seed, "init"))
+        self.model = TSimCNENet(config.width, config.pretrain_dim).to(device)
+        self.position = Position()
+        self.finished_stage = 0
+        self.elapsed_before = 0.0
+        self._optimizer_state: dict[str, Any] | None = None
+        if resume_state is not None:
+            self._restore(resume_state)
+        if runtime.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+
+    # ----------------------------------------------------------------------------------------- state
+    def _restore(self, state: dict[str, Any]) -> None:
+        if state["dataset"]["fingerprint"] != self.dataset.fingerprint():
+            raise UserError(
+                f"the data at {self.config.data} differs from the data this run started with "
+                "(fingerprint mismatch); resume with the same data or start a new run"
+            )
+        if state["model_out_dim"] != self.model.out_dim:
+            self.model.to_map_output(state["model_out_dim"])
+        self.model.load_state_dict(state["model"])
+        self.position = Position(**state["position"])
+        self.finished_stage = state["finished_stage"]
+        self.elapsed_before = float(state.get("elapsed_s", 0.0))
+        self._optimizer_state = state.get("optimizer")
+        torch.set_rng_state(state["rng"]["torch"])
+
+    def _state(self, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+        return {
+            "config": self.config.model_dump(mode="json"),
+            "position": self.position.as_dict(),
+            "finished_stage": self.finished_stage,
+            "model": self.model.state_dict(),
+            "model_out_dim": self.model.out_dim,
+            "width": self.config.width,
+            "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "dataset": {
+                "fingerprint": self.dataset.fingerprint(),
+                "n_images": len(self.dataset),
+                "image_size": list(self.dataset.size),
+                "class_names": list(self.dataset.class_names),
+                "border_colour": list(self.fill),
+                "source": self.dataset.source,
+            },
+            "rng": {"torch": torch.get_rng_state()},
+            "saved_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "elapsed_s": self.elapsed_before + (time.perf_counter() - self._started),
+            "torch_version": str(torch.__version__),
+        }
+
+    def _save(self, optimizer: torch.optim.Optimizer | None, stage_file: str | None = None) -> None:
+        if not self.dist.is_main:
+            return
+        state = self._state(optimizer)
+        save_checkpoint(self.run_dir / "last.pt", state)
+        if stage_file:
+            save_checkpoint(self.run_dir / stage_file, state)
+
+    def _log_epoch(self, record: dict[str, Any]) -> None:
+        if self.dist.is_main:
+            with open(self.run_dir / "log.jsonl", "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    def _trim_log(self) -> None:
+        """On resume, drop epochs logged after the checkpoint (the killed run may have logged more)."""
+        path = self.run_dir / "log.jsonl"
+        if not self.dist.is_main or not path.exists():
+            return
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by the kill
+            if self.position.before(record["stage"], record["epoch"] - 1):
+                kept.append(line)
+        atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+
+    # -------------------------------------------------------------------------------------- training
+    def _prepare_stage(self, stage: int) -> None:
+        """Stage transitions (reference `mutate_model`): 2-D last layer at stage 2, trainability per stage."""
+        config = self.config
+        if stage >= 2 and self.model.out_dim != config.out_dim:
+            generator = seeded_generator(torch.device("cpu"), config.seed, "stage2-layer")
+            self.model.to_map_output(config.out_dim, generator=generator)
+            self.model.head[-1].to(self.runtime.device)
+        self.model.set_trainable(last_layer_only=stage == 2)
+        self.model.train()
+
+    def _wrap(self) -> nn.Module:
+        if not self.dist.enabled:
+            return self.model
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.runtime.device.index] if self.runtime.device.type == "cuda" else None
+        return DistributedDataParallel(self.model, device_ids=ids)
+
+    def _epoch_batches(self, stage: int, epoch: int, batch_local: int) -> list[torch.Tensor]:
+        n = len(self.dataset)
+        generator = seeded_generator(torch.device("cpu"), self.config.seed, "perm", stage, epoch)
+        order = torch.randperm(n, generator=generator)
+        per_rank = n // self.dist.world_size
+        shard = order[self.dist.rank :: self.dist.world_size][:per_rank]
+        batches = list(torch.split(shard, batch_local))
+        if len(batches[-1]) < 2:
+            batches.pop()
+        return batches
+
+    def run(self) -> TrainSummary:
+        self._started = time.perf_counter()
+        config = self.config
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.position.stage > 1 or self.position.epoch or self.position.step:
+            self._trim_log()
+            self.echo(
+                f"resuming at stage {self.position.stage}, epoch {self.position.epoch + 1}, step {self.position.step}"
+            )
+        n = len(self.dataset)
+        world = self.dist.world_size
+        global_batch = min(config.batch_size, (n // world) * world)
+        batch_local = global_batch // world
+        if batch_local < 2:
+            raise UserError(f"{n} images are too few for {world} process(es): each needs at least 2 per batch")
+        last_loss: float | None = None
+        optimizer: torch.optim.Optimizer | None = None
+        with _SignalGuard() as guard:
+            for stage in (1, 2, 3):
+                if stage < self.position.stage:
+                    continue
+                epochs = config.epochs[stage - 1]
+                self._prepare_stage(stage)
+                if epochs == 0:
+                    self.echo(f"stage {stage} ({STAGE_NAMES[stage]}): 0 epochs, skipped")
+                else:
+                    optimizer, last_loss = self._run_stage(stage, epochs, global_batch, batch_local, guard)
+                    if guard.requested:
+                        break
+                self.finished_stage = stage
+                self.position = Position(stage + 1, 0, 0)
+                self._save(None, f"stage{stage}.pt")
+                self._optimizer_state = None
+                barrier(self.dist)
+        seconds = self.elapsed_before + time.perf_counter() - self._started
+        return TrainSummary(self.run_dir, seconds, last_loss, self.position, stopped_early=guard.requested)
+
+    def _run_stage(
+        self, stage: int, epochs: int, global_batch: int, batch_local: int, guard: _SignalGuard
+    ) -> tuple[torch.optim.Optimizer, float | None]:
+        config, device = self.config, self.runtime.device
+        model = self._wrap()
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        base_lr = config.lr_for_stage(stage, global_batch)
+        optimizer = torch.optim.SGD(trainable, lr=base_lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        if self._optimizer_state is not None and (self.position.epoch or self.position.step):
+            optimizer.load_state_dict(self._optimizer_state)
+        steps_per_epoch = _steps_per_epoch(len(self.dataset) // self.dist.world_size, batch_local)
+        total_steps = epochs * steps_per_epoch
+        warmup_steps = effective_warmup_epochs(config.warmup_epochs[stage - 1], epochs) * steps_per_epoch
+        self.echo(
+            f"stage {stage}/3 ({STAGE_NAMES[stage]}): {epochs} epochs x {steps_per_epoch} steps, batch {global_batch}, "
+            f"lr {base_lr:.3g}, {sum(p.numel() for p in trainable):,} trainable parameters"
+        )
+        epoch_times: list[float] = []
+        epoch_loss: float | None = None
+        for epoch in range(self.position.epoch, epochs):
+            batches = self._epoch_batches(stage, epoch, batch_local)
+            first_step = self.position.step if epoch == self.position.epoch else 0
+            started = time.perf_counter()
+            loss_sum = torch.zeros((), device=device)
+            images_seen = 0
+            bar = tqdm(
+                total=len(batches),
+                initial=first_step,
+                desc=f"stage {stage} epoch {epoch + 1}/{epochs}",
+                leave=False,
+                disable=not self.show_progress if self.show_progress is not None else None,
+                dynamic_ncols=True,
+            )
+            lr = base_lr
+            for step in range(first_step, len(batches)):
+                lr = learning_rate(epoch * steps_per_epoch + step, total_steps, warmup_steps, base_lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                loss = self._step(model, optimizer, trainable, batches[step], stage, epoch, step)
+                loss_sum += loss.detach()
+                images_seen += len(batches[step]) * self.dist.world_size
+                if bar.n % 5 == 0 or step == len(batches) - 1:
+                    rate = images_seen / max(1e-9, time.perf_counter() - started)
+                    bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}", refresh=False)
+                bar.update(1)
+                if guard.requested:
+                    bar.close()
+                    self.position = Position(stage, epoch, step + 1)
+                    self._save(optimizer)
+                    self.echo(f"checkpoint saved at stage {stage}, epoch {epoch + 1}, step {step + 1}: {self.run_dir}")
+                    return optimizer, None
+            bar.close()
+            seconds = time.perf_counter() - started
+            steps_done = len(batches) - first_step
+            epoch_loss = float(all_reduce_mean(loss_sum / max(1, steps_done), self.dist))
+            if not math.isfinite(epoch_loss):
+                raise UserError(
+                    f"training diverged at stage {stage}, epoch {epoch + 1} (loss {epoch_loss}); "
+                    f"lower the learning rate (--lr) or resume from {self.run_dir / 'last.pt'}"
+                )
+            epoch_times.append(seconds)
+            rate = images_seen / max(seconds, 1e-9)
+            eta = sum(epoch_times[-5:]) / len(epoch_times[-5:]) * (epochs - epoch - 1)
+            self._log_epoch(
+                {
+                    "stage": stage,
+                    "epoch": epoch + 1,
+                    "loss": round(epoch_loss, 6),
+                    "lr": lr,
+                    "images_per_s": round(rate, 1),
+                    "seconds": round(seconds, 3),
+                    "time": datetime.now(UTC).isoformat(timespec="seconds"),
+                }
+            )
+            self.echo(
+                f"stage {stage} epoch {epoch + 1:>4}/{epochs}  loss {epoch_loss:.4f}  lr {lr:.3g}  "
+                f"{rate:,.0f} img/s  {seconds:.1f}s  stage ETA {format_seconds(eta)}"
+            )
+            self.position = Position(stage, epoch + 1, 0)
+            if (epoch + 1) % config.checkpoint_every == 0 and epoch + 1 < epochs:
+                self._save(optimizer)
+        return optimizer, epoch_loss
+
+    def _step(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        trainable: list[torch.nn.Parameter],
+        indices: torch.Tensor,
+        stage: int,
+        epoch: int,
+        step: int,
+    ) -> torch.Tensor:
+        device = self.runtime.device
+        generator = seeded_generator(device, self.config.seed, "augment", stage, epoch, step, self.dist.rank)
+        batch = self.images[indices.to(device)]
+        views = torch.cat([self.augment(batch, generator), self.augment(batch, generator)])
+        if self.runtime.channels_last:
+            views = views.contiguous(memory_format=torch.channels_last)
+        with self.runtime.autocast():
+            z, _ = model(views)
+        loss = self.loss_fn(z.float())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.config.grad_clip is not None:
+            nn.utils.clip_grad_value_(trainable, self.config.grad_clip)
+        optimizer.step()
+        return loss
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def embed_images(
+    model: TSimCNENet, images: np.ndarray, device: torch.device, batch_size: int = 512
+) -> tuple[np.ndarray, np.ndarray]:
+    """2-D coordinates and backbone features of uint8 (N, H, W, 3) images, eval mode, fp32."""
+    model.eval()
+    coords, features = [], []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            chunk = torch.from_numpy(images[start : start + batch_size]).to(device)
+            x = chunk.permute(0, 3, 1, 2).float() / 255.0
+            z, h = model(x)
+            coords.append(z.float().cpu().numpy())
+            features.append(h.float().cpu().numpy())
+    return np.concatenate(coords), np.concatenate(features)
