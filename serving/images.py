@@ -105,9 +105,7 @@ def _decode_with_pillow(data: bytes, source: str, max_pixels: int) -> np.ndarray
             image = Image.open(io.BytesIO(data))
             width, height = image.size
             if width * height > max_pixels:
-                raise ImageDecodeError(
-                    f"{source}: {width}x{height} pixels exceeds the limit of {max_pixels:,} pixels"
-                )
+                raise ImageDecodeError(f"{source}: {width}x{height} pixels exceeds the limit of {max_pixels:,} pixels")
             image.load()
     except ImageDecodeError:
         raise

@@ -93,10 +93,18 @@ def _uniform(n: int, low: float, high: float, generator: torch.Generator, device
 def _crop_boxes(
     n: int, height: int, width: int, preset: AugmentationPreset, generator: torch.Generator, device: torch.device
 ) -> tuple[torch.Tensor, ...]:
-    """torchvision's RandomResizedCrop box sampling (10 attempts, centre-crop fallback), vectorised."""
+    """torchvision's RandomResizedCrop box sampling (10 attempts, centre-crop fallback), vectorised.
+
+    A scale range of exactly (1, 1) means "no crop": the whole image, whatever its aspect ratio.
+    """
+    if preset.crop_scale[0] >= 1.0:
+        full = torch.ones(n, device=device)
+        return full * 0, full * 0, full * height, full * width
     attempts = 10
     area = height * width * _uniform(n * attempts, *preset.crop_scale, generator, device).view(n, attempts)
-    log_ratio = _uniform(n * attempts, math.log(preset.crop_ratio[0]), math.log(preset.crop_ratio[1]), generator, device)
+    log_ratio = _uniform(
+        n * attempts, math.log(preset.crop_ratio[0]), math.log(preset.crop_ratio[1]), generator, device
+    )
     ratio = torch.exp(log_ratio).view(n, attempts)
     w = torch.round(torch.sqrt(area * ratio))
     h = torch.round(torch.sqrt(area / ratio))
@@ -136,7 +144,9 @@ def _geometry(
     vflip = torch.where(torch.rand(n, generator=generator, device=device) < preset.vflip_p, -1.0, 1.0)
     angle = torch.zeros(n, device=device, dtype=dtype)
     if preset.rot90_p > 0:
-        angle = angle + torch.where(torch.rand(n, generator=generator, device=device) < preset.rot90_p, math.pi / 2, 0.0)
+        angle = angle + torch.where(
+            torch.rand(n, generator=generator, device=device) < preset.rot90_p, math.pi / 2, 0.0
+        )
     if preset.rotate_degrees > 0:
         angle = angle + _uniform(n, -preset.rotate_degrees, preset.rotate_degrees, generator, device) * math.pi / 180
 

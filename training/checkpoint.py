@@ -75,5 +75,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path}: not a tsimcne checkpoint")
     if state.get("version") != CHECKPOINT_VERSION:
-        raise UserError(f"{path}: checkpoint version {state.get('version')} is not supported (need {CHECKPOINT_VERSION})")
+        raise UserError(
+            f"{path}: checkpoint version {state.get('version')} is not supported (need {CHECKPOINT_VERSION})"
+        )
     return state

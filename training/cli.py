@@ -86,7 +86,9 @@ def train(
     channels_last: Annotated[str | None, typer.Option(help="auto, on or off")] = None,
     seed: Annotated[int | None, typer.Option(help="random seed")] = None,
     checkpoint_every: Annotated[int | None, typer.Option(help="epochs between periodic checkpoints")] = None,
-    skip_bad: Annotated[bool, typer.Option(help="skip unreadable images (and report them) instead of stopping")] = False,
+    skip_bad: Annotated[
+        bool, typer.Option(help="skip unreadable images (and report them) instead of stopping")
+    ] = False,
     allow_upscale: Annotated[bool, typer.Option(help="allow images smaller than --image-size")] = False,
     overwrite: Annotated[bool, typer.Option(help="replace an existing run folder of the same name")] = False,
     progress: Annotated[bool | None, typer.Option(help="progress bars (default: when on a terminal)")] = None,
@@ -97,14 +99,16 @@ def train(
     from training.data import load_dataset, parse_size
     from training.device import resolve_runtime
     from training.distributed import init_from_env, shutdown
-    from training.trainer import StagedTrainer, embed_images, format_seconds
     from training.runs import write_embedding
+    from training.trainer import StagedTrainer, embed_images, format_seconds
 
     resume_state = None
     if resume is not None:
         given = [k for k, v in {"data": data, "name": name, "image_size": image_size, "epochs": epochs}.items() if v]
         if given:
-            raise UserError(f"--resume continues a run with its saved settings; drop {', '.join('--' + g for g in given)}")
+            raise UserError(
+                f"--resume continues a run with its saved settings; drop {', '.join('--' + g for g in given)}"
+            )
         run_dir = Path(resume)
         resume_state = load_checkpoint(run_dir / "last.pt")
         settings = dict(resume_state["config"])

@@ -71,7 +71,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "reference": {"width": 64, "epochs": (1000, 50, 450), "batch_size": 1024, "augmentation": "default"},
     "cpu": {
         "width": 16,
-        "epochs": (70, 15, 25),
+        "epochs": (60, 15, 20),
         "batch_size": 512,
         "augmentation": "microscopy",
         "stage3_lr_factor": 1e-2,
@@ -96,7 +96,8 @@ RECIPES: dict[str, dict[str, Any]] = {
 
 RECIPE_NOTES = {
     "reference": "the paper: ResNet-18, 1000/50/450 epochs, batch 1024 (GPU-sized)",
-    "cpu": "width-16 ResNet-18, 70/15/25 epochs, batch 512, microscopy augmentations (2 CPU cores, ~30 min at 17k images)",
+    "cpu": "width-16 ResNet-18, 60/15/20 epochs, batch 512, microscopy augmentations "
+    "(2 CPU cores, < 30 min at 17k images)",
     "demo": "width-8 ResNet-18, 30/8/10 epochs, batch 256: the README demo on synthetic cells",
     "tiny": "width-4 ResNet-18, 3/2/2 epochs, batch 32: for tests",
 }

@@ -119,7 +119,9 @@ def _read_npz(path: Path, size, method: str, allow_upscale: bool) -> ImageDatase
         elif any(f"{s}_images" in keys for s in NPZ_SPLITS):
             parts = [(s, f"{s}_images", f"{s}_labels") for s in NPZ_SPLITS if f"{s}_images" in keys]
         else:
-            raise DataError(f"{path}: no 'images' array (nor train_images/val_images/test_images); found {sorted(keys)}")
+            raise DataError(
+                f"{path}: no 'images' array (nor train_images/val_images/test_images); found {sorted(keys)}"
+            )
         images, labels, ids = [], [], []
         has_labels = all(label_key in keys for _, _, label_key in parts)
         for split, image_key, label_key in parts:
@@ -166,9 +168,7 @@ def _decode_files(
     results: list[np.ndarray | None] = []
     problems: list[str] = []
     with ThreadPoolExecutor(max_workers=4) as pool:
-        for path, result in tqdm(
-            zip(paths, pool.map(load, paths), strict=True), total=len(paths), desc="reading images", disable=None
-        ):
+        for result in tqdm(pool.map(load, paths), total=len(paths), desc="reading images", disable=None):
             if isinstance(result, str):
                 if not skip_bad:
                     raise DataError(f"{result} (pass --skip-bad to skip unreadable images)")

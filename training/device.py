@@ -51,7 +51,9 @@ def usable_cores() -> int:
 def resolve_runtime(device: str, precision: str, channels_last: str, local_rank: int = 0) -> Runtime:
     """Turn 'auto|cpu|cuda' and the precision/layout options into a concrete Runtime."""
     if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was requested but no CUDA GPU is usable here (torch.cuda.is_available() is False)")
+        raise UserError(
+            "--device cuda was requested but no CUDA GPU is usable here (torch.cuda.is_available() is False)"
+        )
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     if use_cuda:
         torch_device = torch.device("cuda", local_rank)

@@ -29,12 +29,27 @@ from torch import nn
 METRICS = ("cauchy", "cosine")
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient for this rank's slice (all_reduce + slice)."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        parts = [torch.empty_like(z) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, z.contiguous())
+        ctx.rows = z.shape[0]
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        start = dist.get_rank() * ctx.rows
+        return grad[start : start + ctx.rows]
+
+
 def _gather_with_grad(z: torch.Tensor) -> tuple[torch.Tensor, int]:
     """All ranks' z concatenated in rank order (gradients flow back to each rank), and this rank."""
-    from torch.distributed.nn.functional import all_gather
-
-    parts = all_gather(z)
-    return torch.cat(parts, dim=0), dist.get_rank()
+    return _GatherWithGrad.apply(z), dist.get_rank()
 
 
 class InfoNCELoss(nn.Module):

@@ -50,7 +50,9 @@ class SmallKernelResNet18(nn.Module):
         channels = width
         for multiplier, stride in ((1, 1), (2, 2), (4, 2), (8, 2)):
             out_channels = width * multiplier
-            layers.append(nn.Sequential(BasicBlock(channels, out_channels, stride), BasicBlock(out_channels, out_channels, 1)))
+            layers.append(
+                nn.Sequential(BasicBlock(channels, out_channels, stride), BasicBlock(out_channels, out_channels, 1))
+            )
             channels = out_channels
         self.layers = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)

@@ -33,7 +33,13 @@ def plot_map(
         order = np.random.default_rng(0).permutation(n)  # no class hides under another
         colours = np.array([cmap(i % cmap.N) for i in range(max(len(class_names), int(labels.max()) + 1))])
         ax.scatter(
-            coords[order, 0], coords[order, 1], s=size, c=colours[labels[order]], alpha=0.7, linewidths=0, rasterized=True
+            coords[order, 0],
+            coords[order, 1],
+            s=size,
+            c=colours[labels[order]],
+            alpha=0.7,
+            linewidths=0,
+            rasterized=True,
         )
         handles = [
             plt.Line2D([], [], marker="o", linestyle="", color=colours[i], label=name)

@@ -8,6 +8,7 @@ that was never interrupted, on the same hardware and thread count.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -86,10 +87,8 @@ class _SignalGuard:
 
     def __enter__(self) -> _SignalGuard:
         for signum in (signal.SIGINT, signal.SIGTERM):
-            try:
+            with contextlib.suppress(ValueError):  # not in the main thread: no signal handling
                 self._previous[signum] = signal.signal(signum, self._handle)
-            except ValueError:  # not in the main thread
-                pass
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -118,7 +117,7 @@ class StagedTrainer:
         dataset: ImageDataset,
         run_dir: Path,
         runtime: Runtime,
-        dist_info: DistInfo = DistInfo(),
+        dist_info: DistInfo | None = None,
         resume_state: dict[str, Any] | None = None,
         show_progress: bool | None = None,
         echo: Callable[[str], None] = print,
@@ -127,6 +126,7 @@ class StagedTrainer:
         self.dataset = dataset
         self.run_dir = Path(run_dir)
         self.runtime = runtime
+        dist_info = dist_info or DistInfo()
         self.dist = dist_info
         self.echo = echo if dist_info.is_main else (lambda _msg: None)
         self.show_progress = show_progress if dist_info.is_main else False
@@ -141,6 +141,7 @@ class StagedTrainer:
         self.finished_stage = 0
         self.elapsed_before = 0.0
         self._optimizer_state: dict[str, Any] | None = None
+        self._partial_loss: float | None = None
         if resume_state is not None:
             self._restore(resume_state)
         if runtime.channels_last:
@@ -160,6 +161,7 @@ class StagedTrainer:
         self.finished_stage = state["finished_stage"]
         self.elapsed_before = float(state.get("elapsed_s", 0.0))
         self._optimizer_state = state.get("optimizer")
+        self._partial_loss = state.get("partial_epoch_loss_sum")
         torch.set_rng_state(state["rng"]["torch"])
 
     def _state(self, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
@@ -183,6 +185,7 @@ class StagedTrainer:
             "saved_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "elapsed_s": self.elapsed_before + (time.perf_counter() - self._started),
             "torch_version": str(torch.__version__),
+            "partial_epoch_loss_sum": self._partial_loss,
         }
 
     def _save(self, optimizer: torch.optim.Optimizer | None, stage_file: str | None = None) -> None:
@@ -224,6 +227,14 @@ class StagedTrainer:
         self.model.set_trainable(last_layer_only=stage == 2)
         self.model.train()
 
+    def _stop_requested(self, guard: _SignalGuard) -> bool:
+        """A stop on any rank stops all ranks at the same step (otherwise collectives would hang)."""
+        if not self.dist.enabled:
+            return guard.requested
+        flag = torch.tensor([1.0 if guard.requested else 0.0], device=self.runtime.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
     def _wrap(self) -> nn.Module:
         if not self.dist.enabled:
             return self.model
@@ -259,7 +270,6 @@ class StagedTrainer:
         if batch_local < 2:
             raise UserError(f"{n} images are too few for {world} process(es): each needs at least 2 per batch")
         last_loss: float | None = None
-        optimizer: torch.optim.Optimizer | None = None
         with _SignalGuard() as guard:
             for stage in (1, 2, 3):
                 if stage < self.position.stage:
@@ -269,20 +279,25 @@ class StagedTrainer:
                 if epochs == 0:
                     self.echo(f"stage {stage} ({STAGE_NAMES[stage]}): 0 epochs, skipped")
                 else:
-                    optimizer, last_loss = self._run_stage(stage, epochs, global_batch, batch_local, guard)
-                    if guard.requested:
+                    completed, last_loss = self._run_stage(stage, epochs, global_batch, batch_local, guard)
+                    if not completed:
                         break
                 self.finished_stage = stage
                 self.position = Position(stage + 1, 0, 0)
                 self._save(None, f"stage{stage}.pt")
                 self._optimizer_state = None
                 barrier(self.dist)
+                if guard.requested:
+                    self.echo(f"stopped after stage {stage}; checkpoint saved: {self.run_dir}")
+                    break
         seconds = self.elapsed_before + time.perf_counter() - self._started
-        return TrainSummary(self.run_dir, seconds, last_loss, self.position, stopped_early=guard.requested)
+        stopped = guard.requested and self.position.stage <= 3
+        return TrainSummary(self.run_dir, seconds, last_loss, self.position, stopped_early=stopped)
 
     def _run_stage(
         self, stage: int, epochs: int, global_batch: int, batch_local: int, guard: _SignalGuard
-    ) -> tuple[torch.optim.Optimizer, float | None]:
+    ) -> tuple[bool, float | None]:
+        """Train one stage from the current position; (False, None) when stopped by a signal."""
         config, device = self.config, self.runtime.device
         model = self._wrap()
         trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -304,6 +319,9 @@ class StagedTrainer:
             first_step = self.position.step if epoch == self.position.epoch else 0
             started = time.perf_counter()
             loss_sum = torch.zeros((), device=device)
+            if first_step and self._partial_loss is not None:  # mid-epoch resume: keep the epoch's mean exact
+                loss_sum += self._partial_loss
+            self._partial_loss = None
             images_seen = 0
             bar = tqdm(
                 total=len(batches),
@@ -313,7 +331,7 @@ class StagedTrainer:
                 disable=not self.show_progress if self.show_progress is not None else None,
                 dynamic_ncols=True,
             )
-            lr = base_lr
+            lr, stop = base_lr, False
             for step in range(first_step, len(batches)):
                 lr = learning_rate(epoch * steps_per_epoch + step, total_steps, warmup_steps, base_lr)
                 for group in optimizer.param_groups:
@@ -325,16 +343,17 @@ class StagedTrainer:
                     rate = images_seen / max(1e-9, time.perf_counter() - started)
                     bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}", refresh=False)
                 bar.update(1)
-                if guard.requested:
+                stop = self._stop_requested(guard)
+                if stop and step + 1 < len(batches):
                     bar.close()
                     self.position = Position(stage, epoch, step + 1)
+                    self._partial_loss = float(loss_sum)
                     self._save(optimizer)
                     self.echo(f"checkpoint saved at stage {stage}, epoch {epoch + 1}, step {step + 1}: {self.run_dir}")
-                    return optimizer, None
+                    return False, None
             bar.close()
             seconds = time.perf_counter() - started
-            steps_done = len(batches) - first_step
-            epoch_loss = float(all_reduce_mean(loss_sum / max(1, steps_done), self.dist))
+            epoch_loss = float(all_reduce_mean(loss_sum / len(batches), self.dist))
             if not math.isfinite(epoch_loss):
                 raise UserError(
                     f"training diverged at stage {stage}, epoch {epoch + 1} (loss {epoch_loss}); "
@@ -359,9 +378,13 @@ class StagedTrainer:
                 f"{rate:,.0f} img/s  {seconds:.1f}s  stage ETA {format_seconds(eta)}"
             )
             self.position = Position(stage, epoch + 1, 0)
+            if stop and epoch + 1 < epochs:
+                self._save(optimizer)
+                self.echo(f"checkpoint saved after stage {stage}, epoch {epoch + 1}: {self.run_dir}")
+                return False, None
             if (epoch + 1) % config.checkpoint_every == 0 and epoch + 1 < epochs:
                 self._save(optimizer)
-        return optimizer, epoch_loss
+        return True, epoch_loss
 
     def _step(
         self,
@@ -391,7 +414,7 @@ class StagedTrainer:
 
 
 def format_seconds(seconds: float) -> str:
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"

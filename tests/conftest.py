@@ -1,0 +1,63 @@
+"""Shared fixtures: real image files written to disk, the shared blood-cell data, and a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from training.synthetic import make_synthetic_cells
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data" / "bloodcells"
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `tsimcne ARGS` as a real subprocess and capture its output."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "training.cli", *args],
+        cwd=cwd or ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="session")
+def synthetic_arrays() -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    return make_synthetic_cells(240, (24, 24), seed=3)
+
+
+@pytest.fixture
+def class_folder(tmp_path: Path, synthetic_arrays) -> Path:
+    """A folder of class sub-folders holding real PNG files."""
+    images, labels, names = synthetic_arrays
+    root = tmp_path / "cells"
+    for i, (image, label) in enumerate(zip(images[:60], labels[:60], strict=True)):
+        folder = root / names[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"{i:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def pbc_npz() -> Path:
+    path = SHARED_DATA / "pbc_28.npz"
+    if not path.is_file():
+        pytest.skip(f"shared blood-cell data not found at {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def pbc_jpg_folder() -> Path:
+    path = SHARED_DATA / "jpg_sample"
+    if not path.is_dir():
+        pytest.skip(f"shared blood-cell JPEGs not found at {path}")
+    return path

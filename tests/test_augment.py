@@ -1,0 +1,83 @@
+"""Batched augmentations: reproducible from a seed, geometrically right, values in range."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from training.augment import PRESETS, AugmentationPreset, BatchAugmenter, get_preset, mean_border_colour
+
+
+@pytest.fixture
+def batch(synthetic_arrays) -> torch.Tensor:
+    images, _, _ = synthetic_arrays
+    return torch.from_numpy(images[:16]).permute(0, 3, 1, 2).contiguous()
+
+
+@pytest.mark.parametrize("name", ["default", "microscopy"])
+def test_same_seed_same_views_other_seed_other_views(batch, name) -> None:
+    augment = BatchAugmenter(PRESETS[name], (0.9, 0.85, 0.8))
+    one = augment(batch, torch.Generator().manual_seed(1))
+    two = augment(batch, torch.Generator().manual_seed(1))
+    three = augment(batch, torch.Generator().manual_seed(2))
+    assert torch.equal(one, two) and not torch.equal(one, three)
+    assert one.shape == (16, 3, 24, 24) and one.dtype == torch.float32
+    assert one.min() >= 0 and one.max() <= 1
+
+
+def test_identity_preset_returns_the_image(batch) -> None:
+    out = BatchAugmenter(PRESETS["none"])(batch, torch.Generator().manual_seed(0))
+    assert torch.allclose(out, batch.float() / 255, atol=1e-6)
+
+
+def test_horizontal_and_vertical_flips_are_exact(batch) -> None:
+    base = PRESETS["none"]
+    flips = AugmentationPreset(**{**base.as_dict(), "name": "flip", "hflip_p": 1.0, "vflip_p": 1.0})
+    out = BatchAugmenter(flips)(batch, torch.Generator().manual_seed(0))
+    assert torch.allclose(out, batch.float().flip(-1).flip(-2) / 255, atol=1e-5)
+
+
+def test_rot90_on_non_square_keeps_shape_and_fills_with_border_colour() -> None:
+    base = PRESETS["none"]
+    rotate = AugmentationPreset(**{**base.as_dict(), "name": "rot", "rot90_p": 1.0})
+    image = torch.zeros(1, 3, 8, 16, dtype=torch.uint8)
+    out = BatchAugmenter(rotate, fill=(0.25, 0.5, 0.75))(image, torch.Generator().manual_seed(0))
+    assert out.shape == (1, 3, 8, 16)
+    corner = out[0, :, 0, 0]  # outside the rotated 8-wide strip: fill colour
+    assert torch.allclose(corner, torch.tensor([0.25, 0.5, 0.75]), atol=1e-5)
+    assert torch.allclose(out[0, :, 4, 8], torch.zeros(3), atol=1e-5)  # centre: the black image
+
+
+def test_crop_scale_makes_zoomed_views(batch) -> None:
+    base = PRESETS["none"]
+    zoom = AugmentationPreset(**{**base.as_dict(), "name": "zoom", "crop_scale": (0.25, 0.25)})
+    out = BatchAugmenter(zoom)(batch, torch.Generator().manual_seed(0))
+    assert not torch.allclose(out, batch.float() / 255, atol=0.05)
+
+
+def test_grayscale_probability_one() -> None:
+    base = PRESETS["none"]
+    gray = AugmentationPreset(**{**base.as_dict(), "name": "gray", "grayscale_p": 1.0})
+    out = BatchAugmenter(gray)(torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8), torch.Generator())
+    assert torch.allclose(out[:, 0], out[:, 1]) and torch.allclose(out[:, 1], out[:, 2])
+
+
+def test_jitter_changes_colour_statistics(batch) -> None:
+    base = PRESETS["none"]
+    jitter = AugmentationPreset(**{**base.as_dict(), "name": "jit", "jitter_p": 1.0})
+    out = BatchAugmenter(jitter)(batch, torch.Generator().manual_seed(0))
+    change = (out.mean(dim=(2, 3)) - batch.float().mean(dim=(2, 3)) / 255).abs()
+    assert change.max() > 0.02
+
+
+def test_mean_border_colour() -> None:
+    images = np.zeros((2, 5, 5, 3), dtype=np.uint8)
+    images[:, 0, :, :] = 255  # top row white: 5 of the 16 border pixels
+    colour = mean_border_colour(images)
+    assert colour == pytest.approx((5 / 16,) * 3)
+
+
+def test_unknown_preset_lists_available() -> None:
+    with pytest.raises(KeyError, match="default, microscopy"):
+        get_preset("fancy")

@@ -1,0 +1,120 @@
+"""Decoding real files of every supported kind into RGB uint8, and clear errors for bad ones."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+
+from serving.images import ImageDecodeError, decode_image, read_image, resize_rgb
+
+
+@pytest.fixture
+def rgb() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return rng.integers(0, 256, size=(20, 30, 3), dtype=np.uint8)
+
+
+def _png_bytes(array: np.ndarray, mode: str | None = None) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array, mode=mode).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_png_rgb_roundtrip(tmp_path: Path, rgb: np.ndarray) -> None:
+    path = tmp_path / "a.png"
+    path.write_bytes(_png_bytes(rgb))
+    out = read_image(path)
+    assert out.dtype == np.uint8 and out.shape == (20, 30, 3)
+    np.testing.assert_array_equal(out, rgb)
+
+
+def test_grayscale_becomes_three_equal_channels(rgb: np.ndarray) -> None:
+    gray = rgb[:, :, 0]
+    out = decode_image(_png_bytes(gray))
+    assert out.shape == (20, 30, 3)
+    for channel in range(3):
+        np.testing.assert_array_equal(out[:, :, channel], gray)
+
+
+def test_rgba_drops_alpha(rgb: np.ndarray) -> None:
+    rgba = np.dstack([rgb, np.full(rgb.shape[:2], 7, np.uint8)])
+    out = decode_image(_png_bytes(rgba))
+    np.testing.assert_array_equal(out, rgb)
+
+
+def test_jpeg_decodes_close_to_source(tmp_path: Path) -> None:
+    smooth = np.tile(np.linspace(0, 255, 32, dtype=np.uint8)[None, :, None], (32, 1, 3))
+    buffer = io.BytesIO()
+    Image.fromarray(smooth).save(buffer, format="JPEG", quality=95)
+    out = decode_image(buffer.getvalue(), "x.jpg")
+    assert out.shape == (32, 32, 3)
+    assert np.abs(out.astype(int) - smooth).mean() < 3
+
+
+def test_16bit_tiff_gray_and_rgb_scale_by_full_range(tmp_path: Path) -> None:
+    gray16 = np.array([[0, 257, 65535], [32896, 1000, 60000]], dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "g.tif", gray16)
+    out = read_image(tmp_path / "g.tif")
+    np.testing.assert_array_equal(out[:, :, 0], (gray16.astype(np.uint32) + 128) // 257)
+    rgb16 = np.stack([gray16, gray16 // 2, gray16 // 4], axis=-1)
+    tifffile.imwrite(tmp_path / "c.tiff", rgb16, photometric="rgb")
+    out = read_image(tmp_path / "c.tiff")
+    assert out.shape == (2, 3, 3)
+    np.testing.assert_array_equal(out[:, :, 1], (rgb16[:, :, 1].astype(np.uint32) + 128) // 257)
+
+
+def test_8bit_tiff(tmp_path: Path, rgb: np.ndarray) -> None:
+    tifffile.imwrite(tmp_path / "c.tif", rgb, photometric="rgb")
+    np.testing.assert_array_equal(read_image(tmp_path / "c.tif"), rgb)
+
+
+def test_16bit_png(tmp_path: Path) -> None:
+    gray16 = np.array([[0, 65535], [257 * 100, 257 * 200]], dtype=np.uint16)
+    Image.fromarray(gray16).save(tmp_path / "g16.png")
+    out = read_image(tmp_path / "g16.png")
+    np.testing.assert_array_equal(out[:, :, 0], [[0, 255], [100, 200]])
+
+
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [
+        (b"", "empty file"),
+        (b"this is text, not an image", "not a readable image"),
+        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 20, "image"),
+    ],
+)
+def test_bad_bytes_name_the_source(data: bytes, fragment: str) -> None:
+    with pytest.raises(ImageDecodeError, match=r"upload\.png") as info:
+        decode_image(data, "upload.png")
+    assert fragment in str(info.value)
+
+
+def test_truncated_jpeg_names_file(tmp_path: Path, rgb: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="JPEG")
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    with pytest.raises(ImageDecodeError, match=r"cut\.jpg"):
+        read_image(path)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ImageDecodeError, match=r"nope\.png"):
+        read_image(tmp_path / "nope.png")
+
+
+def test_pixel_limit_guards_against_bombs() -> None:
+    big = np.zeros((200, 300), dtype=np.uint8)
+    with pytest.raises(ImageDecodeError, match="exceeds the limit"):
+        decode_image(_png_bytes(big), "big.png", max_pixels=10_000)
+
+
+def test_resize_to_height_width(rgb: np.ndarray) -> None:
+    out = resize_rgb(rgb, (10, 15))
+    assert out.shape == (10, 15, 3)
+    assert resize_rgb(rgb, (20, 30)) is rgb
