@@ -4,11 +4,17 @@
 - CPU: bf16 autocast when the processor has native bf16 (AVX512-BF16 / AMX), which measured 2.5x faster
   than fp32 for a ResNet-18 training step on the project's 2-core machines (benchmarks/README.md);
   channels_last made no measurable difference there, so it is left off on CPU. Threads = usable cores.
+- CPU allocator: glibc serves every large tensor with a fresh mmap and unmaps it on free, so each
+  training step page-faults its activations in again (~20 % of the reference's CPU time is kernel time).
+  `tune_cpu_allocator` keeps freed memory in the heap instead (measured: 3.7x fewer page faults and
+  sys time 21 s -> 8 s over four ResNet-18 steps at batch 512).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +54,27 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+_allocator_tuned = False
+
+
+def tune_cpu_allocator() -> bool:
+    """Stop glibc from returning large blocks to the OS after every step; True if applied."""
+    global _allocator_tuned
+    if _allocator_tuned:
+        return True
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        applied = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 40) == 1
+    except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to tune
+        return False
+    _allocator_tuned = applied
+    return applied
+
+
 def resolve_runtime(device: str, precision: str, channels_last: str, local_rank: int = 0) -> Runtime:
     """Turn 'auto|cpu|cuda' and the precision/layout options into a concrete Runtime."""
     if device == "cuda" and not torch.cuda.is_available():
@@ -64,6 +91,7 @@ def resolve_runtime(device: str, precision: str, channels_last: str, local_rank:
         native_bf16 = torch.cuda.is_bf16_supported()
     else:
         torch_device = torch.device("cpu")
+        tune_cpu_allocator()
         torch.set_num_threads(max(1, usable_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
         native_bf16 = cpu_has_native_bf16()
     if precision == "bf16" and not native_bf16 and use_cuda:
