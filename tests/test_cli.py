@@ -103,6 +103,11 @@ def test_empty_dataset_and_npz_mismatch(tmp_path: Path) -> None:
     assert result.returncode == 2 and "10 images but 'labels' has 9" in result.stderr
 
 
+def test_resume_without_checkpoint_is_explained(tmp_path: Path) -> None:
+    result = run_cli("train", "--resume", str(tmp_path))
+    assert result.returncode == 2 and "nothing to resume" in result.stderr
+
+
 def test_evaluate_needs_a_run(tmp_path: Path) -> None:
     result = run_cli("evaluate", str(tmp_path))
     assert result.returncode == 2 and "not a training run folder" in result.stderr

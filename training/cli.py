@@ -110,6 +110,8 @@ def train(
                 f"--resume continues a run with its saved settings; drop {', '.join('--' + g for g in given)}"
             )
         run_dir = Path(resume)
+        if not (run_dir / "last.pt").is_file():
+            raise UserError(f"{run_dir}: nothing to resume (no last.pt); the run stopped before its first checkpoint")
         resume_state = load_checkpoint(run_dir / "last.pt")
         settings = dict(resume_state["config"])
         for key, value in {"device": device, "precision": precision, "channels_last": channels_last}.items():
