@@ -259,6 +259,25 @@ def plot(
 
 
 @app.command()
+@user_errors
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="a finished run folder")],
+    out: Annotated[Path, typer.Option(help="bundle folder to create, e.g. models/NAME")],
+    allow_partial: Annotated[bool, typer.Option(help="export a run that has not finished stage 3")] = False,
+) -> None:
+    """Turn a run's final checkpoint into a verified model bundle (ONNX + reference map + bundle.json)."""
+    from training.export import export_bundle
+
+    result = export_bundle(run_dir, out, allow_partial=allow_partial)
+    parity = result.manifest.parity
+    typer.echo(
+        f"bundle written to {result.out}: parity max |onnxruntime - torch| = {parity['max_abs_diff']:.2e} "
+        f"(allowed {parity['allowed']:.2e}) on {parity['images']} training images"
+        + (" [partial: stage 3 not finished]" if result.manifest.partial else "")
+    )
+
+
+@app.command()
 def presets() -> None:
     """List the augmentation presets and the training recipes."""
     from training.augment import PRESETS

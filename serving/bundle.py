@@ -1,0 +1,103 @@
+"""The model bundle: the one contract between training (which writes it) and serving (which reads it).
+
+models/<name>/
+  model.onnx       float32 images (N, 3, H, W) in [0, 1] -> coords (N, 2), features (N, F)
+  reference.npz    the training images' map: coords, labels, ids, class_names, thumbnails (no pickle)
+  map.png          the reference map picture
+  bundle.json      schema version, preprocessing, outputs, classes, provenance, parity, sha256 of every file
+
+`open_bundle` refuses a bundle whose schema version it does not know or whose files do not match
+their checksums, naming the file and the reason. numpy + pydantic only: no torch here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+SCHEMA_VERSION = 1
+MANIFEST = "bundle.json"
+MODEL_FILE = "model.onnx"
+REFERENCE_FILE = "reference.npz"
+MAP_FILE = "map.png"
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be used; the message names the file and why."""
+
+
+class Preprocessing(BaseModel):
+    """How a decoded RGB uint8 image becomes the model input (see serving/preprocess.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+    height: int
+    width: int
+    resize_method: str = "bicubic"
+    channels: str = "rgb"  # grayscale repeated, alpha dropped (serving/images.py)
+    divide_by: float = 255.0  # pixel values are divided by this (uint8 -> [0, 1])
+    layout: str = "NCHW"
+
+
+class BundleManifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    schema_version: int
+    name: str
+    created: str
+    preprocessing: Preprocessing
+    input_name: str = "images"
+    output_names: list[str]
+    out_dim: int
+    feature_dim: int
+    class_names: list[str]
+    partial: bool = False
+    finished_stage: int
+    training: dict[str, Any]
+    evaluation: dict[str, Any] | None = None
+    parity: dict[str, Any]
+    versions: dict[str, str]
+    files: dict[str, str]
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def open_bundle(path: str | Path) -> BundleManifest:
+    """Read and verify a bundle folder; raises BundleError naming the file that is wrong."""
+    folder = Path(path)
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        raise BundleError(f"{manifest_path}: missing; is {folder} a bundle made by `tsimcne export`?")
+    try:
+        raw = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{manifest_path}: not readable JSON ({exc})") from exc
+    version = raw.get("schema_version") if isinstance(raw, dict) else None
+    if version != SCHEMA_VERSION:
+        raise BundleError(
+            f"{manifest_path}: schema version {version!r} is not supported (this version reads {SCHEMA_VERSION})"
+        )
+    try:
+        manifest = BundleManifest(**raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise BundleError(f"{manifest_path}: field '{where}': {first['msg']}") from exc
+    for name, expected in manifest.files.items():
+        file = folder / name
+        if not file.is_file():
+            raise BundleError(f"{file}: listed in {MANIFEST} but missing")
+        if sha256_file(file) != expected:
+            raise BundleError(f"{file}: checksum mismatch (file changed or truncated since export)")
+    for required in (MODEL_FILE, REFERENCE_FILE):
+        if required not in manifest.files:
+            raise BundleError(f"{manifest_path}: does not list {required}")
+    return manifest

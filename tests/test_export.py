@@ -1,0 +1,130 @@
+"""`tsimcne export`: bundle contents, ONNX parity through serving's own preprocessing, refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import tifffile
+import torch
+from PIL import Image
+
+from serving.bundle import BundleError, open_bundle
+from serving.images import read_image, resize_rgb
+from serving.preprocess import load_model_input
+from tests.conftest import run_cli
+from training.checkpoint import load_checkpoint
+from training.runs import model_from_state
+from training.trainer import embed_images
+
+
+@pytest.fixture(scope="module")
+def run_and_bundle(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("export")
+    args = ["--recipe", "tiny", "--epochs", "2,1,1", "--image-size", "16", "--runs-dir", str(root / "runs")]
+    result = run_cli("train", "--data", "synthetic:96", "--name", "r", *args)
+    assert result.returncode == 0, result.stderr
+    run = root / "runs" / "r"
+    result = run_cli("export", str(run), "--out", str(root / "models" / "r"))
+    assert result.returncode == 0, result.stderr
+    assert "parity max" in result.stdout
+    return run, root / "models" / "r"
+
+
+def test_bundle_has_verified_files_and_manifest(run_and_bundle) -> None:
+    _, bundle = run_and_bundle
+    manifest = open_bundle(bundle)
+    assert set(manifest.files) == {"model.onnx", "reference.npz", "map.png"}
+    assert manifest.preprocessing.height == 16 and manifest.out_dim == 2 and not manifest.partial
+    assert manifest.parity["passed"] and manifest.parity["max_abs_diff"] <= manifest.parity["allowed"]
+    assert len(manifest.training["checkpoint_sha256"]) == 64 and manifest.class_names
+    with np.load(bundle / "reference.npz", allow_pickle=False) as reference:
+        assert reference["coords"].shape == (96, 2) and reference["thumbnails"].shape == (96, 16, 16, 3)
+        assert len(reference["labels"]) == len(reference["ids"]) == 96
+
+
+def test_dynamic_batch_size(run_and_bundle) -> None:
+    _, bundle = run_and_bundle
+    session = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
+    for n in (1, 7):
+        coords, features = session.run(None, {"images": np.random.rand(n, 3, 16, 16).astype(np.float32)})
+        assert coords.shape == (n, 2) and features.shape[0] == n
+
+
+def test_serving_preprocessing_and_onnxruntime_reproduce_torch(run_and_bundle, tmp_path, synthetic_arrays) -> None:
+    run, bundle = run_and_bundle
+    manifest = open_bundle(bundle)
+    images, _, _ = synthetic_arrays  # 24x24: exercises the resize to 16x16 too
+    files = []
+    Image.fromarray(images[0]).save(tmp_path / "a.png")
+    Image.fromarray(images[1]).save(tmp_path / "b.jpg", quality=90)
+    tifffile.imwrite(tmp_path / "c.tif", images[2].astype(np.uint16) * 257, photometric="rgb")
+    Image.fromarray(images[3][:, :, 1]).save(tmp_path / "d.png")  # grayscale
+    files = [tmp_path / name for name in ("a.png", "b.jpg", "c.tif", "d.png")]
+    session = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
+    onnx_coords = session.run(["coords"], {"images": load_model_input(files, manifest.preprocessing)})[0]
+    model = model_from_state(load_checkpoint(run / "stage3.pt"))
+    pixels = np.stack([resize_rgb(read_image(f), (16, 16)) for f in files])
+    torch_coords, _ = embed_images(model, pixels, torch.device("cpu"))
+    assert np.abs(onnx_coords - torch_coords).max() <= 1e-4 * max(1.0, np.abs(torch_coords).max())
+
+
+def _copy(bundle: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "copy"
+    shutil.copytree(bundle, target)
+    return target
+
+
+def test_tampered_truncated_and_incompatible_bundles_are_refused(run_and_bundle, tmp_path) -> None:
+    _, bundle = run_and_bundle
+    tampered = _copy(bundle, tmp_path)
+    data = bytearray((tampered / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (tampered / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"model\.onnx: checksum mismatch"):
+        open_bundle(tampered)
+    shutil.rmtree(tampered)
+
+    truncated = _copy(bundle, tmp_path)
+    (truncated / "reference.npz").write_bytes((truncated / "reference.npz").read_bytes()[:100])
+    with pytest.raises(BundleError, match=r"reference\.npz: checksum mismatch"):
+        open_bundle(truncated)
+    shutil.rmtree(truncated)
+
+    future = _copy(bundle, tmp_path)
+    manifest = json.loads((future / "bundle.json").read_text())
+    manifest["schema_version"] = 99
+    (future / "bundle.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="schema version 99"):
+        open_bundle(future)
+    with pytest.raises(BundleError, match="missing"):
+        open_bundle(tmp_path / "nothing-here")
+
+
+def test_existing_output_and_missing_run_are_refused(run_and_bundle, tmp_path) -> None:
+    run, bundle = run_and_bundle
+    before = (bundle / "bundle.json").read_text()
+    result = run_cli("export", str(run), "--out", str(bundle))
+    assert result.returncode == 2 and "already exists" in result.stderr
+    assert (bundle / "bundle.json").read_text() == before
+    result = run_cli("export", str(tmp_path / "no-run"), "--out", str(tmp_path / "m"))
+    assert result.returncode == 2 and "not a training run folder" in result.stderr
+
+
+def test_unfinished_run_needs_allow_partial(run_and_bundle, tmp_path) -> None:
+    run, _ = run_and_bundle
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for name in ("config.json", "log.jsonl"):
+        shutil.copy(run / name, partial / name)
+    shutil.copy(run / "stage1.pt", partial / "last.pt")
+    result = run_cli("export", str(partial), "--out", str(tmp_path / "m"))
+    assert result.returncode == 2 and "--allow-partial" in result.stderr and not (tmp_path / "m").exists()
+    result = run_cli("export", str(partial), "--out", str(tmp_path / "m"), "--allow-partial")
+    assert result.returncode == 0, result.stderr
+    manifest = open_bundle(tmp_path / "m")
+    assert manifest.partial and manifest.finished_stage == 1 and manifest.out_dim == 128

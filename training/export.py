@@ -1,0 +1,195 @@
+"""`tsimcne export`: a checkpoint -> a self-contained, verified model bundle (format: serving/bundle.py).
+
+Steps: load the final checkpoint (a stage-1/2 one only with allow_partial, marked in bundle.json);
+export the fp32 network to ONNX with a dynamic batch size; embed the training images with torch;
+run onnxruntime on up to PARITY_IMAGES of them and refuse to write the bundle unless
+max |onnxruntime - torch| <= PARITY_TOLERANCE * max(1, max |torch|); write the reference map, the
+map picture and bundle.json with the sha256 of every file. Everything is written to a temporary folder
+beside the target and renamed into place at the end, so a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from serving.bundle import (
+    MANIFEST,
+    MAP_FILE,
+    MODEL_FILE,
+    REFERENCE_FILE,
+    SCHEMA_VERSION,
+    BundleManifest,
+    Preprocessing,
+    sha256_file,
+)
+from serving.images import resize_rgb
+from serving.preprocess import to_model_input
+from training.checkpoint import load_checkpoint
+from training.errors import UserError
+from training.plot import plot_map
+from training.runs import dataset_for_state, final_checkpoint_path, model_from_state
+from training.trainer import embed_images
+
+PARITY_IMAGES = 256
+PARITY_TOLERANCE = 1e-4
+THUMBNAIL_SIDE = 32
+MAX_BATCH = 4096
+
+
+class _CoordsAndFeatures(nn.Module):
+    """ONNX wants tensors, not a tuple-returning module with a training-only branch."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model(x)
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    manifest: BundleManifest
+
+
+def _package_version(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def _export_onnx(model: nn.Module, size: tuple[int, int], path: Path) -> None:
+    example = torch.rand(2, 3, *size)
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    torch.onnx.export(
+        _CoordsAndFeatures(model).eval(),
+        (example,),
+        str(path),
+        input_names=["images"],
+        output_names=["coords", "features"],
+        dynamic_shapes={"x": {0: batch}},
+        external_data=False,
+        verbose=False,
+    )
+
+
+def _parity(model_path: Path, images: np.ndarray, torch_coords: np.ndarray, prep: Preprocessing) -> dict:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    count = min(PARITY_IMAGES, len(images))
+    onnx_coords = session.run(["coords"], {"images": to_model_input(images[:count], prep)})[0]
+    reference = torch_coords[:count]
+    max_diff = float(np.abs(onnx_coords - reference).max())
+    allowed = PARITY_TOLERANCE * max(1.0, float(np.abs(reference).max()))
+    return {"images": count, "max_abs_diff": max_diff, "allowed": allowed, "passed": max_diff <= allowed}
+
+
+def _thumbnails(images: np.ndarray) -> np.ndarray:
+    height, width = images.shape[1:3]
+    if max(height, width) <= THUMBNAIL_SIDE:
+        return images
+    scale = THUMBNAIL_SIDE / max(height, width)
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    return np.stack([resize_rgb(image, size, "area") for image in images])
+
+
+def export_bundle(run_dir: Path, out: Path, allow_partial: bool = False) -> ExportResult:
+    out = Path(out)
+    if out.exists():
+        raise UserError(f"{out} already exists; choose another --out or remove it first")
+    checkpoint = final_checkpoint_path(run_dir)
+    state = load_checkpoint(checkpoint)
+    finished = int(state["finished_stage"])
+    if finished < 3 and not allow_partial:
+        raise UserError(
+            f"{checkpoint}: training finished only stage {finished} of 3; finish it with "
+            f"`tsimcne train --resume {run_dir}` or export anyway with --allow-partial"
+        )
+    model = model_from_state(state).float().eval()
+    dataset = dataset_for_state(state)
+    coords, features = embed_images(model, dataset.images, torch.device("cpu"))
+    config = state["config"]
+    prep = Preprocessing(height=dataset.size[0], width=dataset.size[1], resize_method=config["resize_method"])
+
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
+    except OSError as exc:
+        raise UserError(f"{parent}: cannot write there ({exc.strerror or exc})") from exc
+    try:
+        _export_onnx(model, dataset.size, staging / MODEL_FILE)
+        parity = _parity(staging / MODEL_FILE, dataset.images, coords, prep)
+        if not parity["passed"]:
+            raise UserError(
+                f"ONNX parity check failed: max |onnxruntime - torch| = {parity['max_abs_diff']:.3g} > "
+                f"{parity['allowed']:.3g} on {parity['images']} training images; bundle not written"
+            )
+        reference = {
+            "coords": coords.astype(np.float32),
+            "ids": np.array(dataset.ids, dtype=str),
+            "class_names": np.array(dataset.class_names, dtype=str),
+            "thumbnails": _thumbnails(dataset.images),
+        }
+        if dataset.labels is not None:
+            reference["labels"] = dataset.labels
+        with open(staging / REFERENCE_FILE, "wb") as handle:
+            np.savez_compressed(handle, **reference)
+        plot_map(
+            coords[:, :2],
+            dataset.labels,
+            list(dataset.class_names),
+            staging / MAP_FILE,
+            title=f"{out.name} reference map",
+        )
+        metrics_file = Path(run_dir) / "metrics.json"
+        manifest = BundleManifest(
+            schema_version=SCHEMA_VERSION,
+            name=out.name,
+            created=datetime.now(UTC).isoformat(timespec="seconds"),
+            preprocessing=prep,
+            output_names=["coords", "features"],
+            out_dim=int(coords.shape[1]),
+            feature_dim=int(features.shape[1]),
+            class_names=list(dataset.class_names),
+            partial=finished < 3,
+            finished_stage=finished,
+            training={
+                "config": config,
+                "checkpoint": checkpoint.name,
+                "checkpoint_sha256": sha256_file(checkpoint),
+                "dataset_fingerprint": state["dataset"]["fingerprint"],
+                "n_images": len(dataset),
+            },
+            evaluation=json.loads(metrics_file.read_text()) if metrics_file.is_file() else None,
+            parity={**parity, "rule": f"max abs diff <= {PARITY_TOLERANCE} * max(1, max |torch coords|)"},
+            versions={
+                "python": platform.python_version(),
+                "torch": str(torch.__version__),
+                "onnx": _package_version("onnx"),
+                "onnxruntime": _package_version("onnxruntime"),
+                "tsimcne-map": _package_version("tsimcne-map"),
+            },
+            files={name: sha256_file(staging / name) for name in (MODEL_FILE, REFERENCE_FILE, MAP_FILE)},
+        )
+        (staging / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        staging.chmod(0o755)
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return ExportResult(out, manifest)
