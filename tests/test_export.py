@@ -128,3 +128,38 @@ def test_unfinished_run_needs_allow_partial(run_and_bundle, tmp_path) -> None:
     assert result.returncode == 0, result.stderr
     manifest = open_bundle(tmp_path / "m")
     assert manifest.partial and manifest.finished_stage == 1 and manifest.out_dim == 128
+
+
+def test_embed_places_training_images_at_their_reference_positions(run_and_bundle, tmp_path) -> None:
+    import csv
+
+    from training.data import load_dataset
+
+    _, bundle = run_and_bundle
+    dataset = load_dataset("synthetic:96", size=(16, 16))
+    for i in range(3):
+        Image.fromarray(dataset.images[i]).save(tmp_path / f"train{i}.png")
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    out = tmp_path / "coords.csv"
+    result = run_cli("embed", str(bundle), "--data", str(tmp_path), "--out", str(out), "--provider", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert "placed 3 of 4" in result.stdout and "broken.jpg" in result.stderr
+    rows = {Path(r["id"]).name: r for r in csv.DictReader(out.open())}
+    assert "broken.jpg" in rows["broken.jpg"]["error"] and rows["broken.jpg"]["x"] == ""
+    with np.load(bundle / "reference.npz", allow_pickle=False) as reference:
+        coords = reference["coords"]
+    for i in range(3):
+        row = rows[f"train{i}.png"]
+        assert np.allclose([float(row["x"]), float(row["y"])], coords[i], atol=1e-3 * max(1.0, np.abs(coords).max()))
+        assert row["neighbour_ids"].split(";")[0] == str(i)  # its nearest reference image is itself
+        assert 0 < float(row["majority_share"]) <= 1
+
+
+def test_embed_bad_arguments(run_and_bundle, tmp_path) -> None:
+    _, bundle = run_and_bundle
+    result = run_cli("embed", str(bundle), "--out", str(tmp_path / "x.csv"))
+    assert result.returncode == 2 and "no images given" in result.stderr
+    result = run_cli("embed", str(tmp_path), str(tmp_path / "a.png"), "--out", str(tmp_path / "x.csv"))
+    assert result.returncode == 2 and "bundle.json: missing" in result.stderr
+    result = run_cli("embed", str(bundle), str(tmp_path / "a.png"), "--out", str(tmp_path / "x.txt"))
+    assert result.returncode == 2 and ".csv or .parquet" in result.stderr

@@ -94,7 +94,8 @@ def train(
     progress: Annotated[bool | None, typer.Option(help="progress bars (default: when on a terminal)")] = None,
 ) -> None:
     """Train t-SimCNE through its three stages, writing checkpoints to RUNS_DIR/NAME."""
-    from training.checkpoint import atomic_write_json, load_checkpoint
+    from serving.files import atomic_write_json
+    from training.checkpoint import load_checkpoint
     from training.config import TrainConfig, build_config
     from training.data import load_dataset, parse_size
     from training.device import resolve_runtime
@@ -196,7 +197,8 @@ def evaluate(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
 ) -> None:
     """kNN accuracy (k=15, 10 % stratified hold-out) and silhouette of the 2-D map; writes metrics.json."""
-    from training.checkpoint import atomic_write_json, load_checkpoint
+    from serving.files import atomic_write_json
+    from training.checkpoint import load_checkpoint
     from training.device import resolve_runtime
     from training.evaluate import map_quality
     from training.runs import dataset_for_state, final_checkpoint_path, model_from_state, read_embedding
@@ -278,6 +280,62 @@ def export(
 
 
 @app.command()
+@user_errors
+def embed(
+    bundle: Annotated[Path, typer.Argument(help="a bundle folder made by `tsimcne export`")],
+    images: Annotated[list[Path] | None, typer.Argument(help="image files to place on the map")] = None,
+    data: Annotated[Path | None, typer.Option(help="a folder of images (searched recursively) instead")] = None,
+    out: Annotated[Path, typer.Option(help="output table: .csv or .parquet")] = Path("coords.csv"),
+    provider: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    neighbours: Annotated[int, typer.Option(help="nearest reference images to report")] = 5,
+    batch_size: Annotated[int, typer.Option(help="images per onnxruntime run")] = 64,
+) -> None:
+    """Place images on a bundle's map offline (onnxruntime); unreadable files are reported, not fatal."""
+    from tqdm import tqdm
+
+    from serving.bundle import BundleError
+    from serving.embedder import BundleEmbedder
+    from serving.images import IMAGE_SUFFIXES, ImageDecodeError, read_image
+    from training.table import write_table
+
+    files = list(images or [])
+    if data is not None:
+        if not data.is_dir():
+            raise UserError(f"{data}: not a folder")
+        files += sorted(p for p in data.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise UserError("no images given: pass image files or --data FOLDER")
+    if out.suffix.lower() not in (".csv", ".parquet"):
+        raise UserError(f"{out}: the output must end in .csv or .parquet")
+    try:
+        embedder = BundleEmbedder(bundle, provider, neighbours)
+    except BundleError as exc:
+        raise UserError(str(exc)) from None
+    rows: list[dict] = []
+    failures = 0
+    for start in tqdm(range(0, len(files), batch_size), desc="embedding", unit="batch", disable=None):
+        chunk, decoded = files[start : start + batch_size], []
+        for path in chunk:
+            try:
+                decoded.append((path, read_image(path)))
+            except ImageDecodeError as exc:
+                failures += 1
+                typer.echo(f"skipped: {exc}", err=True)
+                rows.append({"id": str(path), "error": str(exc)})
+        if decoded:
+            for (path, _), placed in zip(decoded, embedder.place([image for _, image in decoded]), strict=True):
+                rows.append({"id": str(path), **placed.__dict__, "error": ""})
+    first = ["id", "x", "y", "majority_label", "majority_share", "neighbour_ids", "neighbour_labels"]
+    write_table(rows, out, columns=[*first, "neighbour_distances", "error"])
+    typer.echo(
+        f"placed {len(files) - failures} of {len(files)} image(s) on {bundle} ({embedder.provider}); "
+        f"{failures} unreadable; table written to {out}"
+    )
+    if failures == len(files):
+        raise typer.Exit(2)
+
+
+@app.command()
 def presets() -> None:
     """List the augmentation presets and the training recipes."""
     from training.augment import PRESETS
@@ -303,7 +361,7 @@ def synth(
     import numpy as np
     from PIL import Image
 
-    from training.checkpoint import atomic_write
+    from serving.files import atomic_write
     from training.data import parse_size
     from training.synthetic import make_synthetic_cells
 

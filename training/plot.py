@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.checkpoint import atomic_write
+from serving.files import atomic_write
 
 
 def plot_map(

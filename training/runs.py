@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from training.checkpoint import atomic_write
+from serving.files import atomic_write
 from training.config import TrainConfig
 from training.data import ImageDataset, load_dataset
 from training.errors import UserError

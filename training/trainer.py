@@ -26,8 +26,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from serving.files import atomic_write_text
 from training.augment import BatchAugmenter, get_preset, mean_border_colour
-from training.checkpoint import atomic_write_text, save_checkpoint
+from training.checkpoint import save_checkpoint
 from training.config import TrainConfig
 from training.data import ImageDataset
 from training.device import Runtime

@@ -1,0 +1,90 @@
+"""Placing new images on a bundle's map with onnxruntime (no torch): used by `tsimcne embed` and serving.
+
+For each image: its map position (x, y), the k nearest reference images (id, label, distance) and the
+majority label among them with its share. Providers: "cpu", "cuda" (refuses to run if CUDA was asked
+for but not obtained) or "auto" (CUDA when onnxruntime can use it, else CPU); `provider` reports what
+the session actually got.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from serving.bundle import MODEL_FILE, REFERENCE_FILE, BundleError, open_bundle
+from serving.preprocess import to_model_input
+
+DEFAULT_NEIGHBOURS = 5
+
+
+@dataclass
+class Placement:
+    x: float
+    y: float
+    neighbour_ids: list[str]
+    neighbour_labels: list[str]
+    neighbour_distances: list[float]
+    majority_label: str | None
+    majority_share: float | None
+
+
+class BundleEmbedder:
+    def __init__(self, bundle: str | Path, provider: str = "auto", neighbours: int = DEFAULT_NEIGHBOURS) -> None:
+        import onnxruntime as ort
+
+        ort.set_default_logger_severity(3)
+        self.folder = Path(bundle)
+        self.manifest = open_bundle(self.folder)
+        if provider not in ("auto", "cpu", "cuda"):
+            raise BundleError(f"provider {provider!r}: choose auto, cpu or cuda")
+        wanted = ["CPUExecutionProvider"]
+        if provider == "cuda" or (provider == "auto" and "CUDAExecutionProvider" in ort.get_available_providers()):
+            if hasattr(ort, "preload_dlls"):
+                # Missing CUDA libraries are not fatal here: the provider check below decides.
+                with contextlib.suppress(Exception):
+                    ort.preload_dlls()
+            wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        self.session = ort.InferenceSession(str(self.folder / MODEL_FILE), providers=wanted)
+        self.provider = self.session.get_providers()[0]
+        if provider == "cuda" and self.provider != "CUDAExecutionProvider":
+            raise BundleError("CUDA was requested but onnxruntime could not use it (no GPU or CUDA 13/cuDNN 9 missing)")
+        with np.load(self.folder / REFERENCE_FILE, allow_pickle=False) as reference:
+            self.ref_coords = reference["coords"].astype(np.float32)
+            self.ref_ids = reference["ids"]
+            labels = reference["labels"] if "labels" in reference.files else None
+        names = self.manifest.class_names
+        self.ref_labels = np.array([names[i] for i in labels]) if labels is not None else None
+        self.k = min(neighbours, len(self.ref_coords))
+
+    def coordinates(self, images: list[np.ndarray]) -> np.ndarray:
+        """Map positions of decoded RGB uint8 images (any size)."""
+        batch = to_model_input(images, self.manifest.preprocessing)
+        return self.session.run(["coords"], {self.manifest.input_name: batch})[0]
+
+    def place(self, images: list[np.ndarray]) -> list[Placement]:
+        coords = self.coordinates(images)
+        squared = (coords**2).sum(1)[:, None] + (self.ref_coords**2).sum(1)[None, :] - 2.0 * coords @ self.ref_coords.T
+        distances = np.sqrt(np.clip(squared, 0.0, None))  # (batch, n_reference) without a 3-D temporary
+        nearest = np.argsort(distances, axis=1)[:, : self.k]
+        placements = []
+        for row, index in enumerate(nearest):
+            labels = [str(label) for label in self.ref_labels[index]] if self.ref_labels is not None else []
+            majority, share = None, None
+            if labels:
+                values, counts = np.unique(labels, return_counts=True)
+                majority, share = str(values[counts.argmax()]), float(counts.max() / len(labels))
+            placements.append(
+                Placement(
+                    x=float(coords[row, 0]),
+                    y=float(coords[row, 1]) if coords.shape[1] > 1 else 0.0,
+                    neighbour_ids=[str(i) for i in self.ref_ids[index]],
+                    neighbour_labels=labels,
+                    neighbour_distances=[float(d) for d in distances[row, index]],
+                    majority_label=majority,
+                    majority_share=share,
+                )
+            )
+        return placements
