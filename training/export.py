@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from serving.bundle import (
     MANIFEST,
@@ -47,17 +46,6 @@ THUMBNAIL_SIDE = 32
 MAX_BATCH = 4096
 
 
-class _CoordsAndFeatures(nn.Module):
-    """ONNX wants tensors, not a tuple-returning module with a training-only branch."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model(x)
-
-
 @dataclass
 class ExportResult:
     out: Path
@@ -71,11 +59,11 @@ def _package_version(name: str) -> str:
         return "not installed"
 
 
-def _export_onnx(model: nn.Module, size: tuple[int, int], path: Path) -> None:
+def _export_onnx(model: torch.nn.Module, size: tuple[int, int], path: Path) -> None:
     example = torch.rand(2, 3, *size)
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     torch.onnx.export(
-        _CoordsAndFeatures(model).eval(),
+        model.eval(),  # forward(x) -> (coords, features); eval mode uses BatchNorm's running statistics
         (example,),
         str(path),
         input_names=["images"],
