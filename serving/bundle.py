@@ -4,7 +4,8 @@ models/<name>/
   model.onnx       float32 images (N, 3, H, W) in [0, 1] -> coords (N, 2), features (N, F)
   reference.npz    the training images' map: coords, labels, ids, class_names, thumbnails (no pickle)
   map.png          the reference map picture
-  bundle.json      schema version, preprocessing, outputs, classes, provenance, parity, sha256 of every file
+  bundle.json      schema version, preprocessing, outputs, classes, provenance, parity, flag calibration,
+                   sha256 of every file
 
 `open_bundle` refuses a bundle whose schema version it does not know or whose files do not match
 their checksums, naming the file and the reason. numpy + pydantic only: no torch here.
@@ -58,6 +59,7 @@ class BundleManifest(BaseModel):
     training: dict[str, Any]
     evaluation: dict[str, Any] | None = None
     parity: dict[str, Any]
+    calibration: dict[str, Any] | None = None  # out-of-distribution threshold (serving/flagging.py)
     versions: dict[str, str]
     files: dict[str, str]
 

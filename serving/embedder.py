@@ -1,9 +1,10 @@
 """Placing new images on a bundle's map with onnxruntime (no torch): used by `tsimcne embed` and serving.
 
-For each image: its map position (x, y), the k nearest reference images (id, label, distance) and the
-majority label among them with its share. Providers: "cpu", "cuda" (refuses to run if CUDA was asked
-for but not obtained) or "auto" (CUDA when onnxruntime can use it, else CPU); `provider` reports what
-the session actually got.
+For each image: its map position (x, y), the k nearest reference images (id, label, distance), the
+majority label among them with its share, and the out-of-distribution flag and score
+(serving/flagging.py). Providers: "cpu", "cuda" (refuses to run if CUDA was asked for but not
+obtained) or "auto" (CUDA when onnxruntime can use it, else CPU); `provider` reports what the session
+actually got.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from serving.bundle import MODEL_FILE, REFERENCE_FILE, BundleError, open_bundle
+from serving.flagging import calibrate, score
 from serving.preprocess import to_model_input
 
 DEFAULT_NEIGHBOURS = 5
@@ -29,6 +31,8 @@ class Placement:
     neighbour_distances: list[float]
     majority_label: str | None
     majority_share: float | None
+    flag: str  # "in_distribution" or "out_of_distribution"
+    score: float  # k-th neighbour distance / calibrated threshold; > 1 is flagged
 
 
 class BundleEmbedder:
@@ -58,6 +62,7 @@ class BundleEmbedder:
         names = self.manifest.class_names
         self.ref_labels = np.array([names[i] for i in labels]) if labels is not None else None
         self.k = min(neighbours, len(self.ref_coords))
+        self.calibration = self.manifest.calibration or calibrate(self.ref_coords)
 
     def coordinates(self, images: list[np.ndarray]) -> np.ndarray:
         """Map positions of decoded RGB uint8 images (any size)."""
@@ -69,6 +74,7 @@ class BundleEmbedder:
         squared = (coords**2).sum(1)[:, None] + (self.ref_coords**2).sum(1)[None, :] - 2.0 * coords @ self.ref_coords.T
         distances = np.sqrt(np.clip(squared, 0.0, None))  # (batch, n_reference) without a 3-D temporary
         nearest = np.argsort(distances, axis=1)[:, : self.k]
+        scores, flagged = score(coords, self.ref_coords, self.calibration)
         placements = []
         for row, index in enumerate(nearest):
             labels = [str(label) for label in self.ref_labels[index]] if self.ref_labels is not None else []
@@ -85,6 +91,8 @@ class BundleEmbedder:
                     neighbour_distances=[float(d) for d in distances[row, index]],
                     majority_label=majority,
                     majority_share=share,
+                    flag="out_of_distribution" if flagged[row] else "in_distribution",
+                    score=float(scores[row]),
                 )
             )
         return placements

@@ -163,3 +163,26 @@ def test_embed_bad_arguments(run_and_bundle, tmp_path) -> None:
     assert result.returncode == 2 and "bundle.json: missing" in result.stderr
     result = run_cli("embed", str(bundle), str(tmp_path / "a.png"), "--out", str(tmp_path / "x.txt"))
     assert result.returncode == 2 and ".csv or .parquet" in result.stderr
+
+
+def test_bundle_carries_a_flag_calibration_and_embed_reports_it(run_and_bundle, tmp_path) -> None:
+    from serving.embedder import BundleEmbedder
+    from training.data import load_dataset
+
+    _, bundle = run_and_bundle
+    manifest = open_bundle(bundle)
+    assert manifest.calibration["target_false_flag_rate"] == 0.01 and manifest.calibration["threshold"] > 0
+    embedder = BundleEmbedder(bundle, "cpu")
+    placed = embedder.place(list(load_dataset("synthetic:96", size=(16, 16)).images[:20]))
+    assert all(p.flag in ("in_distribution", "out_of_distribution") and p.score >= 0 for p in placed)
+    assert sum(p.flag == "in_distribution" for p in placed) >= 18  # training images sit on the map
+    noise = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    assert embedder.place([noise])[0].score > 0
+
+
+def test_unwritable_output_folder(run_and_bundle, tmp_path) -> None:
+    run, _ = run_and_bundle
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = run_cli("export", str(run), "--out", str(blocker / "bundle"))
+    assert result.returncode == 2 and "cannot write there" in result.stderr and "Traceback" not in result.stderr

@@ -325,7 +325,7 @@ def embed(
         if decoded:
             for (path, _), placed in zip(decoded, embedder.place([image for _, image in decoded]), strict=True):
                 rows.append({"id": str(path), **placed.__dict__, "error": ""})
-    first = ["id", "x", "y", "majority_label", "majority_share", "neighbour_ids", "neighbour_labels"]
+    first = ["id", "x", "y", "flag", "score", "majority_label", "majority_share", "neighbour_ids", "neighbour_labels"]
     write_table(rows, out, columns=[*first, "neighbour_distances", "error"])
     typer.echo(
         f"placed {len(files) - failures} of {len(files)} image(s) on {bundle} ({embedder.provider}); "

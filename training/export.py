@@ -32,6 +32,7 @@ from serving.bundle import (
     Preprocessing,
     sha256_file,
 )
+from serving.flagging import calibrate
 from serving.images import resize_rgb
 from serving.preprocess import to_model_input
 from training.checkpoint import load_checkpoint
@@ -165,6 +166,7 @@ def export_bundle(run_dir: Path, out: Path, allow_partial: bool = False) -> Expo
             },
             evaluation=json.loads(metrics_file.read_text()) if metrics_file.is_file() else None,
             parity={**parity, "rule": f"max abs diff <= {PARITY_TOLERANCE} * max(1, max |torch coords|)"},
+            calibration=calibrate(coords),
             versions={
                 "python": platform.python_version(),
                 "torch": str(torch.__version__),

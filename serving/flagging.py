@@ -1,0 +1,64 @@
+"""Out-of-distribution flag from where an image lands on the map (first, position-only version).
+
+Score: the distance from the new point to its k-th nearest reference point, divided by a threshold
+calibrated at export so that only `target_rate` of held-out training images exceed it. A score above
+1 means "lands farther from the collection than 99 % of its own images" (for the default 1 %), so the
+score means the same thing from one bundle to the next whatever the map's scale.
+
+Calibration: a random 10 % of the reference points is held out; for each of them the k-th nearest
+neighbour distance among the other 90 % is measured; the threshold is the (1 - target_rate) quantile.
+At serving time the full reference set is used, whose denser coverage makes the measured false-flag
+rate at most the target (slightly conservative). numpy only.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+DEFAULT_K = 15
+DEFAULT_TARGET_RATE = 0.01
+HOLDOUT = 0.1
+
+
+def kth_neighbour_distance(points: np.ndarray, reference: np.ndarray, k: int, chunk: int = 1024) -> np.ndarray:
+    """Euclidean distance from each point to its k-th nearest reference point (1-based k)."""
+    k = min(k, len(reference))
+    reference = reference.astype(np.float64)
+    ref_norms = (reference**2).sum(1)
+    out = np.empty(len(points))
+    for start in range(0, len(points), chunk):
+        block = points[start : start + chunk].astype(np.float64)
+        squared = (block**2).sum(1)[:, None] + ref_norms[None, :] - 2.0 * block @ reference.T
+        out[start : start + chunk] = np.sqrt(np.clip(np.partition(squared, k - 1, axis=1)[:, k - 1], 0.0, None))
+    return out
+
+
+def calibrate(
+    coords: np.ndarray, k: int = DEFAULT_K, target_rate: float = DEFAULT_TARGET_RATE, seed: int = 0
+) -> dict[str, float | int | str]:
+    """Threshold on the k-th neighbour distance such that `target_rate` of held-out points exceed it."""
+    if not 0 < target_rate < 1:
+        raise ValueError(f"target_rate must be between 0 and 1, got {target_rate}")
+    n = len(coords)
+    order = np.random.default_rng(seed).permutation(n)
+    n_held = max(1, round(HOLDOUT * n))
+    held, rest = coords[order[:n_held]], coords[order[n_held:]]
+    if len(rest) < 1:
+        raise ValueError("need at least 2 reference points to calibrate")
+    distances = kth_neighbour_distance(held, rest, k)
+    threshold = float(np.quantile(distances, 1 - target_rate))
+    return {
+        "method": "kth-neighbour-distance-2d",
+        "k": int(min(k, len(rest))),
+        "target_false_flag_rate": float(target_rate),
+        "threshold": max(threshold, 1e-12),
+        "holdout_images": int(n_held),
+        "seed": int(seed),
+    }
+
+
+def score(points: np.ndarray, reference: np.ndarray, calibration: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(score, out_of_distribution flag) for each point; flag = score > 1."""
+    distances = kth_neighbour_distance(points, reference, int(calibration["k"]))
+    scores = distances / float(calibration["threshold"])
+    return scores, scores > 1.0
