@@ -38,6 +38,9 @@ class Preprocessing(BaseModel):
     height: int
     width: int
     resize_method: str = "bicubic"
+    # Central (height, width) region taken from a raw image before resizing, when the training data
+    # was made that way (BloodMNIST: 200x200 of the 360x363 originals); None = the whole image.
+    center_crop: tuple[int, int] | None = None
     channels: str = "rgb"  # grayscale repeated, alpha dropped (serving/images.py)
     divide_by: float = 255.0  # pixel values are divided by this (uint8 -> [0, 1])
     layout: str = "NCHW"

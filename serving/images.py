@@ -156,6 +156,13 @@ def resize_rgb(image: np.ndarray, size: tuple[int, int], method: str = "bicubic"
     return np.asarray(resized).copy()
 
 
+def center_crop(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """The central (height, width) region; sides already smaller than the crop are kept whole."""
+    height, width = min(size[0], image.shape[0]), min(size[1], image.shape[1])
+    top, left = (image.shape[0] - height) // 2, (image.shape[1] - width) // 2
+    return image[top : top + height, left : left + width]
+
+
 def load_rgb(path: str | Path, size: tuple[int, int] | None, method: str = "bicubic") -> np.ndarray:
     """Read a file and bring it to `size` (height, width); None keeps the native size."""
     image = read_image(path)

@@ -11,13 +11,19 @@ from pathlib import Path
 import numpy as np
 
 from serving.bundle import Preprocessing
-from serving.images import read_image, resize_rgb
+from serving.images import center_crop, read_image, resize_rgb
 
 
 def to_model_input(images: np.ndarray | list[np.ndarray], prep: Preprocessing) -> np.ndarray:
     """RGB uint8 images (any size) -> float32 (N, 3, H, W) in [0, 1] at the bundle's size."""
     size = (prep.height, prep.width)
-    batch = np.stack([resize_rgb(np.asarray(image), size, prep.resize_method) for image in images])
+    crop = prep.center_crop
+    batch = np.stack(
+        [
+            resize_rgb(center_crop(np.asarray(image), crop) if crop else np.asarray(image), size, prep.resize_method)
+            for image in images
+        ]
+    )
     return np.ascontiguousarray(batch.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(prep.divide_by)
 
 

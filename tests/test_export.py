@@ -186,3 +186,19 @@ def test_unwritable_output_folder(run_and_bundle, tmp_path) -> None:
     blocker.write_text("not a folder")
     result = run_cli("export", str(run), "--out", str(blocker / "bundle"))
     assert result.returncode == 2 and "cannot write there" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_center_crop_declared_at_export_is_applied_to_new_images(run_and_bundle, tmp_path) -> None:
+    from serving.embedder import BundleEmbedder
+    from training.data import load_dataset
+
+    run, _ = run_and_bundle
+    out = tmp_path / "cropped"
+    result = run_cli("export", str(run), "--out", str(out), "--center-crop", "16")
+    assert result.returncode == 0, result.stderr
+    assert open_bundle(out).preprocessing.center_crop == (16, 16)
+    image = load_dataset("synthetic:96", size=(16, 16)).images[5]
+    framed = np.zeros((40, 40, 3), np.uint8)  # the training image inside a wide dark frame
+    framed[12:28, 12:28] = image
+    placed = BundleEmbedder(out, "cpu").place([framed])[0]
+    assert placed.neighbour_ids[0] == "5"  # the crop recovers the training image exactly

@@ -266,11 +266,15 @@ def export(
     run_dir: Annotated[Path, typer.Argument(help="a finished run folder")],
     out: Annotated[Path, typer.Option(help="bundle folder to create, e.g. models/NAME")],
     allow_partial: Annotated[bool, typer.Option(help="export a run that has not finished stage 3")] = False,
+    center_crop: Annotated[
+        str | None, typer.Option(help="N or HxW: crop new raw images to their centre first, as the training data was")
+    ] = None,
 ) -> None:
     """Turn a run's final checkpoint into a verified model bundle (ONNX + reference map + bundle.json)."""
+    from training.data import parse_size
     from training.export import export_bundle
 
-    result = export_bundle(run_dir, out, allow_partial=allow_partial)
+    result = export_bundle(run_dir, out, allow_partial=allow_partial, center_crop=parse_size(center_crop))
     parity = result.manifest.parity
     typer.echo(
         f"bundle written to {result.out}: parity max |onnxruntime - torch| = {parity['max_abs_diff']:.2e} "

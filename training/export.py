@@ -96,7 +96,10 @@ def _thumbnails(images: np.ndarray) -> np.ndarray:
     return np.stack([resize_rgb(image, size, "area") for image in images])
 
 
-def export_bundle(run_dir: Path, out: Path, allow_partial: bool = False) -> ExportResult:
+def export_bundle(
+    run_dir: Path, out: Path, allow_partial: bool = False, center_crop: tuple[int, int] | None = None
+) -> ExportResult:
+    """center_crop: how new raw images must be cropped to look like the training data (if it was cropped)."""
     out = Path(out)
     if out.exists():
         raise UserError(f"{out} already exists; choose another --out or remove it first")
@@ -112,7 +115,9 @@ def export_bundle(run_dir: Path, out: Path, allow_partial: bool = False) -> Expo
     dataset = dataset_for_state(state)
     coords, features = embed_images(model, dataset.images, torch.device("cpu"))
     config = state["config"]
-    prep = Preprocessing(height=dataset.size[0], width=dataset.size[1], resize_method=config["resize_method"])
+    prep = Preprocessing(
+        height=dataset.size[0], width=dataset.size[1], resize_method=config["resize_method"], center_crop=center_crop
+    )
 
     parent = out.parent
     try:
