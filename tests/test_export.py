@@ -202,3 +202,17 @@ def test_center_crop_declared_at_export_is_applied_to_new_images(run_and_bundle,
     framed[12:28, 12:28] = image
     placed = BundleEmbedder(out, "cpu").place([framed])[0]
     assert placed.neighbour_ids[0] == "5"  # the crop recovers the training image exactly
+
+
+def test_embed_writes_parquet(run_and_bundle, tmp_path) -> None:
+    import pyarrow.parquet as pq
+
+    from training.data import load_dataset
+
+    _, bundle = run_and_bundle
+    Image.fromarray(load_dataset("synthetic:96", size=(16, 16)).images[0]).save(tmp_path / "a.png")
+    out = tmp_path / "coords.parquet"
+    result = run_cli("embed", str(bundle), str(tmp_path / "a.png"), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    table = pq.read_table(out).to_pylist()
+    assert table[0]["neighbour_ids"][0] == "0" and table[0]["flag"] in ("in_distribution", "out_of_distribution")
