@@ -66,7 +66,9 @@ def subset(n: int, seed: int = 0) -> Path:
 
 def run_reference(data: Path, epochs: str, batch: int) -> dict:
     out = SCRATCH / f"reference_{epochs.replace(',', '-')}.npz"
-    subprocess.run([REF_PYTHON, ROOT / "benchmarks" / "reference_runner.py", data, epochs, str(batch), out], check=True)
+    # cwd=SCRATCH: Lightning writes lightning_logs/ (a checkpoint per stage) into the working folder.
+    runner = ROOT / "benchmarks" / "reference_runner.py"
+    subprocess.run([REF_PYTHON, runner, data, epochs, str(batch), out], check=True, cwd=SCRATCH)
     with np.load(out) as result:
         return {"seconds": float(result["seconds"]), "coords": result["coords"]}
 
