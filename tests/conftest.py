@@ -47,17 +47,19 @@ def class_folder(tmp_path: Path, synthetic_arrays) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
-def pbc_npz() -> Path:
-    path = SHARED_DATA / "pbc_28.npz"
-    if not path.is_file():
+def _shared(relative: str) -> Path:
+    """A path in ../shared/data/bloodcells, or skip where the shared data is not laid out."""
+    path = SHARED_DATA / relative
+    if not path.exists():
         pytest.skip(f"shared blood-cell data not found at {path}")
     return path
 
 
 @pytest.fixture(scope="session")
+def pbc_npz() -> Path:
+    return _shared("pbc_28.npz")
+
+
+@pytest.fixture(scope="session")
 def pbc_jpg_folder() -> Path:
-    path = SHARED_DATA / "jpg_sample"
-    if not path.is_dir():
-        pytest.skip(f"shared blood-cell JPEGs not found at {path}")
-    return path
+    return _shared("jpg_sample")
