@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from serving.bundle import MODEL_FILE, REFERENCE_FILE, BundleError, open_bundle
-from serving.flagging import calibrate, score
+from serving.flagging import calibrate, pairwise_distances, score_from_distances
 from serving.preprocess import to_model_input
 
 DEFAULT_NEIGHBOURS = 5
@@ -71,10 +71,11 @@ class BundleEmbedder:
 
     def place(self, images: list[np.ndarray]) -> list[Placement]:
         coords = self.coordinates(images)
-        squared = (coords**2).sum(1)[:, None] + (self.ref_coords**2).sum(1)[None, :] - 2.0 * coords @ self.ref_coords.T
-        distances = np.sqrt(np.clip(squared, 0.0, None))  # (batch, n_reference) without a 3-D temporary
-        nearest = np.argsort(distances, axis=1)[:, : self.k]
-        scores, flagged = score(coords, self.ref_coords, self.calibration)
+        distances = pairwise_distances(coords, self.ref_coords)  # computed once: neighbours and flag share it
+        candidates = np.argpartition(distances, self.k - 1, axis=1)[:, : self.k]
+        order = np.take_along_axis(distances, candidates, axis=1).argsort(axis=1)
+        nearest = np.take_along_axis(candidates, order, axis=1)
+        scores, flagged = score_from_distances(distances, self.calibration)
         placements = []
         for row, index in enumerate(nearest):
             labels = [str(label) for label in self.ref_labels[index]] if self.ref_labels is not None else []

@@ -20,16 +20,24 @@ DEFAULT_TARGET_RATE = 0.01
 HOLDOUT = 0.1
 
 
+def pairwise_distances(points: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Euclidean distances (n_points, n_reference) in float64, without an (n, m, d) temporary."""
+    points, reference = points.astype(np.float64), reference.astype(np.float64)
+    squared = (points**2).sum(1)[:, None] + (reference**2).sum(1)[None, :] - 2.0 * points @ reference.T
+    return np.sqrt(np.clip(squared, 0.0, None))
+
+
+def kth_smallest(distances: np.ndarray, k: int) -> np.ndarray:
+    """The k-th smallest value (1-based) of each row."""
+    k = min(k, distances.shape[1])
+    return np.partition(distances, k - 1, axis=1)[:, k - 1]
+
+
 def kth_neighbour_distance(points: np.ndarray, reference: np.ndarray, k: int, chunk: int = 1024) -> np.ndarray:
     """Euclidean distance from each point to its k-th nearest reference point (1-based k)."""
-    k = min(k, len(reference))
-    reference = reference.astype(np.float64)
-    ref_norms = (reference**2).sum(1)
     out = np.empty(len(points))
     for start in range(0, len(points), chunk):
-        block = points[start : start + chunk].astype(np.float64)
-        squared = (block**2).sum(1)[:, None] + ref_norms[None, :] - 2.0 * block @ reference.T
-        out[start : start + chunk] = np.sqrt(np.clip(np.partition(squared, k - 1, axis=1)[:, k - 1], 0.0, None))
+        out[start : start + chunk] = kth_smallest(pairwise_distances(points[start : start + chunk], reference), k)
     return out
 
 
@@ -57,8 +65,12 @@ def calibrate(
     }
 
 
+def score_from_distances(distances: np.ndarray, calibration: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(score, out_of_distribution flag) from a (points, reference) distance matrix; flag = score > 1."""
+    scores = kth_smallest(distances, int(calibration["k"])) / float(calibration["threshold"])
+    return scores, scores > 1.0
+
+
 def score(points: np.ndarray, reference: np.ndarray, calibration: dict) -> tuple[np.ndarray, np.ndarray]:
     """(score, out_of_distribution flag) for each point; flag = score > 1."""
-    distances = kth_neighbour_distance(points, reference, int(calibration["k"]))
-    scores = distances / float(calibration["threshold"])
-    return scores, scores > 1.0
+    return score_from_distances(pairwise_distances(points, reference), calibration)

@@ -295,6 +295,8 @@ def embed(
     batch_size: Annotated[int, typer.Option(help="images per onnxruntime run")] = 64,
 ) -> None:
     """Place images on a bundle's map offline (onnxruntime); unreadable files are reported, not fatal."""
+    import dataclasses
+
     from tqdm import tqdm
 
     from serving.bundle import BundleError
@@ -328,7 +330,7 @@ def embed(
                 rows.append({"id": str(path), "error": str(exc)})
         if decoded:
             for (path, _), placed in zip(decoded, embedder.place([image for _, image in decoded]), strict=True):
-                rows.append({"id": str(path), **placed.__dict__, "error": ""})
+                rows.append({"id": str(path), **dataclasses.asdict(placed), "error": ""})
     first = ["id", "x", "y", "flag", "score", "majority_label", "majority_share", "neighbour_ids", "neighbour_labels"]
     write_table(rows, out, columns=[*first, "neighbour_distances", "error"])
     typer.echo(
