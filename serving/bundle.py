@@ -63,6 +63,8 @@ class BundleManifest(BaseModel):
     evaluation: dict[str, Any] | None = None
     parity: dict[str, Any]
     calibration: dict[str, Any] | None = None  # out-of-distribution threshold (serving/flagging.py)
+    # Class names that mean "artefact" (debris, blur, ...): images landing among them are flagged so.
+    artefact_labels: list[str] = []
     versions: dict[str, str]
     files: dict[str, str]
 

@@ -2,9 +2,10 @@
 
 For each image: its map position (x, y), the k nearest reference images (id, label, distance), the
 majority label among them with its share, and the out-of-distribution flag and score
-(serving/flagging.py). Providers: "cpu", "cuda" (refuses to run if CUDA was asked for but not
-obtained) or "auto" (CUDA when onnxruntime can use it, else CPU); `provider` reports what the session
-actually got.
+(serving/flagging.py): "artefact" when the majority of the neighbours carry a label the bundle names
+as an artefact label, else "out_of_distribution" when the score exceeds 1. Providers: "cpu", "cuda"
+(refuses to run if CUDA was asked for but not obtained) or "auto" (CUDA when onnxruntime can use it,
+else CPU); `provider` reports what the session actually got.
 """
 
 from __future__ import annotations
@@ -31,12 +32,18 @@ class Placement:
     neighbour_distances: list[float]
     majority_label: str | None
     majority_share: float | None
-    flag: str  # "in_distribution" or "out_of_distribution"
+    flag: str  # one of FLAGS
     score: float  # k-th neighbour distance / calibrated threshold; > 1 is flagged
 
 
+IN_DISTRIBUTION, OUT_OF_DISTRIBUTION, ARTEFACT = "in_distribution", "out_of_distribution", "artefact"
+FLAGS = (IN_DISTRIBUTION, OUT_OF_DISTRIBUTION, ARTEFACT)
+
+
 class BundleEmbedder:
-    def __init__(self, bundle: str | Path, provider: str = "auto", neighbours: int = DEFAULT_NEIGHBOURS) -> None:
+    def __init__(
+        self, bundle: str | Path, provider: str = "auto", neighbours: int = DEFAULT_NEIGHBOURS, threads: int = 0
+    ) -> None:
         import onnxruntime as ort
 
         ort.set_default_logger_severity(3)
@@ -51,7 +58,9 @@ class BundleEmbedder:
                 with contextlib.suppress(Exception):
                     ort.preload_dlls()
             wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        self.session = ort.InferenceSession(str(self.folder / MODEL_FILE), providers=wanted)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads  # 0: onnxruntime's choice (all physical cores)
+        self.session = ort.InferenceSession(str(self.folder / MODEL_FILE), options, providers=wanted)
         self.provider = self.session.get_providers()[0]
         if provider == "cuda" and self.provider != "CUDAExecutionProvider":
             raise BundleError("CUDA was requested but onnxruntime could not use it (no GPU or CUDA 13/cuDNN 9 missing)")
@@ -61,16 +70,30 @@ class BundleEmbedder:
             labels = reference["labels"] if "labels" in reference.files else None
         names = self.manifest.class_names
         self.ref_labels = np.array([names[i] for i in labels]) if labels is not None else None
+        self.ref_label_indices = (
+            labels.astype(np.int64) if labels is not None else np.full(len(self.ref_coords), -1, dtype=np.int64)
+        )
         self.k = min(neighbours, len(self.ref_coords))
         self.calibration = self.manifest.calibration or calibrate(self.ref_coords)
+        self.artefact_labels = set(self.manifest.artefact_labels)
+
+    def prepare(self, images: list[np.ndarray]) -> np.ndarray:
+        """Decoded RGB uint8 images (any size) -> the model's float32 input batch."""
+        return to_model_input(images, self.manifest.preprocessing)
+
+    def run_model(self, batch: np.ndarray) -> np.ndarray:
+        """Map positions (N, 2) of a prepared batch; the one call that uses the accelerator."""
+        return self.session.run(["coords"], {self.manifest.input_name: batch})[0]
 
     def coordinates(self, images: list[np.ndarray]) -> np.ndarray:
         """Map positions of decoded RGB uint8 images (any size)."""
-        batch = to_model_input(images, self.manifest.preprocessing)
-        return self.session.run(["coords"], {self.manifest.input_name: batch})[0]
+        return self.run_model(self.prepare(images))
 
     def place(self, images: list[np.ndarray]) -> list[Placement]:
-        coords = self.coordinates(images)
+        return self.placements(self.coordinates(images))
+
+    def placements(self, coords: np.ndarray) -> list[Placement]:
+        """Neighbours, majority label and flag for map positions the model produced."""
         distances = pairwise_distances(coords, self.ref_coords)  # computed once: neighbours and flag share it
         candidates = np.argpartition(distances, self.k - 1, axis=1)[:, : self.k]
         order = np.take_along_axis(distances, candidates, axis=1).argsort(axis=1)
@@ -92,8 +115,13 @@ class BundleEmbedder:
                     neighbour_distances=[float(d) for d in distances[row, index]],
                     majority_label=majority,
                     majority_share=share,
-                    flag="out_of_distribution" if flagged[row] else "in_distribution",
+                    flag=self._flag(majority, bool(flagged[row])),
                     score=float(scores[row]),
                 )
             )
         return placements
+
+    def _flag(self, majority_label: str | None, beyond_threshold: bool) -> str:
+        if majority_label is not None and majority_label in self.artefact_labels:
+            return ARTEFACT
+        return OUT_OF_DISTRIBUTION if beyond_threshold else IN_DISTRIBUTION

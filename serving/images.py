@@ -32,7 +32,14 @@ RESIZE_FILTERS = {
 
 
 class ImageDecodeError(ValueError):
-    """An image that cannot be turned into pixels; the message names the source and the reason."""
+    """An image that cannot be turned into pixels; the message names the source and the reason.
+
+    `reason` is a short fixed word for counting: "undecodable", "too_large" or "empty".
+    """
+
+    def __init__(self, message: str, reason: str = "undecodable") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def to_uint8(array: np.ndarray) -> np.ndarray:
@@ -86,7 +93,8 @@ def _decode_tiff(data: bytes, source: str, max_pixels: int) -> np.ndarray:
             pixels = int(np.prod(shape[:2])) if len(shape) >= 2 else 0
             if pixels > max_pixels:
                 raise ImageDecodeError(
-                    f"{source}: {shape[1]}x{shape[0]} pixels exceeds the limit of {max_pixels:,} pixels"
+                    f"{source}: {shape[1]}x{shape[0]} pixels exceeds the limit of {max_pixels:,} pixels",
+                    reason="too_large",
                 )
             array = page.asarray()
     except ImageDecodeError:
@@ -105,7 +113,9 @@ def _decode_with_pillow(data: bytes, source: str, max_pixels: int) -> np.ndarray
             image = Image.open(io.BytesIO(data))
             width, height = image.size
             if width * height > max_pixels:
-                raise ImageDecodeError(f"{source}: {width}x{height} pixels exceeds the limit of {max_pixels:,} pixels")
+                raise ImageDecodeError(
+                    f"{source}: {width}x{height} pixels exceeds the limit of {max_pixels:,} pixels", reason="too_large"
+                )
             image.load()
     except ImageDecodeError:
         raise
@@ -129,7 +139,7 @@ def _decode_with_pillow(data: bytes, source: str, max_pixels: int) -> np.ndarray
 def decode_image(data: bytes, source: str = "<upload>", max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode encoded image bytes into RGB uint8 (H, W, 3); ImageDecodeError names `source` on failure."""
     if not data:
-        raise ImageDecodeError(f"{source}: empty file (0 bytes)")
+        raise ImageDecodeError(f"{source}: empty file (0 bytes)", reason="empty")
     if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
         return _decode_tiff(data, source, max_pixels)
     return _decode_with_pillow(data, source, max_pixels)

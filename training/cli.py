@@ -269,18 +269,34 @@ def export(
     center_crop: Annotated[
         str | None, typer.Option(help="N or HxW: crop new raw images to their centre first, as the training data was")
     ] = None,
+    artefact_label: Annotated[
+        list[str] | None, typer.Option(help="a class that means 'artefact' (repeatable); the service flags it")
+    ] = None,
+    register: Annotated[
+        bool, typer.Option(help="also add the bundle to BentoML's model store (for `bentoml build`)")
+    ] = False,
 ) -> None:
     """Turn a run's final checkpoint into a verified model bundle (ONNX + reference map + bundle.json)."""
     from training.data import parse_size
     from training.export import export_bundle
 
-    result = export_bundle(run_dir, out, allow_partial=allow_partial, center_crop=parse_size(center_crop))
+    result = export_bundle(
+        run_dir, out, allow_partial=allow_partial, center_crop=parse_size(center_crop), artefact_labels=artefact_label
+    )
     parity = result.manifest.parity
     typer.echo(
         f"bundle written to {result.out}: parity max |onnxruntime - torch| = {parity['max_abs_diff']:.2e} "
         f"(allowed {parity['allowed']:.2e}) on {parity['images']} training images"
         + (" [partial: stage 3 not finished]" if result.manifest.partial else "")
     )
+    if register:
+        from serving.store import register_bundle
+
+        try:
+            tag = register_bundle(result.out)
+        except Exception as exc:  # the bundle itself is written; say so and why the store refused it
+            raise UserError(f"bundle written to {result.out}, but BentoML's model store refused it: {exc}") from exc
+        typer.echo(f"registered in BentoML's model store as {tag} (serve it with --arg model_tag={tag})")
 
 
 @app.command()

@@ -97,9 +97,14 @@ def _thumbnails(images: np.ndarray) -> np.ndarray:
 
 
 def export_bundle(
-    run_dir: Path, out: Path, allow_partial: bool = False, center_crop: tuple[int, int] | None = None
+    run_dir: Path,
+    out: Path,
+    allow_partial: bool = False,
+    center_crop: tuple[int, int] | None = None,
+    artefact_labels: list[str] | None = None,
 ) -> ExportResult:
-    """center_crop: how new raw images must be cropped to look like the training data (if it was cropped)."""
+    """center_crop: how new raw images must be cropped to look like the training data (if it was cropped).
+    artefact_labels: class names that mean "artefact"; images landing among them are flagged so."""
     out = Path(out)
     if out.exists():
         raise UserError(f"{out} already exists; choose another --out or remove it first")
@@ -115,6 +120,12 @@ def export_bundle(
     dataset = dataset_for_state(state)
     coords, features = embed_images(model, dataset.images, torch.device("cpu"))
     config = state["config"]
+    unknown = sorted(set(artefact_labels or []) - set(dataset.class_names))
+    if unknown:
+        raise UserError(
+            f"--artefact-label {', '.join(unknown)}: not a class of this run "
+            f"(classes: {', '.join(dataset.class_names)})"
+        )
     prep = Preprocessing(
         height=dataset.size[0], width=dataset.size[1], resize_method=config["resize_method"], center_crop=center_crop
     )
@@ -172,6 +183,7 @@ def export_bundle(
             evaluation=json.loads(metrics_file.read_text()) if metrics_file.is_file() else None,
             parity={**parity, "rule": f"max abs diff <= {PARITY_TOLERANCE} * max(1, max |torch coords|)"},
             calibration=calibrate(coords),
+            artefact_labels=list(artefact_labels or []),
             versions={
                 "python": platform.python_version(),
                 "torch": str(torch.__version__),

@@ -1,0 +1,70 @@
+"""The service's request and response shapes (pydantic); BentoML and FastAPI put them in the OpenAPI spec."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+Flag = Literal["in_distribution", "out_of_distribution", "artefact"]
+
+
+class Neighbour(BaseModel):
+    id: str = Field(description="reference image id (its file name or index in the training data)")
+    label: str | None = Field(description="the reference image's label; null for an unlabelled collection")
+    distance: float = Field(description="Euclidean distance on the map")
+
+
+class EmbeddedImage(BaseModel):
+    filename: str = Field(description="the uploaded file's name")
+    x: float
+    y: float
+    flag: Flag = Field(description="where the image landed: among the collection, away from it, or among artefacts")
+    score: float = Field(description="k-th neighbour distance / calibrated threshold; above 1 is out of distribution")
+    neighbours: list[Neighbour] = Field(description="nearest reference images, nearest first")
+    majority_label: str | None = Field(description="most common label among the neighbours")
+    majority_share: float | None = Field(description="share of the neighbours that carry the majority label")
+
+
+class EmbedResponse(BaseModel):
+    bundle: str = Field(description="bundle name")
+    bundle_sha256: str = Field(description="sha256 of the bundle's bundle.json (which lists every file's sha256)")
+    images: list[EmbeddedImage] = Field(description="one entry per uploaded image, in upload order")
+
+
+class MapResponse(BaseModel):
+    bundle: str
+    class_names: list[str]
+    x: list[float]
+    y: list[float]
+    labels: list[int] = Field(description="index into class_names per point; -1 where unlabelled")
+    ids: list[str]
+
+
+class Limits(BaseModel):
+    max_images: int
+    max_upload_bytes: int
+    max_pixels: int
+
+
+class InfoResponse(BaseModel):
+    bundle: str
+    bundle_sha256: str
+    created: str
+    classes: list[str]
+    artefact_labels: list[str]
+    reference_images: int
+    image_size: tuple[int, int] = Field(description="(height, width) the model takes")
+    provider: str = Field(description="onnxruntime execution provider actually in use")
+    neighbours: int
+    calibration: dict[str, Any]
+    evaluation: dict[str, Any] | None
+    partial: bool
+    limits: Limits
+    auth_required: bool
+    versions: dict[str, dict[str, str]] = Field(description="'bundle': versions that made it; 'service': running")
+
+
+class ErrorResponse(BaseModel):
+    error: str = Field(description="what was wrong, naming the file, field or limit")
+    detail: list[dict[str, Any]] | None = Field(None, description="one entry per offending file, when several")

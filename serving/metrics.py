@@ -1,0 +1,49 @@
+"""Prometheus metrics about the data, beside BentoML's request metrics on the same /metrics page.
+
+BentoML runs prometheus_client in multiprocess mode (PROMETHEUS_MULTIPROC_DIR is set before the service
+module is imported), so these must be plain Counters, Histograms and Gauges: prometheus_client's Info
+does not work in that mode, hence the bundle "info" is a gauge fixed at 1 whose labels carry the facts.
+Label values are bounded: flag kinds, the bundle's class names, a few decode-error reasons.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+IMAGES_EMBEDDED = Counter("tsimcne_images_embedded", "Images placed on the map")
+IMAGES_FLAGGED = Counter("tsimcne_images_flagged", "Images flagged, by kind", ["kind"])
+FLAG_SCORE = Histogram(
+    "tsimcne_flag_score",
+    "Out-of-distribution score of placed images (above 1 is flagged)",
+    buckets=(0.25, 0.5, 0.75, 0.9, 1.0, 1.25, 1.5, 2.0, 4.0, 8.0, float("inf")),
+)
+LANDED_IN_REGION = Counter(
+    "tsimcne_images_by_region", "Images by the majority label of their map neighbours", ["label"]
+)
+MODEL_SECONDS = Histogram(
+    "tsimcne_model_seconds",
+    "onnxruntime time per model run (one batch)",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, float("inf")),
+)
+BATCH_IMAGES = Histogram(
+    "tsimcne_batch_images",
+    "Images per model run (adaptive batching across concurrent requests)",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, float("inf")),
+)
+DECODE_ERRORS = Counter("tsimcne_decode_errors", "Uploaded files that could not be used, by reason", ["reason"])
+REJECTED_REQUESTS = Counter("tsimcne_rejected_requests", "Requests refused before embedding, by reason", ["reason"])
+BUNDLE_INFO = Gauge(
+    "tsimcne_bundle_info",
+    "The bundle being served (value 1; the labels carry name, bundle.json sha256 and the provider)",
+    ["bundle", "sha256", "provider"],
+    multiprocess_mode="max",
+)
+
+
+def record_placements(flags: list[str], scores: list[float], regions: list[str | None]) -> None:
+    IMAGES_EMBEDDED.inc(len(flags))
+    for flag, score, region in zip(flags, scores, regions, strict=True):
+        if flag != "in_distribution":
+            IMAGES_FLAGGED.labels(kind=flag).inc()
+        FLAG_SCORE.observe(score)
+        LANDED_IN_REGION.labels(label=region or "none").inc()

@@ -1,0 +1,312 @@
+"""The BentoML service: places uploaded images on a bundle's map.
+
+    bentoml serve serving.service:MapService --arg bundle=models/demo      (or TSIMCNE_BUNDLE=models/demo)
+    bentoml serve serving.service:MapService --arg model_tag=demo:latest   (a bundle in BentoML's model store)
+
+Routes: POST /embed (multipart field `images`, one or many files), GET /map, GET /info, /metrics,
+/healthz /livez /readyz, /docs.json (OpenAPI). Settings: serving/settings.py. The bundle is opened and
+verified once per worker, with onnxruntime on CUDA when there is a GPU (or when `provider=cuda`
+demands it: then the service refuses to start without one) and on the CPU otherwise; /readyz answers
+200 only after that and one warm-up run. Bad input is answered 4xx with {"error": ...} naming the file,
+field or limit; the worker stays up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import bentoml
+import numpy as np
+from fastapi import FastAPI
+from pydantic import Field
+from starlette.responses import JSONResponse, Response
+
+from serving import metrics
+from serving.api_models import EmbeddedImage, EmbedResponse, ErrorResponse, InfoResponse, Limits, MapResponse, Neighbour
+from serving.batching import MicroBatcher
+from serving.bundle import MANIFEST, BundleError, open_bundle, sha256_file
+from serving.embedder import BundleEmbedder, Placement
+from serving.guards import BearerTokenAuth, BodySizeLimit, UploadGuard
+from serving.images import ImageDecodeError, decode_image
+from serving.settings import ServiceSettings, SettingsError, load_settings
+from serving.store import bundle_path_from_store
+
+logger = logging.getLogger("bentoml.tsimcne")
+UPLOAD_FIELD = "images"
+
+
+def _settings() -> ServiceSettings:
+    try:
+        settings = load_settings(vars(bentoml.use_arguments()))
+    except SettingsError as exc:
+        sys.exit(f"error: {exc}")
+    if settings.bundle is None and settings.model_tag is None:
+        sys.exit(
+            "error: no bundle to serve: pass --arg bundle=models/NAME (or set TSIMCNE_BUNDLE), "
+            "or --arg model_tag=NAME:latest for a bundle registered in BentoML's model store"
+        )
+    return settings
+
+
+def _bundle_folder(settings: ServiceSettings) -> Path:
+    """The bundle folder named by the settings, checked to exist; BundleError otherwise."""
+    if settings.model_tag is not None:
+        return bundle_path_from_store(settings.model_tag)
+    folder = Path(settings.bundle or "")
+    if not folder.is_dir():
+        raise BundleError(f"{folder}: no such bundle folder (from the 'bundle' setting)")
+    return folder
+
+
+def _check_bundle_before_start(settings: ServiceSettings) -> None:
+    """In the `bentoml serve` process itself: a missing or damaged bundle stops it with one line, exit 1.
+
+    (Workers verify the bundle again when they open it; this makes the common mistakes fail fast.)
+    """
+    from bentoml._internal.context import server_context
+
+    if server_context.worker_index is not None:
+        return
+    try:
+        open_bundle(_bundle_folder(settings))
+    except BundleError as exc:
+        sys.exit(f"error: {exc}")
+
+
+SETTINGS = _settings()
+_check_bundle_before_start(SETTINGS)
+
+
+def _package_version(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def _error(
+    ctx: bentoml.Context, status: int, message: str, detail: list[dict] | None = None, reason: str | None = None
+) -> JSONResponse:
+    """A 4xx JSON answer; BentoML takes the status from the context of an API that has one."""
+    if reason is not None:
+        metrics.REJECTED_REQUESTS.labels(reason=reason).inc()
+    ctx.response.status_code = status
+    return JSONResponse(ErrorResponse(error=message, detail=detail).model_dump(exclude_none=True), status_code=status)
+
+
+def _stop_server() -> None:
+    """Make `bentoml serve` exit when a worker cannot start, instead of idling forever never ready.
+
+    BentoML's process manager leaves a worker that failed at startup dead and keeps the server running,
+    so an orchestrator would see a live process that never becomes ready; stopping the whole server makes
+    the failure visible (the container exits, the unit fails) with the reason in the log.
+    """
+    from bentoml._internal.context import server_context
+
+    if server_context.worker_index is not None:
+        os.kill(os.getppid(), signal.SIGTERM)
+
+
+web = FastAPI(title="tsimcne map", openapi_url=None, docs_url=None, redoc_url=None)
+
+
+@web.get("/map", response_class=Response, responses={200: {"model": MapResponse, "description": "the reference map"}})
+def reference_map() -> Response:
+    """Coordinates, labels and ids of the bundle's reference (training) images."""
+    return Response(bentoml.get_current_service().map_json, media_type="application/json")
+
+
+@web.get("/info", response_model=InfoResponse)
+def info() -> InfoResponse:
+    """The bundle being served, the provider onnxruntime got, the flag calibration, limits and versions."""
+    return bentoml.get_current_service().info
+
+
+@bentoml.asgi_app(web, path="/")
+@bentoml.service(
+    name="tsimcne",
+    workers=int(os.environ.get("TSIMCNE_WORKERS", "1")),
+    traffic={"timeout": 120},
+)
+class MapService:
+    """Place microscopy images on a t-SimCNE map and flag those that land away from the collection."""
+
+    if SETTINGS.model_tag is not None:
+        # Declared on the class so that `bentoml build` packages the bundle into the Bento.
+        stored_bundle = bentoml.models.BentoModel(SETTINGS.model_tag)
+
+    def __init__(self) -> None:
+        self.ready = False
+        try:
+            self._open_bundle()
+        except BundleError as exc:
+            logger.error("cannot serve: %s", exc)
+            _stop_server()
+            raise
+        self.ready = True
+
+    def _open_bundle(self) -> None:
+        folder = _bundle_folder(SETTINGS)
+        self.embedder = BundleEmbedder(
+            folder, provider=SETTINGS.provider, neighbours=SETTINGS.neighbours, threads=SETTINGS.threads
+        )
+        manifest = self.embedder.manifest
+        self.bundle_sha256 = sha256_file(folder / MANIFEST)
+        logger.info(
+            "serving bundle %s (%s, sha256 %s) with onnxruntime %s",
+            manifest.name,
+            folder,
+            self.bundle_sha256[:12],
+            self.embedder.provider,
+        )
+        metrics.BUNDLE_INFO.labels(manifest.name, self.bundle_sha256, self.embedder.provider).set(1)
+        self.batcher = MicroBatcher(self._run_model, max_images=SETTINGS.max_batch_images)
+        self.map_json = self._map().model_dump_json().encode()
+        self.info = self._info()
+        # Warm-up: the first onnxruntime run allocates; do it before /readyz says yes.
+        prep = manifest.preprocessing
+        self.embedder.run_model(np.zeros((1, 3, prep.height, prep.width), dtype=np.float32))
+
+    def __is_ready__(self) -> bool:
+        return self.ready
+
+    def _run_model(self, batch: np.ndarray) -> np.ndarray:
+        with metrics.MODEL_SECONDS.time():
+            coords = self.embedder.run_model(batch)
+        metrics.BATCH_IMAGES.observe(len(batch))
+        return coords
+
+    def _map(self) -> MapResponse:
+        embedder = self.embedder
+        labels = embedder.ref_label_indices
+        return MapResponse(
+            bundle=embedder.manifest.name,
+            class_names=embedder.manifest.class_names,
+            x=embedder.ref_coords[:, 0].tolist(),
+            y=embedder.ref_coords[:, 1].tolist() if embedder.ref_coords.shape[1] > 1 else [0.0] * len(labels),
+            labels=labels.tolist(),
+            ids=[str(i) for i in embedder.ref_ids],
+        )
+
+    def _info(self) -> InfoResponse:
+        manifest = self.embedder.manifest
+        packages = ("tsimcne-map", "bentoml", "onnxruntime", "onnxruntime-gpu", "numpy")
+        service_versions = {name: _package_version(name) for name in packages}
+        service_versions = {k: v for k, v in service_versions.items() if v != "not installed"}
+        return InfoResponse(
+            bundle=manifest.name,
+            bundle_sha256=self.bundle_sha256,
+            created=manifest.created,
+            classes=manifest.class_names,
+            artefact_labels=manifest.artefact_labels,
+            reference_images=len(self.embedder.ref_coords),
+            image_size=(manifest.preprocessing.height, manifest.preprocessing.width),
+            provider=self.embedder.provider,
+            neighbours=self.embedder.k,
+            calibration=self.embedder.calibration,
+            evaluation=manifest.evaluation,
+            partial=manifest.partial,
+            limits=Limits(
+                max_images=SETTINGS.max_images,
+                max_upload_bytes=SETTINGS.max_upload_bytes,
+                max_pixels=SETTINGS.max_pixels,
+            ),
+            auth_required=SETTINGS.api_token is not None,
+            versions={"bundle": manifest.versions, "service": service_versions},
+        )
+
+    def _decode(self, files: list[Path], names: list[str]) -> tuple[list[np.ndarray], list[dict[str, str]]]:
+        images, problems = [], []
+        for file, name in zip(files, names, strict=True):
+            try:
+                images.append(decode_image(file.read_bytes(), name, max_pixels=SETTINGS.max_pixels))
+            except ImageDecodeError as exc:
+                metrics.DECODE_ERRORS.labels(reason=exc.reason).inc()
+                problems.append({"file": name, "error": str(exc)})
+            except OSError as exc:
+                metrics.DECODE_ERRORS.labels(reason="unreadable").inc()
+                problems.append({"file": name, "error": f"{name}: upload could not be read ({exc})"})
+        return images, problems
+
+    @bentoml.api(route="/embed")
+    async def embed(
+        self,
+        images: list[Path] = Field(  # noqa: B008 - pydantic field declaration, evaluated once
+            default_factory=list, description="image files (PNG, JPEG, TIFF incl. 16-bit, grayscale, RGBA)"
+        ),
+        ctx: bentoml.Context = None,  # type: ignore[assignment]  # BentoML fills it in
+    ) -> EmbedResponse:
+        """Place images on the map: position, flag and score, nearest reference images, majority label."""
+        # Wrong fields, text values and malformed bodies were already answered by UploadGuard.
+        if not images:
+            return _error(
+                ctx,
+                400,
+                f"empty request: send one or more image files in the multipart field '{UPLOAD_FIELD}'",
+                reason="empty",
+            )
+        if len(images) > SETTINGS.max_images:
+            return _error(
+                ctx,
+                413,
+                f"{len(images)} images in one request exceeds the limit of {SETTINGS.max_images} (setting max_images)",
+                reason="too_many_images",
+            )
+        names = getattr(ctx.request.state, "upload_names", None)
+        if names is None or len(names) != len(images):
+            names = [f"image-{i + 1}" for i in range(len(images))]
+        decoded, problems = await asyncio.to_thread(self._decode, images, names)
+        if problems:
+            listed = ", ".join(p["file"] for p in problems)
+            message = f"{len(problems)} of {len(images)} uploads are not usable images: {listed}"
+            return _error(ctx, 422, message, problems, reason="bad_image")
+        batch = await asyncio.to_thread(self.embedder.prepare, decoded)
+        coords = await self.batcher.run(batch)
+        placements = await asyncio.to_thread(self.embedder.placements, coords)
+        metrics.record_placements(
+            [p.flag for p in placements], [p.score for p in placements], [p.majority_label for p in placements]
+        )
+        return EmbedResponse(
+            bundle=self.embedder.manifest.name,
+            bundle_sha256=self.bundle_sha256,
+            images=[_embedded(name, placement) for name, placement in zip(names, placements, strict=True)],
+        )
+
+
+def _embedded(filename: str, placement: Placement) -> EmbeddedImage:
+    labels = placement.neighbour_labels or [None] * len(placement.neighbour_ids)
+    return EmbeddedImage(
+        filename=filename,
+        x=placement.x,
+        y=placement.y,
+        flag=placement.flag,  # type: ignore[arg-type]
+        score=placement.score,
+        neighbours=[
+            Neighbour(id=i, label=label, distance=d)
+            for i, label, d in zip(placement.neighbour_ids, labels, placement.neighbour_distances, strict=True)
+        ],
+        majority_label=placement.majority_label,
+        majority_share=placement.majority_share,
+    )
+
+
+# Outermost first: an unauthenticated request is refused before its body is read.
+MapService.add_asgi_middleware(BearerTokenAuth, token=SETTINGS.api_token)
+MapService.add_asgi_middleware(
+    BodySizeLimit,
+    max_bytes=SETTINGS.max_upload_bytes,
+    on_reject=metrics.REJECTED_REQUESTS.labels(reason="too_large").inc,
+)
+MapService.add_asgi_middleware(
+    UploadGuard,
+    path="/embed",
+    field=UPLOAD_FIELD,
+    max_files=SETTINGS.max_images,
+    on_reject=lambda reason: metrics.REJECTED_REQUESTS.labels(reason=reason).inc(),
+)

@@ -1,0 +1,71 @@
+"""Service settings: one validated object, from `bentoml serve --arg key=value` or TSIMCNE_* variables.
+
+`--arg` wins over the environment (a Docker image sets the environment; a person at a terminal types
+arguments). Every limit a client can run into is here, with a default that suits cell images.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+ENV_PREFIX = "TSIMCNE_"
+
+
+class SettingsError(ValueError):
+    """A setting with a bad value; the message names the setting, its source and the rule."""
+
+
+class ServiceSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    bundle: str | None = Field(None, description="bundle folder made by `tsimcne export`")
+    model_tag: str | None = Field(None, description="bundle registered in BentoML's model store, e.g. 'demo:latest'")
+    provider: Literal["auto", "cpu", "cuda"] = Field("auto", description="onnxruntime device; cuda refuses CPU")
+    neighbours: int = Field(5, ge=1, le=100, description="nearest reference images reported per image")
+    max_images: int = Field(64, ge=1, le=4096, description="images per request")
+    max_upload_mb: float = Field(32.0, gt=0, le=4096, description="request body size limit in MiB")
+    max_pixels: int = Field(40_000_000, ge=1, description="decompression-bomb guard: pixels per image")
+    max_batch_images: int = Field(256, ge=1, le=4096, description="images per model run across requests")
+    threads: int = Field(0, ge=0, le=256, description="onnxruntime intra-op threads; 0 = onnxruntime's choice")
+    api_token: str | None = Field(None, description="when set, requests need 'Authorization: Bearer <token>'")
+
+    @field_validator("api_token")
+    @classmethod
+    def _token_not_blank(cls, value: str | None) -> str | None:
+        if value is not None and len(value.strip()) < 16:
+            raise ValueError("must be at least 16 characters (use e.g. `openssl rand -hex 32`)")
+        return value
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+
+def load_settings(
+    arguments: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+) -> ServiceSettings:
+    """Merge TSIMCNE_<NAME> environment variables and `--arg name=value` arguments (which win)."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for name in ServiceSettings.model_fields:
+        variable = ENV_PREFIX + name.upper()
+        if environ.get(variable, "") != "":
+            values[name], sources[name] = environ[variable], f"environment variable {variable}"
+    for name, value in (arguments or {}).items():
+        key = name.replace("-", "_")
+        values[key], sources[key] = value, f"--arg {name}"
+    try:
+        return ServiceSettings(**values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else "?"
+        source = sources.get(field, field)
+        if first["type"] == "extra_forbidden":
+            known = ", ".join(ServiceSettings.model_fields)
+            raise SettingsError(f"{source}: unknown setting; known settings: {known}") from exc
+        raise SettingsError(f"{source}: {first['msg']}") from exc
