@@ -119,7 +119,11 @@ def _decode_with_pillow(data: bytes, source: str, max_pixels: int) -> np.ndarray
             image.load()
     except ImageDecodeError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # Pillow's own guard, at open
+        raise ImageDecodeError(
+            f"{source}: image size exceeds the limit of {max_pixels:,} pixels ({exc})", reason="too_large"
+        ) from exc
+    except UnidentifiedImageError as exc:
         raise ImageDecodeError(f"{source}: not a readable image ({exc.__class__.__name__})") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageDecodeError(f"{source}: broken or truncated image ({exc})") from exc

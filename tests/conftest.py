@@ -63,3 +63,20 @@ def pbc_npz() -> Path:
 @pytest.fixture(scope="session")
 def pbc_jpg_folder() -> Path:
     return _shared("jpg_sample")
+
+
+@pytest.fixture(scope="session")
+def service_bundle(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny trained model exported as a bundle (16 px synthetic cells; 'thromboid' named an artefact
+    label), and the folder of its training images."""
+    root = tmp_path_factory.mktemp("service-bundle")
+    data = root / "cells"
+    result = run_cli("synth", str(data), "--n", "120", "--size", "16")
+    assert result.returncode == 0, result.stderr
+    args = ["--recipe", "tiny", "--epochs", "2,1,1", "--runs-dir", str(root / "runs")]
+    result = run_cli("train", "--data", str(data), "--name", "cells", *args)
+    assert result.returncode == 0, result.stderr
+    bundle = root / "models" / "cells"
+    result = run_cli("export", str(root / "runs" / "cells"), "--out", str(bundle), "--artefact-label", "thromboid")
+    assert result.returncode == 0, result.stderr
+    return bundle, data

@@ -1,0 +1,240 @@
+"""The service end to end: a real `bentoml serve` on loopback, real image files, real onnxruntime."""
+
+from __future__ import annotations
+
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from PIL import Image
+
+from serving.bundle import open_bundle
+from tests.servers import metric_value, run_server_to_exit, start_server, write_broken_files, write_good_images
+
+pytestmark = pytest.mark.slow
+MAX_IMAGES = 8
+
+
+@pytest.fixture(scope="module")
+def server(service_bundle, tmp_path_factory):
+    bundle, _ = service_bundle
+    root = tmp_path_factory.mktemp("server")
+    args = {"bundle": str(bundle), "max_images": str(MAX_IMAGES), "max_upload_mb": "1"}
+    running = start_server(root, args, home=root / "bentoml")
+    yield running
+    running.stop()
+    log = running.log_text()
+    assert "Traceback" not in log, log[-4000:]  # every bad request was answered without an exception
+    assert "status=500" not in log
+
+
+@pytest.fixture(scope="module")
+def cell(service_bundle) -> np.ndarray:
+    _, data = service_bundle
+    return np.asarray(Image.open(next(data.glob("lymphoid/*.png"))).convert("RGB"))
+
+
+def _files(paths: list[Path]) -> list[tuple[str, tuple[str, bytes]]]:
+    return [("images", (path.name, path.read_bytes())) for path in paths]
+
+
+def test_embed_places_every_image_format(server, cell, tmp_path) -> None:
+    paths = write_good_images(tmp_path, cell)
+    with server.client() as client:
+        response = client.post("/embed", files=_files(paths))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert [image["filename"] for image in body["images"]] == [p.name for p in paths]
+    for image in body["images"]:
+        assert np.isfinite([image["x"], image["y"], image["score"]]).all()
+        assert image["flag"] in ("in_distribution", "out_of_distribution", "artefact")
+        distances = [n["distance"] for n in image["neighbours"]]
+        assert len(distances) == 5 and distances == sorted(distances)
+        assert image["majority_label"] in {n["label"] for n in image["neighbours"]}
+        assert 0.2 <= image["majority_share"] <= 1.0
+    # PNG, 16-bit TIFF and RGBA hold the same pixels, so they land on the same spot.
+    xy = {image["filename"]: (image["x"], image["y"]) for image in body["images"]}
+    assert np.allclose(xy["cell.png"], xy["cell16.tif"], atol=1e-5)
+    assert np.allclose(xy["cell.png"], xy["cell-rgba.png"], atol=1e-5)
+
+
+def test_training_images_land_on_their_reference_points_and_artefact_flag_follows_neighbours(
+    server, service_bundle
+) -> None:
+    bundle, data = service_bundle
+    paths = sorted(data.rglob("*.png"))
+    chunks = [paths[i : i + MAX_IMAGES] for i in range(0, len(paths), MAX_IMAGES)]
+    with server.client() as client, ThreadPoolExecutor(8) as pool:  # concurrent: batched together
+        responses = list(pool.map(lambda chunk: client.post("/embed", files=_files(chunk)), chunks))
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
+    placed = [image for r in responses for image in r.json()["images"]]
+    assert len(placed) == len(paths)
+    landed_on_itself = 0
+    for path, image in zip(paths, placed, strict=True):
+        own_id = path.relative_to(data).as_posix()
+        landed_on_itself += image["neighbours"][0]["id"] == own_id and image["neighbours"][0]["distance"] < 1e-3
+        is_artefact_region = image["majority_label"] == "thromboid"  # named with --artefact-label at export
+        assert (image["flag"] == "artefact") == is_artefact_region, image
+    assert landed_on_itself >= 0.95 * len(paths)  # ties between identical-looking cells aside
+    assert any(image["flag"] == "artefact" for image in placed)
+    assert open_bundle(bundle).artefact_labels == ["thromboid"]
+
+
+def test_metrics_count_images_flags_regions_batches_and_errors(server, service_bundle, tmp_path, cell) -> None:
+    _, data = service_bundle
+    paths = sorted(data.rglob("*.png"))[:6]
+    with server.client() as client:
+        before = client.get("/metrics").text
+        assert client.post("/embed", files=_files(paths)).status_code == 200
+        assert client.post("/embed", files=_files([write_broken_files(tmp_path, cell)["notes.txt"]])).status_code == 422
+        after = client.get("/metrics").text
+
+    def delta(name: str, **labels: str) -> float:
+        return metric_value(after, name, **labels) - metric_value(before, name, **labels)
+
+    assert delta("tsimcne_images_embedded_total") == 6
+    assert delta("tsimcne_flag_score_count") == 6
+    assert delta("tsimcne_batch_images_sum") == 6  # this request ran alone
+    assert delta("tsimcne_model_seconds_count") >= 1
+    classes = open_bundle(service_bundle[0]).class_names
+    assert sum(delta("tsimcne_images_by_region_total", label=name) for name in classes) == 6
+    assert delta("tsimcne_decode_errors_total", reason="undecodable") == 1
+    assert delta("tsimcne_rejected_requests_total", reason="bad_image") == 1
+    assert metric_value(after, "tsimcne_bundle_info", provider="CPUExecutionProvider", bundle="cells") == 1
+    assert "bentoml_service_request_total" in after  # BentoML's own request metrics sit beside ours
+
+
+def test_concurrent_single_image_requests_are_batched(server, service_bundle) -> None:
+    _, data = service_bundle
+    paths = sorted(data.rglob("*.png"))[:64]
+    with server.client() as client:
+        before = client.get("/metrics").text
+        with ThreadPoolExecutor(16) as pool:
+            responses = list(pool.map(lambda p: client.post("/embed", files=_files([p])), paths))
+        after = client.get("/metrics").text
+    assert [r.status_code for r in responses] == [200] * len(paths)
+    images = metric_value(after, "tsimcne_batch_images_sum") - metric_value(before, "tsimcne_batch_images_sum")
+    runs = metric_value(after, "tsimcne_batch_images_count") - metric_value(before, "tsimcne_batch_images_count")
+    assert images == len(paths) and 1 <= runs <= len(paths)
+
+
+@pytest.mark.parametrize(
+    ("name", "status", "says"),
+    [
+        ("truncated.jpg", 422, "truncated.jpg"),
+        ("empty.png", 422, "empty file (0 bytes)"),
+        ("notes.txt", 422, "not a readable image"),
+        ("bomb.png", 422, "exceeds the limit"),
+        ("animated.gif", 200, ""),
+        ("cmyk.jpg", 200, ""),
+    ],
+)
+def test_broken_and_odd_files(server, cell, tmp_path, name, status, says) -> None:
+    path = write_broken_files(tmp_path, cell)[name]
+    with server.client() as client:
+        response = client.post("/embed", files=_files([path]))
+    assert response.status_code == status, response.text
+    if status != 200:
+        assert says in response.json()["error"] + str(response.json().get("detail"))
+        assert response.json()["detail"][0]["file"] == name
+
+
+def _text_part(field: str, value: str) -> dict:
+    """A multipart body with one plain-text value (no filename), as a form would send."""
+    body = f'--b0undary\r\nContent-Disposition: form-data; name="{field}"\r\n\r\n{value}\r\n--b0undary--\r\n'
+    return {"content": body.encode(), "headers": {"content-type": "multipart/form-data; boundary=b0undary"}}
+
+
+def test_request_shape_errors_are_4xx_naming_the_problem(server, cell, tmp_path) -> None:
+    good = write_good_images(tmp_path, cell)[0]
+    data = good.read_bytes()
+    cases = [
+        ({"files": [("file", ("cell.png", data))]}, 400, "unexpected multipart field 'file'"),
+        (_text_part("images", "http://127.0.0.1:1/cell.png"), 400, "must carry files"),  # BentoML would fetch it
+        ({}, 400, "empty request"),
+        ({"json": {"images": ["cell.png"]}}, 415, "multipart/form-data"),
+        ({"files": [("images", (f"{i}.png", data)) for i in range(MAX_IMAGES + 1)]}, 413, f"more than {MAX_IMAGES}"),
+        ({"files": [("images", ("big.png", b"\0" * (1024 * 1024 + 1)))]}, 413, "exceeds the limit of 1,048,576 bytes"),
+        (
+            {"content": b"--xyz\r\nnot a part", "headers": {"content-type": "multipart/form-data; boundary=xyz"}},
+            400,
+            "malformed multipart",
+        ),
+    ]
+    with server.client() as client:
+        for request, status, says in cases:
+            response = client.post("/embed", **request)
+            assert response.status_code == status, (request.keys(), response.text)
+            assert says in response.json()["error"], response.text
+        assert client.get("/readyz").status_code == 200  # still serving
+        assert client.post("/embed", files=_files([good])).status_code == 200
+
+
+def test_map_info_and_openapi(server, service_bundle) -> None:
+    bundle, _ = service_bundle
+    with server.client() as client:
+        reference_map = client.get("/map").json()
+        info = client.get("/info").json()
+        spec = client.get("/docs.json").json()
+    with np.load(bundle / "reference.npz") as reference:
+        assert np.allclose(reference_map["x"], reference["coords"][:, 0])
+        assert reference_map["labels"] == reference["labels"].tolist()
+        assert reference_map["ids"] == reference["ids"].tolist()
+    assert info["bundle_sha256"] == hashlib.sha256((bundle / "bundle.json").read_bytes()).hexdigest()
+    assert info["provider"] == "CPUExecutionProvider" and info["image_size"] == [16, 16]
+    assert info["limits"]["max_images"] == MAX_IMAGES and info["calibration"]["threshold"] > 0
+    assert info["artefact_labels"] == ["thromboid"] and not info["auth_required"]
+    assert {"/embed", "/map", "/info", "/readyz", "/metrics"} <= set(spec["paths"])
+    flag = spec["components"]["schemas"]["EmbeddedImage"]["properties"]["flag"]
+    assert set(flag["enum"]) == {"in_distribution", "out_of_distribution", "artefact"}
+
+
+def test_bearer_token_guards_everything_but_health(service_bundle, tmp_path, cell) -> None:
+    bundle, _ = service_bundle
+    token = "s3cret-token-for-the-lab-0123456789"
+    running = start_server(
+        tmp_path, {"bundle": str(bundle)}, home=tmp_path / "bentoml", env={"TSIMCNE_API_TOKEN": token}
+    )
+    try:
+        files = _files(write_good_images(tmp_path / "img", cell)[:1])
+        with running.client() as client:
+            assert client.post("/embed", files=files).status_code == 401
+            wrong = client.post("/embed", files=files, headers={"Authorization": "Bearer nope"})
+            assert wrong.status_code == 401 and "Bearer" in wrong.json()["error"]
+            assert client.get("/info").status_code == 401
+            assert client.get("/metrics").status_code == 401
+            for open_path in ("/healthz", "/livez", "/readyz"):
+                assert client.get(open_path).status_code == 200
+            authorised = {"Authorization": f"Bearer {token}"}
+            assert client.post("/embed", files=files, headers=authorised).status_code == 200
+            assert client.get("/info", headers=authorised).json()["auth_required"]
+    finally:
+        running.stop()
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="a CUDA build is installed")
+def test_refuses_to_start_when_cuda_is_demanded_but_missing(service_bundle, tmp_path) -> None:
+    bundle, _ = service_bundle
+    result = run_server_to_exit({"bundle": str(bundle), "provider": "cuda"}, home=tmp_path)
+    assert "CUDA was requested but onnxruntime could not use it" in result.stdout + result.stderr
+
+
+def test_bad_settings_and_missing_bundles_stop_with_one_line(tmp_path, service_bundle) -> None:
+    bundle, _ = service_bundle
+    cases = [
+        (
+            {"bundle": str(bundle), "max_images": "0"},
+            "error: --arg max_images: Input should be greater than or equal to 1",
+        ),
+        ({"bundle": str(tmp_path / "nowhere")}, "no such bundle folder"),
+        ({"model_tag": "absent:latest"}, "is not in BentoML's model store"),
+        ({"bundle": str(bundle), "colour": "red"}, "--arg colour: unknown setting"),
+        ({}, "error: no bundle to serve"),
+    ]
+    for args, says in cases:
+        result = run_server_to_exit(args, home=tmp_path)
+        assert result.returncode != 0 and says in result.stderr, (args, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr

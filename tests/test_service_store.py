@@ -1,0 +1,46 @@
+"""Bundles in BentoML's model store: `tsimcne export --register`, serving by tag, `bentoml build`."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from tests.conftest import ROOT, run_cli
+from tests.servers import BENTOML, server_env, start_server
+
+pytestmark = pytest.mark.slow
+
+
+def test_register_serve_by_tag_and_build_a_bento(service_bundle, tmp_path, monkeypatch) -> None:
+    bundle, _ = service_bundle
+    run = bundle.parent.parent / "runs" / "cells"
+    home = tmp_path / "bentoml"
+    monkeypatch.setenv("BENTOML_HOME", str(home))
+    monkeypatch.setenv("BENTOML_DO_NOT_TRACK", "true")
+    result = run_cli("export", str(run), "--out", str(tmp_path / "cells"), "--register")
+    assert result.returncode == 0, result.stderr
+    assert "registered in BentoML's model store as cells:" in result.stdout
+
+    running = start_server(tmp_path, {"model_tag": "cells:latest"}, home=home)
+    try:
+        with running.client() as client:
+            assert client.get("/info").json()["bundle"] == "cells"
+    finally:
+        running.stop()
+
+    env = server_env(home)
+    built = subprocess.run(
+        [str(BENTOML), "build", "--arg", "model_tag=cells:latest"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert built.returncode == 0, built.stdout + built.stderr
+    listed = subprocess.run([str(BENTOML), "list", "-o", "json"], env=env, capture_output=True, text=True)
+    assert '"tsimcne:' in listed.stdout
+    # The Bento carries the bundle: served from outside the repository, by Bento tag alone.
+    running = start_server(tmp_path, {}, home=home, serve_target="tsimcne:latest", cwd=tmp_path)
+    try:
+        with running.client() as client:
+            info = client.get("/info").json()
+        assert info["bundle"] == "cells" and info["provider"] == "CPUExecutionProvider"
+    finally:
+        running.stop()
