@@ -164,10 +164,11 @@ class UploadGuard:
         if body is None:
             return
         content_type = (_header(scope, b"content-type") or "").strip()
-        if not body.strip():
-            await self.app(scope, _replay(body, receive), send)  # the route itself answers "empty request"
-            return
         example = f"e.g. `curl -F {self.field}=@cell.png {self.path}`"
+        if not body.strip():
+            message = f"empty request: send one or more image files in the multipart field '{self.field}'; {example}"
+            await self._reject(send, 400, "empty", message)
+            return
         if not content_type.lower().startswith("multipart/form-data"):
             await self._reject(
                 send,

@@ -47,3 +47,21 @@ def record_placements(flags: list[str], scores: list[float], regions: list[str |
             IMAGES_FLAGGED.labels(kind=flag).inc()
         FLAG_SCORE.observe(score)
         LANDED_IN_REGION.labels(label=region or "none").inc()
+
+
+DECODE_REASONS = ("undecodable", "too_large", "empty", "unreadable")
+REJECT_REASONS = (
+    "empty", "wrong_field", "not_a_file", "content_type", "malformed", "too_many_images", "too_large", "bad_image"
+)  # fmt: skip
+
+
+def initialise(class_names: list[str]) -> None:
+    """Create every known label set at 0, so series exist (and rate() works) before the first event."""
+    for kind in ("out_of_distribution", "artefact"):
+        IMAGES_FLAGGED.labels(kind=kind)
+    for label in [*class_names, "none"]:
+        LANDED_IN_REGION.labels(label=label)
+    for reason in DECODE_REASONS:
+        DECODE_ERRORS.labels(reason=reason)
+    for reason in REJECT_REASONS:
+        REJECTED_REQUESTS.labels(reason=reason)

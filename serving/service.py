@@ -166,6 +166,7 @@ class MapService:
             self.embedder.provider,
         )
         metrics.BUNDLE_INFO.labels(manifest.name, self.bundle_sha256, self.embedder.provider).set(1)
+        metrics.initialise(manifest.class_names)
         self.batcher = MicroBatcher(self._run_model, max_images=SETTINGS.max_batch_images)
         self.map_json = self._map().model_dump_json().encode()
         self.info = self._info()

@@ -238,3 +238,30 @@ def test_bad_settings_and_missing_bundles_stop_with_one_line(tmp_path, service_b
         result = run_server_to_exit(args, home=tmp_path)
         assert result.returncode != 0 and says in result.stderr, (args, result.stderr[-2000:])
         assert "Traceback" not in result.stderr
+
+
+def test_dashboard_and_alerts_use_only_metrics_the_service_exports(server, cell, tmp_path) -> None:
+    import json
+    import re
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    dashboard = ROOT / "deploy" / "grafana" / "tsimcne-dashboard.json"
+    regenerated = subprocess.run(
+        [sys.executable, str(ROOT / "deploy" / "grafana" / "make_dashboard.py")], capture_output=True, text=True
+    )
+    assert regenerated.returncode == 0, regenerated.stderr
+    panels = json.loads(dashboard.read_text())["panels"]
+    queries = " ".join(t["expr"] for p in panels for t in p["targets"])
+    queries += (ROOT / "deploy" / "alerts.yml").read_text()
+    with server.client() as client:
+        client.post("/embed", files=_files(write_good_images(tmp_path, cell)[:1]))
+        client.post("/embed", files=_files([write_broken_files(tmp_path, cell)["empty.png"]]))
+        exported = client.get("/metrics").text
+    families = set(re.findall(r"^# TYPE (\w+) \w+", exported, flags=re.MULTILINE))
+    used = set(re.findall(r"\b((?:tsimcne|bentoml_service)_\w+)", queries))
+    for name in used:
+        base = re.sub(r"_(bucket|sum|count|total)$", "", name)
+        assert name in families or base in families, f"{name} is not exported"

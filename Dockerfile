@@ -1,0 +1,45 @@
+# The map service: BentoML + onnxruntime, no torch. CPU by default; for NVIDIA GPUs build with
+#   docker build --build-arg RUNTIME=gpu -t tsimcne-map:gpu .
+# and run with `docker run --gpus all ...` (CUDA 13 + cuDNN 9 come from pip wheels; the host needs only
+# the NVIDIA driver and container toolkit). The bundle is mounted at /models:
+#   docker run -p 3000:3000 -v "$PWD/models/demo:/models:ro" tsimcne-map
+# or baked in: docker build --build-arg BUNDLE=demo -t tsimcne-map:demo .   (copies models/demo)
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS bundle
+ARG BUNDLE=""
+COPY models/ /src-models/
+RUN mkdir -p /out \
+    && if [ -n "${BUNDLE}" ]; then cp -r "/src-models/${BUNDLE}/." /out/; fi
+
+FROM ${PYTHON_IMAGE}
+ARG RUNTIME=cpu
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    BENTOML_DO_NOT_TRACK=true \
+    BENTOML_HOME=/home/tsimcne/bentoml \
+    TSIMCNE_BUNDLE=/models \
+    TSIMCNE_PROVIDER=auto
+WORKDIR /app
+# Pinned dependencies first (a layer that changes only with them), then the project without deps.
+# No torch: the core and `serve` extra do not need it. onnxruntime and onnxruntime-gpu share one package
+# folder, so the GPU image swaps one for the other instead of installing both.
+COPY deploy/requirements-serve.txt deploy/requirements-gpu.txt /tmp/requirements/
+RUN pip install --no-cache-dir --requirement /tmp/requirements/requirements-serve.txt \
+    && if [ "${RUNTIME}" = "gpu" ]; then \
+         pip uninstall --yes onnxruntime \
+         && pip install --no-cache-dir --requirement /tmp/requirements/requirements-gpu.txt; \
+       fi \
+    && useradd --create-home --uid 10001 tsimcne
+COPY pyproject.toml README.md ./
+COPY serving/ serving/
+COPY training/ training/
+RUN pip install --no-cache-dir --no-deps .
+COPY --from=bundle --chown=10001:10001 /out /models
+USER 10001
+EXPOSE 3000
+HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
+    CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:3000/readyz', timeout=4).status != 200)"]
+CMD ["bentoml", "serve", "serving.service:MapService", "--host", "0.0.0.0", "--port", "3000"]

@@ -1,0 +1,145 @@
+"""Writes deploy/grafana/tsimcne-dashboard.json (the dashboard is generated so that it stays valid JSON
+and consistent; edit the panel list here, then run: python deploy/grafana/make_dashboard.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
+EMBED_LATENCY = 'sum by (le) (rate(bentoml_service_request_duration_seconds_bucket{endpoint="/embed"}[5m]))'
+
+
+def panel(
+    title: str,
+    targets: list[tuple[str, str]],
+    x: int,
+    y: int,
+    kind: str = "timeseries",
+    unit: str = "short",
+    w: int = 12,
+    h: int = 8,
+    description: str = "",
+) -> dict:
+    return {
+        "type": kind,
+        "title": title,
+        "description": description,
+        "datasource": DATASOURCE,
+        "gridPos": {"x": x, "y": y, "w": w, "h": h},
+        "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+        "targets": [
+            {"datasource": DATASOURCE, "expr": expr, "legendFormat": legend, "refId": chr(65 + i)}
+            for i, (expr, legend) in enumerate(targets)
+        ],
+    }
+
+
+PANELS = [
+    panel(
+        "Images placed per second", [("sum(rate(tsimcne_images_embedded_total[5m]))", "images/s")], 0, 0, unit="reqps"
+    ),
+    panel(
+        "Share of images flagged, by kind",
+        [
+            (
+                "sum by (kind) (rate(tsimcne_images_flagged_total[15m]))"
+                " / scalar(sum(rate(tsimcne_images_embedded_total[15m])))",
+                "{{kind}}",
+            )
+        ],
+        12,
+        0,
+        unit="percentunit",
+        description="Calibrated to 1 % false flags on clean images; a rise means new kinds of images arrive.",
+    ),
+    panel(
+        "Flag score distribution",
+        [("sum by (le) (increase(tsimcne_flag_score_bucket[15m]))", "{{le}}")],
+        0,
+        8,
+        kind="heatmap",
+        description="Score = k-th neighbour distance / calibrated threshold; above 1 is flagged.",
+    ),
+    panel(
+        "Where new images land (majority label of their map neighbours)",
+        [("sum by (label) (increase(tsimcne_images_by_region_total[1h]))", "{{label}}")],
+        12,
+        8,
+        kind="barchart",
+    ),
+    panel(
+        "Model time per run (p50, p99)",
+        [
+            ("histogram_quantile(0.5, sum by (le) (rate(tsimcne_model_seconds_bucket[5m])))", "p50"),
+            ("histogram_quantile(0.99, sum by (le) (rate(tsimcne_model_seconds_bucket[5m])))", "p99"),
+        ],
+        0,
+        16,
+        unit="s",
+    ),
+    panel(
+        "Images per model run (adaptive batching)",
+        [("sum(rate(tsimcne_batch_images_sum[5m])) / sum(rate(tsimcne_batch_images_count[5m]))", "mean batch")],
+        12,
+        16,
+    ),
+    panel(
+        "HTTP requests by endpoint and status (BentoML)",
+        [
+            (
+                "sum by (endpoint, http_response_code) (rate(bentoml_service_request_total[5m]))",
+                "{{endpoint}} {{http_response_code}}",
+            )
+        ],
+        0,
+        24,
+        unit="reqps",
+    ),
+    panel(
+        "HTTP latency of /embed (p50, p99)",
+        [
+            (
+                f"histogram_quantile(0.5, {EMBED_LATENCY})",
+                "p50",
+            ),
+            (
+                f"histogram_quantile(0.99, {EMBED_LATENCY})",
+                "p99",
+            ),
+        ],
+        12,
+        24,
+        unit="s",
+    ),
+    panel(
+        "Unusable uploads and refused requests",
+        [
+            ("sum by (reason) (increase(tsimcne_decode_errors_total[15m]))", "decode: {{reason}}"),
+            ("sum by (reason) (increase(tsimcne_rejected_requests_total[15m]))", "refused: {{reason}}"),
+        ],
+        0,
+        32,
+    ),
+    panel("Bundle being served", [("tsimcne_bundle_info", "{{bundle}} {{provider}} {{sha256}}")], 12, 32, kind="table"),
+]
+
+DASHBOARD = {
+    "title": "tsimcne map service",
+    "uid": "tsimcne-map",
+    "tags": ["tsimcne", "microscopy"],
+    "timezone": "browser",
+    "schemaVersion": 39,
+    "version": 1,
+    "refresh": "30s",
+    "time": {"from": "now-6h", "to": "now"},
+    "templating": {
+        "list": [{"name": "datasource", "type": "datasource", "query": "prometheus", "label": "Prometheus"}]
+    },
+    "panels": [{**p, "id": i + 1} for i, p in enumerate(PANELS)],
+}
+
+if __name__ == "__main__":
+    target = Path(__file__).with_name("tsimcne-dashboard.json")
+    target.write_text(json.dumps(DASHBOARD, indent=2) + "\n")
+    print(f"wrote {target}")
