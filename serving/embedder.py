@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from serving.bundle import MODEL_FILE, REFERENCE_FILE, BundleError, open_bundle
-from serving.flagging import calibrate, pairwise_distances, score_from_distances
+from serving.flagging import calibrate, pairwise_distances, score_from_kth_distance
 from serving.preprocess import to_model_input
 
 DEFAULT_NEIGHBOURS = 5
@@ -42,8 +42,15 @@ FLAGS = (IN_DISTRIBUTION, OUT_OF_DISTRIBUTION, ARTEFACT)
 
 class BundleEmbedder:
     def __init__(
-        self, bundle: str | Path, provider: str = "auto", neighbours: int = DEFAULT_NEIGHBOURS, threads: int = 0
+        self,
+        bundle: str | Path,
+        provider: str = "auto",
+        neighbours: int = DEFAULT_NEIGHBOURS,
+        threads: int = 0,
+        spin: bool = True,
     ) -> None:
+        """spin=False: onnxruntime's idle threads sleep instead of spinning, which a service sharing its
+        CPU cores with HTTP handling needs (spinning threads would take the cores from the event loop)."""
         import onnxruntime as ort
 
         ort.set_default_logger_severity(3)
@@ -60,6 +67,8 @@ class BundleEmbedder:
             wanted = ["CUDAExecutionProvider", "CPUExecutionProvider"]
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads  # 0: onnxruntime's choice (all physical cores)
+        if not spin:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(self.folder / MODEL_FILE), options, providers=wanted)
         self.provider = self.session.get_providers()[0]
         if provider == "cuda" and self.provider != "CUDAExecutionProvider":
@@ -73,6 +82,8 @@ class BundleEmbedder:
         self.ref_label_indices = (
             labels.astype(np.int64) if labels is not None else np.full(len(self.ref_coords), -1, dtype=np.int64)
         )
+        self._ref64 = self.ref_coords.astype(np.float64)
+        self._ref_sq = (self._ref64**2).sum(1)
         self.k = min(neighbours, len(self.ref_coords))
         self.calibration = self.manifest.calibration or calibrate(self.ref_coords)
         self.artefact_labels = set(self.manifest.artefact_labels)
@@ -94,11 +105,16 @@ class BundleEmbedder:
 
     def placements(self, coords: np.ndarray) -> list[Placement]:
         """Neighbours, majority label and flag for map positions the model produced."""
-        distances = pairwise_distances(coords, self.ref_coords)  # computed once: neighbours and flag share it
-        candidates = np.argpartition(distances, self.k - 1, axis=1)[:, : self.k]
+        # Computed once: neighbours and flag share it.
+        distances = pairwise_distances(coords, self._ref64, self._ref_sq)
+        # One partial sort serves both: the k nearest neighbours and the flag's k-th distance.
+        k_flag = min(int(self.calibration["k"]), distances.shape[1])
+        partitioned = np.argpartition(distances, sorted({self.k - 1, k_flag - 1}), axis=1)
+        candidates = partitioned[:, : self.k]
         order = np.take_along_axis(distances, candidates, axis=1).argsort(axis=1)
         nearest = np.take_along_axis(candidates, order, axis=1)
-        scores, flagged = score_from_distances(distances, self.calibration)
+        kth = np.take_along_axis(distances, partitioned[:, k_flag - 1 : k_flag], axis=1)[:, 0]
+        scores, flagged = score_from_kth_distance(kth, self.calibration)
         placements = []
         for row, index in enumerate(nearest):
             labels = [str(label) for label in self.ref_labels[index]] if self.ref_labels is not None else []

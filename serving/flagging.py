@@ -20,11 +20,17 @@ DEFAULT_TARGET_RATE = 0.01
 HOLDOUT = 0.1
 
 
-def pairwise_distances(points: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """Euclidean distances (n_points, n_reference) in float64, without an (n, m, d) temporary."""
-    points, reference = points.astype(np.float64), reference.astype(np.float64)
-    squared = (points**2).sum(1)[:, None] + (reference**2).sum(1)[None, :] - 2.0 * points @ reference.T
-    return np.sqrt(np.clip(squared, 0.0, None))
+def pairwise_distances(points: np.ndarray, reference: np.ndarray, reference_sq: np.ndarray | None = None) -> np.ndarray:
+    """Euclidean distances (n_points, n_reference) in float64, without an (n, m, d) temporary.
+
+    reference_sq: the reference points' squared norms (float64), when the caller keeps them: a service
+    placing a few images on a large map would otherwise spend most of this function recomputing them.
+    """
+    points, reference = points.astype(np.float64), reference.astype(np.float64, copy=False)
+    if reference_sq is None:
+        reference_sq = (reference**2).sum(1)
+    squared = (points**2).sum(1)[:, None] + reference_sq[None, :] - 2.0 * points @ reference.T
+    return np.sqrt(np.clip(squared, 0.0, None, out=squared), out=squared)
 
 
 def kth_smallest(distances: np.ndarray, k: int) -> np.ndarray:
@@ -65,10 +71,15 @@ def calibrate(
     }
 
 
+def score_from_kth_distance(kth_distance: np.ndarray, calibration: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(score, out_of_distribution flag) from each point's k-th neighbour distance; flag = score > 1."""
+    scores = kth_distance / float(calibration["threshold"])
+    return scores, scores > 1.0
+
+
 def score_from_distances(distances: np.ndarray, calibration: dict) -> tuple[np.ndarray, np.ndarray]:
     """(score, out_of_distribution flag) from a (points, reference) distance matrix; flag = score > 1."""
-    scores = kth_smallest(distances, int(calibration["k"])) / float(calibration["threshold"])
-    return scores, scores > 1.0
+    return score_from_kth_distance(kth_smallest(distances, int(calibration["k"])), calibration)
 
 
 def score(points: np.ndarray, reference: np.ndarray, calibration: dict) -> tuple[np.ndarray, np.ndarray]:

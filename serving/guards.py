@@ -135,7 +135,6 @@ class UploadGuard:
     BentoML answers a wrong field name, a plain-text value or a malformed body with HTTP 500 (it tries
     to JSON-decode unknown parts, or to download a text value as a URL); here they get a 4xx naming the
     problem. The body is parsed with the same parser BentoML uses, so what passes here parses there.
-    The upload file names are left in the request state (`upload_names`) for the response.
     """
 
     def __init__(
@@ -186,7 +185,7 @@ class UploadGuard:
             await self._reject(send, 400, "malformed", f"malformed multipart/form-data body: {detail}")
             return
         try:
-            names: list[str] = []
+            count = 0
             for key, value in form.multi_items():
                 if key != self.field:
                     await self._reject(
@@ -204,8 +203,8 @@ class UploadGuard:
                         f"the field '{self.field}' must carry files, not text values; {example}",
                     )
                     return
-                names.append(value.filename or f"image-{len(names) + 1}")
-            if len(names) > self.max_files:
+                count += 1
+            if count > self.max_files:
                 await self._reject(
                     send,
                     413,
@@ -216,5 +215,4 @@ class UploadGuard:
                 return
         finally:
             await form.close()
-        scope.setdefault("state", {})["upload_names"] = names
         await self.app(scope, _replay(body, receive), send)

@@ -49,7 +49,7 @@ def record_placements(flags: list[str], scores: list[float], regions: list[str |
         LANDED_IN_REGION.labels(label=region or "none").inc()
 
 
-DECODE_REASONS = ("undecodable", "too_large", "empty", "unreadable")
+DECODE_REASONS = ("undecodable", "too_large", "empty")
 REJECT_REASONS = (
     "empty", "wrong_field", "not_a_file", "content_type", "malformed", "too_many_images", "too_large", "bad_image"
 )  # fmt: skip

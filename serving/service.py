@@ -36,6 +36,7 @@ from serving.guards import BearerTokenAuth, BodySizeLimit, UploadGuard
 from serving.images import ImageDecodeError, decode_image
 from serving.settings import ServiceSettings, SettingsError, load_settings
 from serving.store import bundle_path_from_store
+from serving.uploads import UploadedFile
 
 logger = logging.getLogger("bentoml.tsimcne")
 UPLOAD_FIELD = "images"
@@ -154,7 +155,11 @@ class MapService:
     def _open_bundle(self) -> None:
         folder = _bundle_folder(SETTINGS)
         self.embedder = BundleEmbedder(
-            folder, provider=SETTINGS.provider, neighbours=SETTINGS.neighbours, threads=SETTINGS.threads
+            folder,
+            provider=SETTINGS.provider,
+            neighbours=SETTINGS.neighbours,
+            threads=SETTINGS.threads,
+            spin=SETTINGS.spin,
         )
         manifest = self.embedder.manifest
         self.bundle_sha256 = sha256_file(folder / MANIFEST)
@@ -222,28 +227,32 @@ class MapService:
             versions={"bundle": manifest.versions, "service": service_versions},
         )
 
-    def _decode(self, files: list[Path], names: list[str]) -> tuple[list[np.ndarray], list[dict[str, str]]]:
+    def _decode(self, files: list[UploadedFile]) -> tuple[list[np.ndarray], list[dict[str, str]]]:
         images, problems = [], []
-        for file, name in zip(files, names, strict=True):
+        for file in files:
             try:
-                images.append(decode_image(file.read_bytes(), name, max_pixels=SETTINGS.max_pixels))
+                images.append(decode_image(file.data, file.name, max_pixels=SETTINGS.max_pixels))
             except ImageDecodeError as exc:
                 metrics.DECODE_ERRORS.labels(reason=exc.reason).inc()
-                problems.append({"file": name, "error": str(exc)})
-            except OSError as exc:
-                metrics.DECODE_ERRORS.labels(reason="unreadable").inc()
-                problems.append({"file": name, "error": f"{name}: upload could not be read ({exc})"})
+                problems.append({"file": file.name, "error": str(exc)})
         return images, problems
 
     @bentoml.api(route="/embed")
     async def embed(
         self,
-        images: list[Path] = Field(  # noqa: B008 - pydantic field declaration, evaluated once
+        images: list[UploadedFile] = Field(  # noqa: B008 - pydantic field declaration, evaluated once
             default_factory=list, description="image files (PNG, JPEG, TIFF incl. 16-bit, grayscale, RGBA)"
         ),
         ctx: bentoml.Context = None,  # type: ignore[assignment]  # BentoML fills it in
     ) -> EmbedResponse:
-        """Place images on the map: position, flag and score, nearest reference images, majority label."""
+        """Place images on the map: position, flag and score, nearest reference images, majority label.
+
+        Errors are JSON `{"error": "...", "detail": [{"file", "error"}]}`: 400 empty request, wrong
+        multipart field, text instead of a file, malformed body; 401 missing or wrong bearer token (when
+        the service has one); 413 body over max_upload_mb or more than max_images files; 415 not
+        multipart/form-data; 422 a file that is not a usable image or has more than max_pixels pixels
+        (`detail` names each such file).
+        """
         # Wrong fields, text values and malformed bodies were already answered by UploadGuard.
         if not images:
             return _error(
@@ -259,10 +268,7 @@ class MapService:
                 f"{len(images)} images in one request exceeds the limit of {SETTINGS.max_images} (setting max_images)",
                 reason="too_many_images",
             )
-        names = getattr(ctx.request.state, "upload_names", None)
-        if names is None or len(names) != len(images):
-            names = [f"image-{i + 1}" for i in range(len(images))]
-        decoded, problems = await asyncio.to_thread(self._decode, images, names)
+        decoded, problems = await asyncio.to_thread(self._decode, images)
         if problems:
             listed = ", ".join(p["file"] for p in problems)
             message = f"{len(problems)} of {len(images)} uploads are not usable images: {listed}"
@@ -276,7 +282,7 @@ class MapService:
         return EmbedResponse(
             bundle=self.embedder.manifest.name,
             bundle_sha256=self.bundle_sha256,
-            images=[_embedded(name, placement) for name, placement in zip(names, placements, strict=True)],
+            images=[_embedded(file.name, placement) for file, placement in zip(images, placements, strict=True)],
         )
 
 

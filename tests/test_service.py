@@ -265,3 +265,28 @@ def test_dashboard_and_alerts_use_only_metrics_the_service_exports(server, cell,
     for name in used:
         base = re.sub(r"_(bucket|sum|count|total)$", "", name)
         assert name in families or base in families, f"{name} is not exported"
+
+
+def test_schemathesis_finds_no_server_error(server, tmp_path) -> None:
+    """Property-based requests generated from the service's own OpenAPI spec: no 5xx, still serving."""
+    import subprocess
+    import sys
+    from pathlib import Path as _Path
+
+    st = _Path(sys.executable).with_name("st")
+    command = [str(st), "run", f"{server.url}/docs.json", "--seed", "1", "--max-examples", "60"]
+    result = subprocess.run(
+        [*command, "-c", "not_a_server_error", "--no-color"], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stdout[-3000:]
+    with server.client() as client:
+        assert client.get("/readyz").status_code == 200
+
+
+def test_bentoml_python_client_can_call_embed(server, cell, tmp_path) -> None:
+    import bentoml
+
+    path = write_good_images(tmp_path, cell)[0]
+    with bentoml.SyncHTTPClient(server.url) as client:
+        reply = client.embed(images=[path])
+    assert reply["images"][0]["filename"] == path.name and reply["bundle"] == "cells"
