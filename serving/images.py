@@ -12,6 +12,7 @@ no torch) is the one place where that happens. Every image becomes RGB uint8 of 
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from pathlib import Path
 
@@ -120,8 +121,10 @@ def _decode_with_pillow(data: bytes, source: str, max_pixels: int) -> np.ndarray
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # Pillow's own guard, at open
+        claimed = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{int(claimed.group(1)):,} pixels" if claimed else "its size"
         raise ImageDecodeError(
-            f"{source}: image size exceeds the limit of {max_pixels:,} pixels ({exc})", reason="too_large"
+            f"{source}: {size} exceeds the limit of {max_pixels:,} pixels", reason="too_large"
         ) from exc
     except UnidentifiedImageError as exc:
         raise ImageDecodeError(f"{source}: not a readable image ({exc.__class__.__name__})") from exc
