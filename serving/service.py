@@ -132,7 +132,7 @@ def info() -> InfoResponse:
 @bentoml.asgi_app(web, path="/")
 @bentoml.service(
     name="tsimcne",
-    workers=int(os.environ.get("TSIMCNE_WORKERS", "1")),
+    workers=SETTINGS.workers,
     traffic={"timeout": 120},
 )
 class MapService:

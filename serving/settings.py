@@ -31,6 +31,7 @@ class ServiceSettings(BaseModel):
     max_pixels: int = Field(40_000_000, ge=1, description="decompression-bomb guard: pixels per image")
     max_batch_images: int = Field(256, ge=1, le=4096, description="images per model run across requests")
     threads: int = Field(0, ge=0, le=256, description="onnxruntime intra-op threads; 0 = onnxruntime's choice")
+    workers: int = Field(1, ge=1, le=64, description="service processes; each opens the bundle and the model")
     spin: bool = Field(False, description="let onnxruntime's idle threads spin (faster on cores of their own)")
     api_token: str | None = Field(None, description="when set, requests need 'Authorization: Bearer <token>'")
 

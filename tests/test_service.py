@@ -290,3 +290,20 @@ def test_bentoml_python_client_can_call_embed(server, cell, tmp_path) -> None:
     with bentoml.SyncHTTPClient(server.url) as client:
         reply = client.embed(images=[path])
     assert reply["images"][0]["filename"] == path.name and reply["bundle"] == "cells"
+
+
+def test_two_workers_share_the_metrics(service_bundle, tmp_path, cell) -> None:
+    """With workers=2, Prometheus multiprocess mode adds up what both processes counted."""
+    bundle, _ = service_bundle
+    running = start_server(tmp_path, {"bundle": str(bundle), "workers": "2"}, home=tmp_path / "bentoml")
+    try:
+        files = _files(write_good_images(tmp_path / "img", cell)[:2])
+        with running.client() as client, ThreadPoolExecutor(4) as pool:
+            replies = list(pool.map(lambda _: client.post("/embed", files=files), range(12)))
+            exported = client.get("/metrics").text
+        assert [r.status_code for r in replies] == [200] * 12
+        assert metric_value(exported, "tsimcne_images_embedded_total") == 24
+        log = running.log_text()
+        assert "[entry_service:tsimcne:1] serving bundle" in log and "[entry_service:tsimcne:2] serving bundle" in log
+    finally:
+        running.stop()

@@ -6,13 +6,13 @@ import asyncio
 import threading
 import time
 
+import httpx
 import numpy as np
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
-from starlette.testclient import TestClient
 
 from serving.batching import MicroBatcher
 from serving.guards import BearerTokenAuth, BodySizeLimit, UploadGuard
@@ -102,9 +102,21 @@ def _guarded_app(token: str | None = None, max_bytes: int = 10_000, max_files: i
     return app
 
 
+def _request(app: Starlette, method: str, url: str, **kwargs) -> httpx.Response:
+    """One request to an ASGI app in process (httpx's ASGI transport; no server, no lifespan needed)."""
+
+    async def send() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return await client.request(method, url, **kwargs)
+
+    return asyncio.run(send())
+
+
 def test_upload_guard_passes_good_uploads_with_their_names() -> None:
-    with TestClient(_guarded_app()) as client:
-        response = client.post("/embed", files=[("images", ("a.png", b"x")), ("images", ("b.png", b"y"))])
+    response = _request(
+        _guarded_app(), "POST", "/embed", files=[("images", ("a.png", b"x")), ("images", ("b.png", b"y"))]
+    )
     assert response.status_code == 200 and response.json() == {"files": 2, "names": ["a.png", "b.png"]}
 
 
@@ -123,25 +135,24 @@ def test_upload_guard_passes_good_uploads_with_their_names() -> None:
     ],
 )
 def test_upload_guard_and_size_limit_refuse_with_json(request_kwargs, status, says) -> None:
-    with TestClient(_guarded_app()) as client:
-        response = client.post("/embed", **request_kwargs)
+    response = _request(_guarded_app(), "POST", "/embed", **request_kwargs)
     assert response.status_code == status and says in response.json()["error"]
 
 
 def test_size_limit_counts_streamed_bodies_without_content_length() -> None:
-    def chunks():
+    async def chunks():
         for _ in range(20):
             yield b"y" * 1000
 
-    with TestClient(_guarded_app()) as client:
-        response = client.post("/embed", content=chunks(), headers={"content-type": "multipart/form-data; boundary=z"})
+    headers = {"content-type": "multipart/form-data; boundary=z"}
+    response = _request(_guarded_app(), "POST", "/embed", content=chunks(), headers=headers)
     assert response.status_code == 413
 
 
 def test_bearer_token() -> None:
     token = "0123456789abcdef0123"
-    with TestClient(_guarded_app(token=token)) as client:
-        assert client.get("/info").status_code == 401
-        assert client.get("/info", headers={"Authorization": "Basic abc"}).status_code == 401
-        assert client.get("/info", headers={"Authorization": f"Bearer {token}"}).status_code == 200
-        assert client.get("/readyz").status_code == 200
+    app = _guarded_app(token=token)
+    assert _request(app, "GET", "/info").status_code == 401
+    assert _request(app, "GET", "/info", headers={"Authorization": "Basic abc"}).status_code == 401
+    assert _request(app, "GET", "/info", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+    assert _request(app, "GET", "/readyz").status_code == 200
