@@ -249,10 +249,14 @@ def test_dashboard_and_alerts_use_only_metrics_the_service_exports(server, cell,
     from tests.conftest import ROOT
 
     dashboard = ROOT / "deploy" / "grafana" / "tsimcne-dashboard.json"
+    fresh = tmp_path / "dashboard.json"
     regenerated = subprocess.run(
-        [sys.executable, str(ROOT / "deploy" / "grafana" / "make_dashboard.py")], capture_output=True, text=True
+        [sys.executable, str(ROOT / "deploy" / "grafana" / "make_dashboard.py"), str(fresh)],
+        capture_output=True,
+        text=True,
     )
     assert regenerated.returncode == 0, regenerated.stderr
+    assert fresh.read_text() == dashboard.read_text(), "dashboard JSON is stale: run deploy/grafana/make_dashboard.py"
     panels = json.loads(dashboard.read_text())["panels"]
     queries = " ".join(t["expr"] for p in panels for t in p["targets"])
     queries += (ROOT / "deploy" / "alerts.yml").read_text()

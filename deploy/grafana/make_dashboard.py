@@ -1,5 +1,5 @@
 """Writes deploy/grafana/tsimcne-dashboard.json (the dashboard is generated so that it stays valid JSON
-and consistent; edit the panel list here, then run: python deploy/grafana/make_dashboard.py)."""
+and consistent; edit the panel list here, then run: python deploy/grafana/make_dashboard.py [OUT.json])."""
 
 from __future__ import annotations
 
@@ -140,6 +140,8 @@ DASHBOARD = {
 }
 
 if __name__ == "__main__":
-    target = Path(__file__).with_name("tsimcne-dashboard.json")
+    import sys
+
+    target = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).with_name("tsimcne-dashboard.json")
     target.write_text(json.dumps(DASHBOARD, indent=2) + "\n")
     print(f"wrote {target}")
