@@ -20,7 +20,16 @@ class EmbeddedImage(BaseModel):
     x: float
     y: float
     flag: Flag = Field(description="where the image landed: among the collection, away from it, or among artefacts")
-    score: float = Field(description="k-th neighbour distance / calibrated threshold; above 1 is out of distribution")
+    score: float = Field(
+        description="the flag's score, calibrated so that 1 % of clean images exceed 1; above 1 is out of distribution"
+    )
+    evidence: dict[str, float] = Field(
+        description="each measurement over its own calibrated threshold (above 1 = unusual by that measure "
+        "alone): 'features' (network features), 'pixels' (colour and exposure statistics), 'position' (map)"
+    )
+    duplicate_of: str | None = Field(
+        None, description="file name of another image of this request that looks the same (a re-acquisition)"
+    )
     neighbours: list[Neighbour] = Field(description="nearest reference images, nearest first")
     majority_label: str | None = Field(description="most common label among the neighbours")
     majority_share: float | None = Field(description="share of the neighbours that carry the majority label")

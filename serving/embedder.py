@@ -17,7 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from serving.bundle import MODEL_FILE, REFERENCE_FILE, BundleError, open_bundle
-from serving.flagging import calibrate, pairwise_distances, score_from_kth_distance
+from serving.detector import METHOD as DETECTOR_METHOD
+from serving.detector import Detector, channel_statistics
+from serving.flagging import calibrate, pairwise_distances
 from serving.preprocess import to_model_input
 
 DEFAULT_NEIGHBOURS = 5
@@ -33,7 +35,9 @@ class Placement:
     majority_label: str | None
     majority_share: float | None
     flag: str  # one of FLAGS
-    score: float  # k-th neighbour distance / calibrated threshold; > 1 is flagged
+    score: float  # the flag's score (serving/detector.py); > 1 is flagged
+    evidence: dict[str, float]  # each measurement over its own calibrated threshold: features, pixels, position
+    duplicate_of: int | None = None  # index of another image of the same call that looks the same
 
 
 IN_DISTRIBUTION, OUT_OF_DISTRIBUTION, ARTEFACT = "in_distribution", "out_of_distribution", "artefact"
@@ -77,6 +81,7 @@ class BundleEmbedder:
             self.ref_coords = reference["coords"].astype(np.float32)
             self.ref_ids = reference["ids"]
             labels = reference["labels"] if "labels" in reference.files else None
+            ref_features = reference["features"].astype(np.float32) if "features" in reference.files else None
         names = self.manifest.class_names
         self.ref_labels = np.array([names[i] for i in labels]) if labels is not None else None
         self.ref_label_indices = (
@@ -86,6 +91,16 @@ class BundleEmbedder:
         self._ref_sq = (self._ref64**2).sum(1)
         self.k = min(neighbours, len(self.ref_coords))
         self.calibration = self.manifest.calibration or calibrate(self.ref_coords)
+        # Bundles from before the combined flag (or without stored features) flag by map position alone.
+        self.detector = (
+            Detector(self.calibration, ref_features)
+            if self.calibration.get("method") == DETECTOR_METHOD and ref_features is not None
+            else None
+        )
+        position = self.calibration["position"] if self.detector is not None else self.calibration
+        self.position_k = min(int(position["k"]), len(self.ref_coords))
+        self.position_threshold = float(position["threshold"])
+        self.outputs = ["coords", "features"] if self.detector is not None else ["coords"]
         self.artefact_labels = set(self.manifest.artefact_labels)
 
     def prepare(self, images: list[np.ndarray]) -> np.ndarray:
@@ -93,28 +108,47 @@ class BundleEmbedder:
         return to_model_input(images, self.manifest.preprocessing)
 
     def run_model(self, batch: np.ndarray) -> np.ndarray:
-        """Map positions (N, 2) of a prepared batch; the one call that uses the accelerator."""
-        return self.session.run(["coords"], {self.manifest.input_name: batch})[0]
+        """One array per image: map position (2) then backbone features when the flag uses them; the one
+        call that uses the accelerator (one array so a batch can be split between requests by rows)."""
+        results = self.session.run(self.outputs, {self.manifest.input_name: batch})
+        return results[0] if len(results) == 1 else np.concatenate(results, axis=1)
 
     def coordinates(self, images: list[np.ndarray]) -> np.ndarray:
         """Map positions of decoded RGB uint8 images (any size)."""
-        return self.run_model(self.prepare(images))
+        return self.run_model(self.prepare(images))[:, : self.manifest.out_dim]
 
     def place(self, images: list[np.ndarray]) -> list[Placement]:
-        return self.placements(self.coordinates(images))
+        batch = self.prepare(images)
+        return self.placements(self.run_model(batch), batch)
 
-    def placements(self, coords: np.ndarray) -> list[Placement]:
-        """Neighbours, majority label and flag for map positions the model produced."""
-        # Computed once: neighbours and flag share it.
+    def placements(self, outputs: np.ndarray, batch: np.ndarray | None = None) -> list[Placement]:
+        """Neighbours, majority label, flag and evidence from the model's outputs (and its input `batch`,
+        whose pixel statistics the flag uses)."""
+        coords = outputs[:, : self.manifest.out_dim]
+        # Computed once: neighbours and the position evidence share it.
         distances = pairwise_distances(coords, self._ref64, self._ref_sq)
-        # One partial sort serves both: the k nearest neighbours and the flag's k-th distance.
-        k_flag = min(int(self.calibration["k"]), distances.shape[1])
-        partitioned = np.argpartition(distances, sorted({self.k - 1, k_flag - 1}), axis=1)
+        # One partial sort serves both: the k nearest neighbours and the position's k-th distance.
+        k_pos = self.position_k
+        partitioned = np.argpartition(distances, sorted({self.k - 1, k_pos - 1}), axis=1)
         candidates = partitioned[:, : self.k]
         order = np.take_along_axis(distances, candidates, axis=1).argsort(axis=1)
         nearest = np.take_along_axis(candidates, order, axis=1)
-        kth = np.take_along_axis(distances, partitioned[:, k_flag - 1 : k_flag], axis=1)[:, 0]
-        scores, flagged = score_from_kth_distance(kth, self.calibration)
+        kth = np.take_along_axis(distances, partitioned[:, k_pos - 1 : k_pos], axis=1)[:, 0]
+        if self.detector is not None:
+            if batch is None:
+                raise ValueError("the model input batch is needed for the pixel evidence")
+            found = self.detector.evidence(outputs[:, self.manifest.out_dim :], channel_statistics(batch), kth)
+            scores = found.score
+            twins = self.detector.duplicates(outputs[:, self.manifest.out_dim :])
+            evidence = [
+                {"features": float(f), "pixels": float(p), "position": float(q)}
+                for f, p, q in zip(found.features, found.pixels, found.position, strict=True)
+            ]
+        else:
+            scores = kth / self.position_threshold
+            evidence = [{"position": float(q)} for q in scores]
+            twins = np.full(len(scores), -1)
+        flagged = scores > 1.0
         placements = []
         for row, index in enumerate(nearest):
             labels = [str(label) for label in self.ref_labels[index]] if self.ref_labels is not None else []
@@ -133,6 +167,8 @@ class BundleEmbedder:
                     majority_share=share,
                     flag=self._flag(majority, bool(flagged[row])),
                     score=float(scores[row]),
+                    evidence=evidence[row],
+                    duplicate_of=int(twins[row]) if twins[row] >= 0 else None,
                 )
             )
         return placements

@@ -33,6 +33,14 @@ def pairwise_distances(points: np.ndarray, reference: np.ndarray, reference_sq: 
     return np.sqrt(np.clip(squared, 0.0, None, out=squared), out=squared)
 
 
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (float32); zero rows stay zero. Euclidean distance between unit
+    vectors is a monotone function of their cosine distance."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.where(norms > 0, norms, 1.0)
+
+
 def kth_smallest(distances: np.ndarray, k: int) -> np.ndarray:
     """The k-th smallest value (1-based) of each row."""
     k = min(k, distances.shape[1])

@@ -17,6 +17,7 @@ FLAG_SCORE = Histogram(
     "Out-of-distribution score of placed images (above 1 is flagged)",
     buckets=(0.25, 0.5, 0.75, 0.9, 1.0, 1.25, 1.5, 2.0, 4.0, 8.0, float("inf")),
 )
+DUPLICATES = Counter("tsimcne_duplicates", "Images that look the same as another image of their request")
 LANDED_IN_REGION = Counter(
     "tsimcne_images_by_region", "Images by the majority label of their map neighbours", ["label"]
 )
@@ -40,8 +41,9 @@ BUNDLE_INFO = Gauge(
 )
 
 
-def record_placements(flags: list[str], scores: list[float], regions: list[str | None]) -> None:
+def record_placements(flags: list[str], scores: list[float], regions: list[str | None], duplicates: int = 0) -> None:
     IMAGES_EMBEDDED.inc(len(flags))
+    DUPLICATES.inc(duplicates)
     for flag, score, region in zip(flags, scores, regions, strict=True):
         if flag != "in_distribution":
             IMAGES_FLAGGED.labels(kind=flag).inc()

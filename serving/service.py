@@ -184,9 +184,9 @@ class MapService:
 
     def _run_model(self, batch: np.ndarray) -> np.ndarray:
         with metrics.MODEL_SECONDS.time():
-            coords = self.embedder.run_model(batch)
+            outputs = self.embedder.run_model(batch)
         metrics.BATCH_IMAGES.observe(len(batch))
-        return coords
+        return outputs
 
     def _map(self) -> MapResponse:
         embedder = self.embedder
@@ -274,19 +274,29 @@ class MapService:
             message = f"{len(problems)} of {len(images)} uploads are not usable images: {listed}"
             return _error(ctx, 422, message, problems, reason="bad_image")
         batch = await asyncio.to_thread(self.embedder.prepare, decoded)
-        coords = await self.batcher.run(batch)
-        placements = await asyncio.to_thread(self.embedder.placements, coords)
+        outputs = await self.batcher.run(batch)
+        placements = await asyncio.to_thread(self.embedder.placements, outputs, batch)
         metrics.record_placements(
-            [p.flag for p in placements], [p.score for p in placements], [p.majority_label for p in placements]
+            [p.flag for p in placements],
+            [p.score for p in placements],
+            [p.majority_label for p in placements],
+            duplicates=sum(p.duplicate_of is not None for p in placements),
         )
         return EmbedResponse(
             bundle=self.embedder.manifest.name,
             bundle_sha256=self.bundle_sha256,
-            images=[_embedded(file.name, placement) for file, placement in zip(images, placements, strict=True)],
+            images=[
+                _embedded(
+                    file.name,
+                    placement,
+                    images[placement.duplicate_of].name if placement.duplicate_of is not None else None,
+                )
+                for file, placement in zip(images, placements, strict=True)
+            ],
         )
 
 
-def _embedded(filename: str, placement: Placement) -> EmbeddedImage:
+def _embedded(filename: str, placement: Placement, duplicate_of: str | None) -> EmbeddedImage:
     labels = placement.neighbour_labels or [None] * len(placement.neighbour_ids)
     return EmbeddedImage(
         filename=filename,
@@ -294,6 +304,8 @@ def _embedded(filename: str, placement: Placement) -> EmbeddedImage:
         y=placement.y,
         flag=placement.flag,  # type: ignore[arg-type]
         score=placement.score,
+        evidence=placement.evidence,
+        duplicate_of=duplicate_of,
         neighbours=[
             Neighbour(id=i, label=label, distance=d)
             for i, label, d in zip(placement.neighbour_ids, labels, placement.neighbour_distances, strict=True)

@@ -216,3 +216,23 @@ def test_embed_writes_parquet(run_and_bundle, tmp_path) -> None:
     assert result.returncode == 0, result.stderr
     table = pq.read_table(out).to_pylist()
     assert table[0]["neighbour_ids"][0] == "0" and table[0]["flag"] in ("in_distribution", "out_of_distribution")
+
+
+def test_flag_calibration_on_held_out_images_and_stored_features(run_and_bundle, tmp_path) -> None:
+    run, bundle = run_and_bundle
+    manifest = open_bundle(bundle)
+    assert manifest.calibration["method"] == "features+pixels"
+    assert "in-sample" in manifest.calibration["source"]  # no --calibration-data: training images left out
+    with np.load(bundle / "reference.npz") as reference:
+        features = reference["features"].astype(np.float32)
+    assert features.shape == (96, manifest.feature_dim)
+    assert np.allclose(np.linalg.norm(features, axis=1), 1.0, atol=1e-2)
+
+    result = run_cli("export", str(run), "--out", str(tmp_path / "held"), "--calibration-data", "synthetic:150")
+    assert result.returncode == 0, result.stderr
+    calibration = open_bundle(tmp_path / "held").calibration
+    assert calibration["images"] == 150 and calibration["source"].startswith("held-out images")
+
+    result = run_cli("export", str(run), "--out", str(tmp_path / "few"), "--calibration-data", "synthetic:20")
+    assert result.returncode == 2 and "need at least 100" in result.stderr
+    assert not (tmp_path / "few").exists()

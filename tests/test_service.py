@@ -311,3 +311,24 @@ def test_two_workers_share_the_metrics(service_bundle, tmp_path, cell) -> None:
         assert "[entry_service:tsimcne:1] serving bundle" in log and "[entry_service:tsimcne:2] serving bundle" in log
     finally:
         running.stop()
+
+
+def test_evidence_and_duplicates_in_one_request(server, cell, tmp_path) -> None:
+    paths = write_good_images(tmp_path, cell)
+    again = tmp_path / "same-cell-again.png"
+    again.write_bytes(paths[0].read_bytes())
+    with server.client() as client:
+        before = client.get("/metrics").text
+        body = client.post("/embed", files=_files([paths[0], again])).json()
+        after = client.get("/metrics").text
+    first, second = body["images"]
+    assert set(first["evidence"]) == {"features", "pixels", "position"}
+    assert first["score"] == pytest.approx(max(first["evidence"].values()) / _threshold(server), rel=1e-6)
+    assert first["duplicate_of"] == "same-cell-again.png" and second["duplicate_of"] == "cell.png"
+    assert metric_value(after, "tsimcne_duplicates_total") - metric_value(before, "tsimcne_duplicates_total") == 2
+
+
+def _threshold(server) -> float:
+    import httpx
+
+    return httpx.get(server.url + "/info").json()["calibration"]["threshold"]

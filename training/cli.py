@@ -272,6 +272,13 @@ def export(
     artefact_label: Annotated[
         list[str] | None, typer.Option(help="a class that means 'artefact' (repeatable); the service flags it")
     ] = None,
+    calibration_data: Annotated[
+        str | None,
+        typer.Option(help="images of the same collection never used in training, to calibrate the flag on"),
+    ] = None,
+    target_rate: Annotated[
+        float, typer.Option(help="false-flag rate the flag is calibrated to on clean images", min=0.0001, max=0.5)
+    ] = 0.01,
     register: Annotated[
         bool, typer.Option(help="also add the bundle to BentoML's model store (for `bentoml build`)")
     ] = False,
@@ -281,7 +288,13 @@ def export(
     from training.export import export_bundle
 
     result = export_bundle(
-        run_dir, out, allow_partial=allow_partial, center_crop=parse_size(center_crop), artefact_labels=artefact_label
+        run_dir,
+        out,
+        allow_partial=allow_partial,
+        center_crop=parse_size(center_crop),
+        artefact_labels=artefact_label,
+        calibration_data=calibration_data,
+        target_rate=target_rate,
     )
     parity = result.manifest.parity
     typer.echo(
@@ -346,7 +359,11 @@ def embed(
                 rows.append({"id": str(path), "error": str(exc)})
         if decoded:
             for (path, _), placed in zip(decoded, embedder.place([image for _, image in decoded]), strict=True):
-                rows.append({"id": str(path), **dataclasses.asdict(placed), "error": ""})
+                fields = dataclasses.asdict(placed)
+                evidence = {f"evidence_{name}": value for name, value in fields.pop("evidence").items()}
+                twin = fields.pop("duplicate_of")
+                duplicate_of = str(decoded[twin][0]) if twin is not None else ""
+                rows.append({"id": str(path), **fields, **evidence, "duplicate_of": duplicate_of, "error": ""})
     first = ["id", "x", "y", "flag", "score", "majority_label", "majority_share", "neighbour_ids", "neighbour_labels"]
     write_table(rows, out, columns=[*first, "neighbour_distances", "error"])
     typer.echo(

@@ -32,10 +32,12 @@ from serving.bundle import (
     Preprocessing,
     sha256_file,
 )
-from serving.flagging import calibrate
+from serving.detector import calibrate_detector, channel_statistics
+from serving.flagging import unit_rows
 from serving.images import resize_rgb
 from serving.preprocess import to_model_input
 from training.checkpoint import load_checkpoint
+from training.data import load_dataset
 from training.errors import UserError
 from training.plot import plot_map
 from training.runs import dataset_for_state, final_checkpoint_path, model_from_state
@@ -96,15 +98,54 @@ def _thumbnails(images: np.ndarray) -> np.ndarray:
     return np.stack([resize_rgb(image, size, "area") for image in images])
 
 
+def _statistics(images: np.ndarray, prep: Preprocessing) -> np.ndarray:
+    """Per-channel mean and spread of the model input of uint8 images (chunked to bound memory)."""
+    return np.concatenate(
+        [channel_statistics(to_model_input(list(images[i : i + 2048]), prep)) for i in range(0, len(images), 2048)]
+    )
+
+
+def _calibrate_flag(
+    model: torch.nn.Module,
+    dataset,
+    coords: np.ndarray,
+    features: np.ndarray,
+    prep: Preprocessing,
+    calibration_data: str | Path | None,
+    target_rate: float,
+) -> dict:
+    statistics = _statistics(dataset.images, prep)
+    if calibration_data is not None:
+        held = load_dataset(calibration_data, size=dataset.size, resize_method=prep.resize_method)
+        if len(held) < 100:
+            raise UserError(f"--calibration-data {calibration_data}: {len(held)} images; need at least 100")
+        held_coords, held_features = embed_images(model, held.images, torch.device("cpu"))
+        return calibrate_detector(
+            held_features, _statistics(held.images, prep), held_coords, features, statistics, coords,
+            source=f"held-out images never trained on: {held.source} ({len(held)})", target_rate=target_rate,
+        )  # fmt: skip
+    order = np.random.default_rng(0).permutation(len(coords))
+    out, rest = order[: max(1, len(order) // 10)], order[max(1, len(order) // 10) :]
+    return calibrate_detector(
+        features[out], statistics[out], coords[out], features[rest], statistics[rest], coords[rest],
+        source=f"training images, 10 % left out of the reference ({len(out)}; in-sample: the network saw them)",
+        target_rate=target_rate,
+    )  # fmt: skip
+
+
 def export_bundle(
     run_dir: Path,
     out: Path,
     allow_partial: bool = False,
     center_crop: tuple[int, int] | None = None,
     artefact_labels: list[str] | None = None,
+    calibration_data: str | Path | None = None,
+    target_rate: float = 0.01,
 ) -> ExportResult:
     """center_crop: how new raw images must be cropped to look like the training data (if it was cropped).
-    artefact_labels: class names that mean "artefact"; images landing among them are flagged so."""
+    artefact_labels: class names that mean "artefact"; images landing among them are flagged so.
+    calibration_data: images of the same collection the network never saw, for the flag's calibration
+    (serving/detector.py); without it 10 % of the training images are left out of the reference."""
     out = Path(out)
     if out.exists():
         raise UserError(f"{out} already exists; choose another --out or remove it first")
@@ -130,6 +171,8 @@ def export_bundle(
         height=dataset.size[0], width=dataset.size[1], resize_method=config["resize_method"], center_crop=center_crop
     )
 
+    calibration = _calibrate_flag(model, dataset, coords, features, prep, calibration_data, target_rate)
+
     parent = out.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -152,6 +195,7 @@ def export_bundle(
         }
         if dataset.labels is not None:
             reference["labels"] = dataset.labels
+        reference["features"] = unit_rows(features).astype(np.float16)
         with open(staging / REFERENCE_FILE, "wb") as handle:
             np.savez_compressed(handle, **reference)
         plot_map(
@@ -182,7 +226,7 @@ def export_bundle(
             },
             evaluation=json.loads(metrics_file.read_text()) if metrics_file.is_file() else None,
             parity={**parity, "rule": f"max abs diff <= {PARITY_TOLERANCE} * max(1, max |torch coords|)"},
-            calibration=calibrate(coords),
+            calibration=calibration,
             artefact_labels=list(artefact_labels or []),
             versions={
                 "python": platform.python_version(),

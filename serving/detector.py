@@ -1,0 +1,164 @@
+"""The shipped out-of-distribution flag: evidence from the network's features, from the pixels and from
+the map position, calibrated together to one false-flag rate.
+
+Why not the 2-D position alone (measured in benchmarks/flagging): t-SimCNE is trained to give the same
+output for augmented views of a cell, and the augmentations include colour jitter, grayscale, crops and
+(microscopy preset) rotations. The map is therefore deliberately blind to exposure and stain changes
+and hardly moves for borders or debris; on a PBC map the position alone separates such images from
+clean cells barely better than chance. It does move for blur. Three measurements, each scaled by its
+own (1 - target) quantile on calibration images:
+
+- features: the distance from the image's backbone features (unit length) to its k-th nearest
+  reference image (the network's view before the 2-D head squeezes it);
+- pixels: the Mahalanobis distance of per-channel image statistics of the model input (mean, spread,
+  percentiles, centre and border means) from those of the reference images: exposure, stain, borders,
+  bubbles, debris, cells cut by the crop, which the network was taught to ignore;
+- position: the distance to the k-th nearest reference point on the map (what a person sees).
+
+The score is the largest of the three, divided by the (1 - target) quantile of that maximum on the
+calibration images, so a score above 1 is flagged and exactly `target_rate` of the calibration images
+are. Calibration images are ideally held-out images the network never saw (`tsimcne export
+--calibration-data`); without them 10 % of the training images are left out of the reference instead
+(in-sample: the network has seen them; the bundle records which was used). Near-duplicates within one
+request are those closer in features than all but `target_rate` of distinct clean images. numpy only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from serving.flagging import kth_neighbour_distance, pairwise_distances, unit_rows
+
+METHOD = "features+pixels"
+DEFAULT_K = 15
+
+
+def channel_statistics(batch: np.ndarray) -> np.ndarray:
+    """(N, 27) per-channel image statistics of model inputs (N, 3, H, W): mean and spread (exposure,
+    stain, contrast), 1st and 99th percentile (dark debris, glare), and the means of the central half
+    and of the four border strips (a cell cut by the crop or off-centre, black borders)."""
+    n, c, h, w = batch.shape
+    flat = batch.reshape(n, c, -1).astype(np.float64)
+    low, high = np.percentile(flat, [1, 99], axis=2)
+    bh, bw = max(1, h // 6), max(1, w // 6)
+    regions = [
+        batch[:, :, h // 4 : h - h // 4, w // 4 : w - w // 4],
+        batch[:, :, :bh, :],
+        batch[:, :, h - bh :, :],
+        batch[:, :, :, :bw],
+        batch[:, :, :, w - bw :],
+    ]
+    region_means = [region.reshape(n, c, -1).astype(np.float64).mean(2) for region in regions]
+    return np.concatenate([flat.mean(2), flat.std(2), low, high, *region_means], axis=1)
+
+
+@dataclass
+class PixelModel:
+    mean: np.ndarray
+    precision: np.ndarray
+
+    @classmethod
+    def fit(cls, statistics: np.ndarray) -> PixelModel:
+        covariance = np.cov(statistics, rowvar=False) + 1e-9 * np.eye(statistics.shape[1])
+        return cls(statistics.mean(0), np.linalg.pinv(covariance))
+
+    def distance(self, statistics: np.ndarray) -> np.ndarray:
+        centred = statistics - self.mean
+        return np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", centred, self.precision, centred), 0.0))
+
+    def to_dict(self) -> dict:
+        return {"mean": self.mean.tolist(), "precision": self.precision.tolist()}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> PixelModel:
+        return cls(np.asarray(values["mean"], dtype=np.float64), np.asarray(values["precision"], dtype=np.float64))
+
+
+def _quantile(values: np.ndarray, target_rate: float) -> float:
+    return max(float(np.quantile(values, 1 - target_rate)), 1e-12)
+
+
+def calibrate_detector(
+    calibration_features: np.ndarray,
+    calibration_statistics: np.ndarray,
+    calibration_coords: np.ndarray,
+    reference_features: np.ndarray,
+    reference_statistics: np.ndarray,
+    reference_coords: np.ndarray,
+    source: str,
+    k: int = DEFAULT_K,
+    target_rate: float = 0.01,
+) -> dict:
+    """The calibration stored in bundle.json: every scale and threshold the service needs."""
+    if not 0 < target_rate < 1:
+        raise ValueError(f"target_rate must be between 0 and 1, got {target_rate}")
+    pixels = PixelModel.fit(reference_statistics)
+    feature_distance = kth_neighbour_distance(unit_rows(calibration_features), unit_rows(reference_features), k)
+    pixel_distance = pixels.distance(calibration_statistics)
+    position_distance = kth_neighbour_distance(calibration_coords, reference_coords, k)
+    feature_scale, pixel_scale = _quantile(feature_distance, target_rate), _quantile(pixel_distance, target_rate)
+    position_scale = _quantile(position_distance, target_rate)
+    combined = np.maximum.reduce(
+        [feature_distance / feature_scale, pixel_distance / pixel_scale, position_distance / position_scale]
+    )
+    # Near-duplicates: closer than all but `target_rate` of distinct clean images are to their nearest other.
+    unit = unit_rows(calibration_features)
+    nearest_other = np.sort(pairwise_distances(unit, unit) + np.eye(len(unit)) * 1e9, axis=1)[:, 0]
+    return {
+        "method": METHOD,
+        "duplicate_distance": float(np.quantile(nearest_other, target_rate)),
+        "target_false_flag_rate": float(target_rate),
+        "source": source,
+        "images": len(calibration_features),
+        "k": int(min(k, len(reference_features))),
+        "threshold": _quantile(combined, target_rate),
+        "features": {"scale": feature_scale},
+        "pixels": {"scale": pixel_scale, **pixels.to_dict()},
+        "position": {"k": int(min(k, len(reference_coords))), "threshold": position_scale},
+    }
+
+
+@dataclass
+class Evidence:
+    score: np.ndarray  # the flag's score: above 1 is out of distribution
+    features: np.ndarray  # each component over its own calibrated threshold (above 1: beyond it alone)
+    pixels: np.ndarray
+    position: np.ndarray
+
+
+class Detector:
+    """Applies a bundle's calibration to new images."""
+
+    def __init__(self, calibration: dict, reference_features: np.ndarray) -> None:
+        self.calibration = calibration
+        self.k = int(calibration["k"])
+        self.reference_unit = unit_rows(reference_features)
+        self.pixels = PixelModel.from_dict(calibration["pixels"])
+        self.feature_scale = float(calibration["features"]["scale"])
+        self.pixel_scale = float(calibration["pixels"]["scale"])
+        self.threshold = float(calibration["threshold"])
+        self.position_threshold = float(calibration["position"]["threshold"])
+
+    def evidence(self, features: np.ndarray, statistics: np.ndarray, position_kth: np.ndarray) -> Evidence:
+        feature_z = kth_neighbour_distance(unit_rows(features), self.reference_unit, self.k) / self.feature_scale
+        pixel_z = self.pixels.distance(statistics) / self.pixel_scale
+        position_z = position_kth / self.position_threshold
+        return Evidence(
+            score=np.maximum.reduce([feature_z, pixel_z, position_z]) / self.threshold,
+            features=feature_z,
+            pixels=pixel_z,
+            position=position_z,
+        )
+
+    def duplicates(self, features: np.ndarray) -> np.ndarray:
+        """For each image, the index of another image of the same batch that looks the same (closer in
+        features than nearly all distinct clean images are to each other), or -1."""
+        if len(features) < 2 or "duplicate_distance" not in self.calibration:
+            return np.full(len(features), -1)
+        unit = unit_rows(features)
+        distances = pairwise_distances(unit, unit) + np.eye(len(unit)) * 1e9
+        nearest = distances.argmin(1)
+        close = distances[np.arange(len(unit)), nearest] < float(self.calibration["duplicate_distance"])
+        return np.where(close, nearest, -1)

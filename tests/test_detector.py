@@ -1,0 +1,59 @@
+"""The shipped flag (serving/detector.py): calibrated false-flag rate, each kind of evidence, duplicates."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from serving.detector import METHOD, Detector, calibrate_detector, channel_statistics
+from serving.flagging import kth_neighbour_distance
+
+
+def _collection(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Features in 3 clusters, pixel statistics of model inputs with natural spread, map coordinates."""
+    centres = np.random.default_rng(42).normal(0, 1, (3, 16))  # the same collection every call
+    which = rng.integers(3, size=n)
+    features = centres[which] + 0.15 * rng.normal(size=(n, 16))
+    batch = np.clip(0.6 + 0.05 * rng.normal(size=(n, 1, 1, 1)) + 0.1 * rng.normal(size=(n, 3, 8, 8)), 0, 1)
+    coords = centres[which, :2] * 10 + rng.normal(size=(n, 2))
+    return features, channel_statistics(batch.astype(np.float32)), coords
+
+
+@pytest.fixture(scope="module")
+def fitted() -> tuple[Detector, np.random.Generator, np.ndarray]:
+    rng = np.random.default_rng(0)
+    ref, calib = _collection(rng, 3000), _collection(rng, 1000)
+    calibration = calibrate_detector(*calib, *ref, source="test", target_rate=0.05)
+    assert calibration["method"] == METHOD and calibration["images"] == 1000
+    return Detector(calibration, ref[0]), rng, ref[2]
+
+
+def test_false_flag_rate_on_fresh_clean_images_is_near_target(fitted) -> None:
+    detector, rng, ref_coords = fitted
+    features, statistics, coords = _collection(rng, 4000)
+    position = kth_neighbour_distance(coords, ref_coords, detector.calibration["position"]["k"])
+    flagged = detector.evidence(features, statistics, position).score > 1
+    assert 0.02 <= flagged.mean() <= 0.075  # at most 1.5x the 5 % target, and not vacuous
+
+
+def test_each_kind_of_evidence_flags_on_its_own(fitted) -> None:
+    detector, rng, _ = fitted
+    features, statistics, _ = _collection(rng, 50)
+    zero = np.zeros(50)
+    far_features = features + 3.0 * rng.normal(size=features.shape)
+    assert (detector.evidence(far_features, statistics, zero).score > 1).mean() > 0.9
+    bright = channel_statistics(np.full((50, 3, 8, 8), 0.95, dtype=np.float32))
+    found = detector.evidence(features, bright, zero)
+    assert (found.score > 1).all() and (found.pixels > found.features).all()
+    far_on_map = np.full(50, 100.0)
+    assert (detector.evidence(features, statistics, far_on_map).score > 1).all()
+
+
+def test_duplicates_within_a_batch(fitted) -> None:
+    detector, rng, _ = fitted
+    features, _, _ = _collection(rng, 6)
+    batch = np.concatenate([features, features[:1] + 1e-4])
+    twins = detector.duplicates(batch)
+    assert twins[-1] == 0 and twins[0] == 6
+    assert (twins[1:6] == -1).all()
+    assert (detector.duplicates(features[:1]) == -1).all()
