@@ -1,14 +1,11 @@
-"""Out-of-distribution flag from where an image lands on the map (first, position-only version).
+"""Nearest-neighbour distances for the flags, and the position-only flag of older bundles.
 
-Score: the distance from the new point to its k-th nearest reference point, divided by a threshold
-calibrated at export so that only `target_rate` of held-out training images exceed it. A score above
-1 means "lands farther from the collection than 99 % of its own images" (for the default 1 %), so the
-score means the same thing from one bundle to the next whatever the map's scale.
-
-Calibration: a random 10 % of the reference points is held out; for each of them the k-th nearest
-neighbour distance among the other 90 % is measured; the threshold is the (1 - target_rate) quantile.
-At serving time the full reference set is used, whose denser coverage makes the measured false-flag
-rate at most the target (slightly conservative). numpy only.
+The shipped flag (serving/detector.py) is built from these helpers: k-th nearest-neighbour distances
+on the map and among unit-length feature vectors. `calibrate`/`score` are the first, position-only
+flag: the distance from the new point to its k-th nearest reference point over a threshold set so
+that `target_rate` of held-out reference points exceed it (10 % of the reference points are held out;
+each one's k-th neighbour among the other 90 % is measured). Bundles exported before the combined flag
+carry this calibration and keep using it. numpy only.
 """
 
 from __future__ import annotations

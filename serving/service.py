@@ -215,7 +215,7 @@ class MapService:
             image_size=(manifest.preprocessing.height, manifest.preprocessing.width),
             provider=self.embedder.provider,
             neighbours=self.embedder.k,
-            calibration=self.embedder.calibration,
+            calibration=_summary(self.embedder.calibration),
             evaluation=manifest.evaluation,
             partial=manifest.partial,
             limits=Limits(
@@ -294,6 +294,14 @@ class MapService:
                 for file, placement in zip(images, placements, strict=True)
             ],
         )
+
+
+def _summary(calibration: dict) -> dict:
+    """The calibration without the pixel model's mean vector and precision matrix (in bundle.json)."""
+    summary = dict(calibration)
+    if isinstance(summary.get("pixels"), dict):
+        summary["pixels"] = {k: v for k, v in summary["pixels"].items() if k not in ("mean", "precision")}
+    return summary
 
 
 def _embedded(filename: str, placement: Placement, duplicate_of: str | None) -> EmbeddedImage:
