@@ -45,7 +45,7 @@ from serving.images import resize_rgb  # noqa: E402
 from serving.preprocess import to_model_input  # noqa: E402
 
 PER_KIND = 200
-SHIPPED = "shipped: features + pixels"
+SHIPPED = "shipped: features + pixels + position"
 
 
 class Model:
