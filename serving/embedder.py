@@ -113,17 +113,26 @@ class BundleEmbedder:
         results = self.session.run(self.outputs, {self.manifest.input_name: batch})
         return results[0] if len(results) == 1 else np.concatenate(results, axis=1)
 
+    def infer(self, batch: np.ndarray) -> np.ndarray:
+        """run_model plus, when the flag uses features, each image's feature-neighbour distance as a last
+        column: the two steps worth doing once per batch rather than once per request."""
+        outputs = self.run_model(batch)
+        if self.detector is None:
+            return outputs
+        distance = self.detector.feature_distance(outputs[:, self.manifest.out_dim :])
+        return np.concatenate([outputs, distance[:, None].astype(outputs.dtype)], axis=1)
+
     def coordinates(self, images: list[np.ndarray]) -> np.ndarray:
         """Map positions of decoded RGB uint8 images (any size)."""
         return self.run_model(self.prepare(images))[:, : self.manifest.out_dim]
 
     def place(self, images: list[np.ndarray]) -> list[Placement]:
         batch = self.prepare(images)
-        return self.placements(self.run_model(batch), batch)
+        return self.placements(self.infer(batch), batch)
 
     def placements(self, outputs: np.ndarray, batch: np.ndarray | None = None) -> list[Placement]:
-        """Neighbours, majority label, flag and evidence from the model's outputs (and its input `batch`,
-        whose pixel statistics the flag uses)."""
+        """Neighbours, majority label, flag and evidence from `infer`'s outputs (and the model input
+        `batch`, whose pixel statistics the flag uses)."""
         coords = outputs[:, : self.manifest.out_dim]
         # Computed once: neighbours and the position evidence share it.
         distances = pairwise_distances(coords, self._ref64, self._ref_sq)
@@ -137,9 +146,10 @@ class BundleEmbedder:
         if self.detector is not None:
             if batch is None:
                 raise ValueError("the model input batch is needed for the pixel evidence")
-            found = self.detector.evidence(outputs[:, self.manifest.out_dim :], channel_statistics(batch), kth)
+            features, feature_distance = outputs[:, self.manifest.out_dim : -1], outputs[:, -1].astype(np.float64)
+            found = self.detector.evidence(feature_distance, channel_statistics(batch), kth)
             scores = found.score
-            twins = self.detector.duplicates(outputs[:, self.manifest.out_dim :])
+            twins = self.detector.duplicates(features)
             evidence = [
                 {"features": float(f), "pixels": float(p), "position": float(q)}
                 for f, p, q in zip(found.features, found.pixels, found.position, strict=True)

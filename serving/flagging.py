@@ -44,11 +44,20 @@ def kth_smallest(distances: np.ndarray, k: int) -> np.ndarray:
     return np.partition(distances, k - 1, axis=1)[:, k - 1]
 
 
-def kth_neighbour_distance(points: np.ndarray, reference: np.ndarray, k: int, chunk: int = 1024) -> np.ndarray:
-    """Euclidean distance from each point to its k-th nearest reference point (1-based k)."""
+def kth_neighbour_distance(
+    points: np.ndarray, reference: np.ndarray, k: int, chunk: int = 1024, reference_sq: np.ndarray | None = None
+) -> np.ndarray:
+    """Euclidean distance from each point to its k-th nearest reference point (1-based k).
+
+    A caller that queries the same reference often passes it as float64 with its squared norms, so
+    that neither is recomputed per query (for 17,000 x 512 features that would be 70 MB per call)."""
+    reference = reference.astype(np.float64, copy=False)
+    if reference_sq is None:
+        reference_sq = (reference**2).sum(1)
     out = np.empty(len(points))
     for start in range(0, len(points), chunk):
-        out[start : start + chunk] = kth_smallest(pairwise_distances(points[start : start + chunk], reference), k)
+        block = pairwise_distances(points[start : start + chunk], reference, reference_sq)
+        out[start : start + chunk] = kth_smallest(block, k)
     return out
 
 

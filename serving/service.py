@@ -184,7 +184,7 @@ class MapService:
 
     def _run_model(self, batch: np.ndarray) -> np.ndarray:
         with metrics.MODEL_SECONDS.time():
-            outputs = self.embedder.run_model(batch)
+            outputs = self.embedder.infer(batch)
         metrics.BATCH_IMAGES.observe(len(batch))
         return outputs
 

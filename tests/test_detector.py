@@ -32,7 +32,7 @@ def test_false_flag_rate_on_fresh_clean_images_is_near_target(fitted) -> None:
     detector, rng, ref_coords = fitted
     features, statistics, coords = _collection(rng, 4000)
     position = kth_neighbour_distance(coords, ref_coords, detector.calibration["position"]["k"])
-    flagged = detector.evidence(features, statistics, position).score > 1
+    flagged = detector.evidence(detector.feature_distance(features), statistics, position).score > 1
     assert 0.02 <= flagged.mean() <= 0.075  # at most 1.5x the 5 % target, and not vacuous
 
 
@@ -41,12 +41,12 @@ def test_each_kind_of_evidence_flags_on_its_own(fitted) -> None:
     features, statistics, _ = _collection(rng, 50)
     zero = np.zeros(50)
     far_features = features + 3.0 * rng.normal(size=features.shape)
-    assert (detector.evidence(far_features, statistics, zero).score > 1).mean() > 0.9
+    assert (detector.evidence(detector.feature_distance(far_features), statistics, zero).score > 1).mean() > 0.9
     bright = channel_statistics(np.full((50, 3, 8, 8), 0.95, dtype=np.float32))
-    found = detector.evidence(features, bright, zero)
+    found = detector.evidence(detector.feature_distance(features), bright, zero)
     assert (found.score > 1).all() and (found.pixels > found.features).all()
     far_on_map = np.full(50, 100.0)
-    assert (detector.evidence(features, statistics, far_on_map).score > 1).all()
+    assert (detector.evidence(detector.feature_distance(features), statistics, far_on_map).score > 1).all()
 
 
 def test_duplicates_within_a_batch(fitted) -> None:

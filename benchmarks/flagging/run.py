@@ -165,7 +165,7 @@ def main() -> None:
         unit = unit_rows(features)
         position_kth = kth_neighbour_distance(coords, ref_coords, args.k)
         return {
-            SHIPPED: detector.evidence(features, statistics, position_kth).score,
+            SHIPPED: detector.evidence(detector.feature_distance(features), statistics, position_kth).score,
             f"features kNN (k={args.k})": kth_neighbour_distance(unit, ref_unit, args.k),
             "features 1-NN": kth_neighbour_distance(unit, ref_unit, 1),
             f"map position kNN (k={args.k})": position_kth,
@@ -181,7 +181,9 @@ def main() -> None:
     thresholds[SHIPPED] = 1.0  # the bundle's own calibration: flagged above 1
     clean_coords, clean_features, clean_statistics = model.run(clean)
     clean_position = kth_neighbour_distance(clean_coords, ref_coords, args.k)
-    in_sample_scores = in_sample_detector.evidence(clean_features, clean_statistics, clean_position).score
+    in_sample_scores = in_sample_detector.evidence(
+        in_sample_detector.feature_distance(clean_features), clean_statistics, clean_position
+    ).score
     in_sample = {SHIPPED: {"false_flag_rate": float((in_sample_scores > 1.0).mean())}}
 
     def pick(count: int) -> np.ndarray:
