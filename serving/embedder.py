@@ -18,7 +18,7 @@ import numpy as np
 
 from serving.bundle import MODEL_FILE, REFERENCE_FILE, BundleError, open_bundle
 from serving.detector import METHOD as DETECTOR_METHOD
-from serving.detector import Detector, channel_statistics
+from serving.detector import Detector, FeatureSpace, channel_statistics
 from serving.flagging import calibrate, pairwise_distances
 from serving.preprocess import to_model_input
 
@@ -82,6 +82,11 @@ class BundleEmbedder:
             self.ref_ids = reference["ids"]
             labels = reference["labels"] if "labels" in reference.files else None
             ref_features = reference["features"].astype(np.float32) if "features" in reference.files else None
+            space = (
+                FeatureSpace(reference["feature_mean"], reference["feature_components"])
+                if "feature_components" in reference.files
+                else None
+            )
         names = self.manifest.class_names
         self.ref_labels = np.array([names[i] for i in labels]) if labels is not None else None
         self.ref_label_indices = (
@@ -93,8 +98,8 @@ class BundleEmbedder:
         self.calibration = self.manifest.calibration or calibrate(self.ref_coords)
         # Bundles from before the combined flag (or without stored features) flag by map position alone.
         self.detector = (
-            Detector(self.calibration, ref_features)
-            if self.calibration.get("method") == DETECTOR_METHOD and ref_features is not None
+            Detector(self.calibration, ref_features, space)
+            if self.calibration.get("method") == DETECTOR_METHOD and ref_features is not None and space is not None
             else None
         )
         position = self.calibration["position"] if self.detector is not None else self.calibration

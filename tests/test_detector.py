@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from serving.detector import METHOD, Detector, calibrate_detector, channel_statistics
+from serving.detector import METHOD, Detector, FeatureSpace, calibrate_detector, channel_statistics
 from serving.flagging import kth_neighbour_distance
 
 
@@ -23,9 +23,10 @@ def _collection(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarra
 def fitted() -> tuple[Detector, np.random.Generator, np.ndarray]:
     rng = np.random.default_rng(0)
     ref, calib = _collection(rng, 3000), _collection(rng, 1000)
-    calibration = calibrate_detector(*calib, *ref, source="test", target_rate=0.05)
+    space = FeatureSpace.fit(ref[0], dims=8)
+    calibration = calibrate_detector(*calib, *ref, source="test", space=space, target_rate=0.05)
     assert calibration["method"] == METHOD and calibration["images"] == 1000
-    return Detector(calibration, ref[0]), rng, ref[2]
+    return Detector(calibration, space.project(ref[0]), space), rng, ref[2]
 
 
 def test_false_flag_rate_on_fresh_clean_images_is_near_target(fitted) -> None:
@@ -57,3 +58,14 @@ def test_duplicates_within_a_batch(fitted) -> None:
     assert twins[-1] == 0 and twins[0] == 6
     assert (twins[1:6] == -1).all()
     assert (detector.duplicates(features[:1]) == -1).all()
+
+
+def test_feature_space_keeps_neighbour_distances() -> None:
+    rng = np.random.default_rng(3)
+    features = rng.normal(size=(500, 6)) @ rng.normal(size=(6, 64))  # rank 6 in 64-D
+    space = FeatureSpace.fit(features, dims=8)
+    projected = space.project(features)
+    from serving.flagging import pairwise_distances, unit_rows
+
+    unit = unit_rows(features)
+    assert np.allclose(pairwise_distances(projected[:20], projected), pairwise_distances(unit[:20], unit), atol=1e-4)

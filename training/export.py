@@ -32,8 +32,7 @@ from serving.bundle import (
     Preprocessing,
     sha256_file,
 )
-from serving.detector import calibrate_detector, channel_statistics
-from serving.flagging import unit_rows
+from serving.detector import FeatureSpace, calibrate_detector, channel_statistics
 from serving.images import resize_rgb
 from serving.preprocess import to_model_input
 from training.checkpoint import load_checkpoint
@@ -113,8 +112,9 @@ def _calibrate_flag(
     prep: Preprocessing,
     calibration_data: str | Path | None,
     target_rate: float,
-) -> dict:
+) -> tuple[dict, FeatureSpace]:
     statistics = _statistics(dataset.images, prep)
+    space = FeatureSpace.fit(features)
     if calibration_data is not None:
         held = load_dataset(calibration_data, size=dataset.size, resize_method=prep.resize_method)
         if len(held) < 100:
@@ -122,15 +122,16 @@ def _calibrate_flag(
         held_coords, held_features = embed_images(model, held.images, torch.device("cpu"))
         return calibrate_detector(
             held_features, _statistics(held.images, prep), held_coords, features, statistics, coords,
-            source=f"held-out images never trained on: {held.source} ({len(held)})", target_rate=target_rate,
-        )  # fmt: skip
+            source=f"held-out images never trained on: {held.source} ({len(held)})", space=space,
+            target_rate=target_rate,
+        ), space  # fmt: skip
     order = np.random.default_rng(0).permutation(len(coords))
     out, rest = order[: max(1, len(order) // 10)], order[max(1, len(order) // 10) :]
     return calibrate_detector(
         features[out], statistics[out], coords[out], features[rest], statistics[rest], coords[rest],
         source=f"training images, 10 % left out of the reference ({len(out)}; in-sample: the network saw them)",
-        target_rate=target_rate,
-    )  # fmt: skip
+        space=space, target_rate=target_rate,
+    ), space  # fmt: skip
 
 
 def export_bundle(
@@ -171,7 +172,7 @@ def export_bundle(
         height=dataset.size[0], width=dataset.size[1], resize_method=config["resize_method"], center_crop=center_crop
     )
 
-    calibration = _calibrate_flag(model, dataset, coords, features, prep, calibration_data, target_rate)
+    calibration, space = _calibrate_flag(model, dataset, coords, features, prep, calibration_data, target_rate)
 
     parent = out.parent
     try:
@@ -195,7 +196,8 @@ def export_bundle(
         }
         if dataset.labels is not None:
             reference["labels"] = dataset.labels
-        reference["features"] = unit_rows(features).astype(np.float16)
+        reference["features"] = space.project(features)  # serving/detector.py FeatureSpace
+        reference["feature_mean"], reference["feature_components"] = space.mean, space.components
         with open(staging / REFERENCE_FILE, "wb") as handle:
             np.savez_compressed(handle, **reference)
         plot_map(

@@ -39,7 +39,7 @@ import artefacts  # noqa: E402
 
 from serving.bundle import open_bundle  # noqa: E402
 from serving.detector import METHOD as DETECTOR_METHOD  # noqa: E402
-from serving.detector import Detector, calibrate_detector, channel_statistics  # noqa: E402
+from serving.detector import Detector, FeatureSpace, calibrate_detector, channel_statistics  # noqa: E402
 from serving.flagging import kth_neighbour_distance, unit_rows  # noqa: E402
 from serving.images import resize_rgb  # noqa: E402
 from serving.preprocess import to_model_input  # noqa: E402
@@ -147,7 +147,8 @@ def main() -> None:
     if shipped_calibration.get("method") != DETECTOR_METHOD:
         sys.exit(f"{args.bundle}: its calibration is not '{DETECTOR_METHOD}'; export it again with this version")
     with np.load(args.bundle / "reference.npz") as reference:
-        detector = Detector(shipped_calibration, reference["features"].astype(np.float32))
+        space = FeatureSpace(reference["feature_mean"], reference["feature_components"])
+        detector = Detector(shipped_calibration, reference["features"].astype(np.float32), space)
     # What export does without held-out images: 10 % of the training images left out of the reference.
     leave = rng.permutation(len(train))
     out_idx, keep_idx = leave[: len(train) // 10], leave[len(train) // 10 :]
@@ -155,9 +156,10 @@ def main() -> None:
         calibrate_detector(
             ref_features[out_idx], ref_statistics[out_idx], ref_coords[out_idx],
             ref_features[keep_idx], ref_statistics[keep_idx], ref_coords[keep_idx],
-            source="in-sample", k=args.k, target_rate=args.target_rate,
+            source="in-sample", space=space, k=args.k, target_rate=args.target_rate,
         ),
-        ref_features,
+        space.project(ref_features),
+        space,
     )  # fmt: skip
 
     def scores_for(images: np.ndarray) -> dict[str, np.ndarray]:
