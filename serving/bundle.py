@@ -2,7 +2,8 @@
 
 models/<name>/
   model.onnx       float32 images (N, 3, H, W) in [0, 1] -> coords (N, 2), features (N, F)
-  reference.npz    the training images' map: coords, labels, ids, class_names, thumbnails (no pickle)
+  reference.npz    the training images' map: coords, labels, ids, class_names, thumbnails, and for the
+                   flag their features projected as serving/detector.py FeatureSpace (no pickle)
   map.png          the reference map picture
   bundle.json      schema version, preprocessing, outputs, classes, provenance, parity, flag calibration,
                    sha256 of every file
