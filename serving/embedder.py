@@ -141,13 +141,15 @@ class BundleEmbedder:
         coords = outputs[:, : self.manifest.out_dim]
         # Computed once: neighbours and the position evidence share it.
         distances = pairwise_distances(coords, self._ref64, self._ref_sq)
-        # One partial sort serves both: the k nearest neighbours and the position's k-th distance.
+        # One partial sort (a single kth: cheaper than two) serves both the k nearest neighbours and the
+        # position's k-th distance; then only the few candidates are sorted.
         k_pos = self.position_k
-        partitioned = np.argpartition(distances, sorted({self.k - 1, k_pos - 1}), axis=1)
-        candidates = partitioned[:, : self.k]
-        order = np.take_along_axis(distances, candidates, axis=1).argsort(axis=1)
-        nearest = np.take_along_axis(candidates, order, axis=1)
-        kth = np.take_along_axis(distances, partitioned[:, k_pos - 1 : k_pos], axis=1)[:, 0]
+        k_top = max(self.k, k_pos)
+        candidates = np.argpartition(distances, k_top - 1, axis=1)[:, :k_top]
+        candidate_distances = np.take_along_axis(distances, candidates, axis=1)
+        order = candidate_distances.argsort(axis=1)
+        nearest = np.take_along_axis(candidates, order[:, : self.k], axis=1)
+        kth = np.take_along_axis(candidate_distances, order[:, k_pos - 1 : k_pos], axis=1)[:, 0]
         if self.detector is not None:
             if batch is None:
                 raise ValueError("the model input batch is needed for the pixel evidence")
