@@ -13,9 +13,16 @@ field or limit; the worker stays up.
 
 from __future__ import annotations
 
+import os
+
+# numpy's BLAS threads busy-wait after each matrix product and take the cores from the event loop and
+# onnxruntime: one BLAS thread per worker served 40 % more requests in a load test (benchmarks/README.md).
+# Set here, at import in `bentoml serve` itself, so the worker processes it starts inherit it; an
+# explicit OPENBLAS_NUM_THREADS in the environment wins.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import asyncio
 import logging
-import os
 import signal
 import sys
 from importlib.metadata import PackageNotFoundError, version
