@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from serving.flagging import kth_neighbour_distance, pairwise_distances, unit_rows
+from serving.flagging import kth_neighbour_distance, nearest_other, unit_rows
 
 METHOD = "features+pixels"
 DEFAULT_K = 15
@@ -129,11 +129,10 @@ def calibrate_detector(
     # Near-duplicates: closer than all but `target_rate` of distinct clean images are to their nearest other.
     # (At most 2,000 calibration images for this: the pairwise matrix grows with the square.)
     sample = np.random.default_rng(0).permutation(len(calibration_features))[:2000]
-    unit = space.project(calibration_features[sample])
-    nearest_other = np.sort(pairwise_distances(unit, unit) + np.eye(len(unit)) * 1e9, axis=1)[:, 0]
+    _, nearest_distance = nearest_other(space.project(calibration_features[sample]))
     return {
         "method": METHOD,
-        "duplicate_distance": float(np.quantile(nearest_other, target_rate)),
+        "duplicate_distance": float(np.quantile(nearest_distance, target_rate)),
         "target_false_flag_rate": float(target_rate),
         "source": source,
         "images": len(calibration_features),
@@ -161,27 +160,27 @@ class Detector:
         self.space = space
         self.calibration = calibration
         self.k = int(calibration["k"])
-        self.reference_unit = np.asarray(reference_projected, dtype=np.float32)
-        self.reference_sq = (self.reference_unit**2).sum(1)
+        self.reference_projected = np.asarray(reference_projected, dtype=np.float32)
+        self.reference_sq = (self.reference_projected**2).sum(1)
         self.pixels = PixelModel.from_dict(calibration["pixels"])
         self.feature_scale = float(calibration["features"]["scale"])
         self.pixel_scale = float(calibration["pixels"]["scale"])
         self.threshold = float(calibration["threshold"])
         self.position_threshold = float(calibration["position"]["threshold"])
 
-    def feature_distance(self, features: np.ndarray, chunk: int = 256) -> np.ndarray:
-        """Distance from each image's unit features to its k-th nearest reference image.
+    def feature_distance(self, features: np.ndarray) -> np.ndarray:
+        """Distance from each image's projected features to its k-th nearest reference image.
 
-        float32 and one matrix product per batch: the reference (17,000 x 512 for PBC) is read once per
+        float32 and one matrix product per batch: the reference (17,000 x 128 for PBC) is read once per
         batch instead of once per image, which is what makes the flag cheap under load."""
-        unit = self.space.project(features)
-        out = np.empty(len(unit), dtype=np.float64)
-        k = min(self.k, len(self.reference_unit))
-        for start in range(0, len(unit), chunk):
-            block = unit[start : start + chunk]
-            squared = (block**2).sum(1)[:, None] + self.reference_sq[None, :] - 2.0 * block @ self.reference_unit.T
-            out[start : start + chunk] = np.sqrt(np.maximum(np.partition(squared, k - 1, axis=1)[:, k - 1], 0.0))
-        return out
+        return kth_neighbour_distance(
+            self.space.project(features),
+            self.reference_projected,
+            self.k,
+            chunk=256,
+            reference_sq=self.reference_sq,
+            dtype=np.float32,
+        )
 
     def evidence(self, feature_distance: np.ndarray, statistics: np.ndarray, position_kth: np.ndarray) -> Evidence:
         """The score and its parts from the three raw measurements (see `feature_distance`)."""
@@ -200,8 +199,5 @@ class Detector:
         features than nearly all distinct clean images are to each other), or -1."""
         if len(features) < 2 or "duplicate_distance" not in self.calibration:
             return np.full(len(features), -1)
-        unit = self.space.project(features)
-        distances = pairwise_distances(unit, unit) + np.eye(len(unit)) * 1e9
-        nearest = distances.argmin(1)
-        close = distances[np.arange(len(unit)), nearest] < float(self.calibration["duplicate_distance"])
-        return np.where(close, nearest, -1)
+        nearest, distance = nearest_other(self.space.project(features))
+        return np.where(distance < float(self.calibration["duplicate_distance"]), nearest, -1)

@@ -17,13 +17,16 @@ DEFAULT_TARGET_RATE = 0.01
 HOLDOUT = 0.1
 
 
-def pairwise_distances(points: np.ndarray, reference: np.ndarray, reference_sq: np.ndarray | None = None) -> np.ndarray:
-    """Euclidean distances (n_points, n_reference) in float64, without an (n, m, d) temporary.
+def pairwise_distances(
+    points: np.ndarray, reference: np.ndarray, reference_sq: np.ndarray | None = None, dtype: type = np.float64
+) -> np.ndarray:
+    """Euclidean distances (n_points, n_reference), without an (n, m, d) temporary.
 
-    reference_sq: the reference points' squared norms (float64), when the caller keeps them: a service
+    reference_sq: the reference points' squared norms (in `dtype`), when the caller keeps them: a service
     placing a few images on a large map would otherwise spend most of this function recomputing them.
+    dtype: float64 by default; float32 halves the memory read for large feature references.
     """
-    points, reference = points.astype(np.float64), reference.astype(np.float64, copy=False)
+    points, reference = points.astype(dtype), reference.astype(dtype, copy=False)
     if reference_sq is None:
         reference_sq = (reference**2).sum(1)
     squared = (points**2).sum(1)[:, None] + reference_sq[None, :] - 2.0 * points @ reference.T
@@ -45,20 +48,32 @@ def kth_smallest(distances: np.ndarray, k: int) -> np.ndarray:
 
 
 def kth_neighbour_distance(
-    points: np.ndarray, reference: np.ndarray, k: int, chunk: int = 1024, reference_sq: np.ndarray | None = None
+    points: np.ndarray,
+    reference: np.ndarray,
+    k: int,
+    chunk: int = 1024,
+    reference_sq: np.ndarray | None = None,
+    dtype: type = np.float64,
 ) -> np.ndarray:
-    """Euclidean distance from each point to its k-th nearest reference point (1-based k).
+    """Euclidean distance from each point to its k-th nearest reference point (1-based k), as float64.
 
-    A caller that queries the same reference often passes it as float64 with its squared norms, so
-    that neither is recomputed per query (for 17,000 x 512 features that would be 70 MB per call)."""
-    reference = reference.astype(np.float64, copy=False)
+    A caller that queries the same reference often passes it already in `dtype` with its squared norms,
+    so that neither is recomputed per query (for 17,000 x 512 features that would be 70 MB per call)."""
+    reference = reference.astype(dtype, copy=False)
     if reference_sq is None:
         reference_sq = (reference**2).sum(1)
     out = np.empty(len(points))
     for start in range(0, len(points), chunk):
-        block = pairwise_distances(points[start : start + chunk], reference, reference_sq)
+        block = pairwise_distances(points[start : start + chunk], reference, reference_sq, dtype)
         out[start : start + chunk] = kth_smallest(block, k)
     return out
+
+
+def nearest_other(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each row, the index of and distance to the nearest other row of the same set."""
+    distances = pairwise_distances(vectors, vectors) + np.eye(len(vectors)) * 1e9
+    index = distances.argmin(1)
+    return index, distances[np.arange(len(vectors)), index]
 
 
 def calibrate(
