@@ -19,7 +19,7 @@ import numpy as np
 from serving.bundle import MODEL_FILE, REFERENCE_FILE, BundleError, open_bundle
 from serving.detector import METHOD as DETECTOR_METHOD
 from serving.detector import Detector, FeatureSpace, channel_statistics
-from serving.flagging import calibrate, pairwise_distances
+from serving.flagging import calibrate, pairwise_distances, score_from_kth_distance
 from serving.preprocess import to_model_input
 
 DEFAULT_NEIGHBOURS = 5
@@ -162,7 +162,7 @@ class BundleEmbedder:
                 for f, p, q in zip(found.features, found.pixels, found.position, strict=True)
             ]
         else:
-            scores = kth / self.position_threshold
+            scores, _ = score_from_kth_distance(kth, self.calibration)  # the position-only flag
             evidence = [{"position": float(q)} for q in scores]
             twins = np.full(len(scores), -1)
         flagged = scores > 1.0

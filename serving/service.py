@@ -260,20 +260,13 @@ class MapService:
         multipart/form-data; 422 a file that is not a usable image or has more than max_pixels pixels
         (`detail` names each such file).
         """
-        # Wrong fields, text values and malformed bodies were already answered by UploadGuard.
+        # Wrong fields, text values, malformed bodies and too many files were already answered by UploadGuard.
         if not images:
             return _error(
                 ctx,
                 400,
                 f"empty request: send one or more image files in the multipart field '{UPLOAD_FIELD}'",
                 reason="empty",
-            )
-        if len(images) > SETTINGS.max_images:
-            return _error(
-                ctx,
-                413,
-                f"{len(images)} images in one request exceeds the limit of {SETTINGS.max_images} (setting max_images)",
-                reason="too_many_images",
             )
         decoded, problems = await asyncio.to_thread(self._decode, images)
         if problems:
