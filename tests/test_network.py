@@ -52,3 +52,15 @@ def test_stage_two_updates_batchnorm_statistics_but_not_weights() -> None:
     assert not torch.equal(before, model.backbone.stem[1].running_mean)
     assert model.backbone.stem[0].weight.grad is None and torch.equal(conv_before, model.backbone.stem[0].weight)
     assert model.head[-1].weight.grad is not None
+
+
+def test_stage_two_layer_is_drawn_on_the_cpu_generator_whatever_the_model_lives_on() -> None:
+    """The seeded CPU generator draws the new layer before it moves to the model's device and dtype: the
+    same seed gives the same layer (this once failed on CUDA: a CPU generator cannot fill a GPU tensor)."""
+    layers = []
+    for dtype in (torch.float32, torch.float64):
+        model = TSimCNENet(width=4).to(dtype)
+        model.to_map_output(2, generator=torch.Generator().manual_seed(7))
+        assert model.head[-1].weight.dtype == dtype
+        layers.append(model.head[-1].weight.float())
+    assert torch.equal(layers[0], layers[1])

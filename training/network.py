@@ -97,15 +97,16 @@ class TSimCNENet(nn.Module):
     def to_map_output(self, out_dim: int = 2, generator: torch.Generator | None = None) -> None:
         """Stage 1 -> 2: new last layer Linear(1024 -> out_dim) with weights ~ N(0, 1), all else frozen.
 
-        The bias keeps PyTorch's default U(-1/sqrt(1024), 1/sqrt(1024)) as in the reference.
+        The bias keeps PyTorch's default U(-1/sqrt(1024), 1/sqrt(1024)) as in the reference. The layer is
+        drawn on the CPU (where `generator` lives) and then moved, so a seed gives the same layer on any device.
         """
         old = self.head[-1]
-        new = nn.Linear(HEAD_HIDDEN, out_dim).to(device=old.weight.device, dtype=old.weight.dtype)
+        new = nn.Linear(HEAD_HIDDEN, out_dim)
         with torch.no_grad():
             new.weight.normal_(0.0, 1.0, generator=generator)
             bound = HEAD_HIDDEN**-0.5
             new.bias.uniform_(-bound, bound, generator=generator)
-        self.head[-1] = new
+        self.head[-1] = new.to(device=old.weight.device, dtype=old.weight.dtype)
         self.set_trainable(last_layer_only=True)
 
     def set_trainable(self, last_layer_only: bool) -> None:
