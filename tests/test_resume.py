@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from tests.conftest import ROOT, run_cli
+from training.runlock import hold_run_lock
 
 ARGS = ["--data", "synthetic:160", "--recipe", "tiny", "--epochs", "4,2,3", "--image-size", "16", "--batch-size", "16"]
 ARGS += ["--checkpoint-every", "1", "--precision", "fp32"]
@@ -87,3 +88,28 @@ def test_ctrl_c_saves_mid_epoch_and_resume_matches(tmp_path: Path) -> None:
     resumed = run_cli("train", "--resume", str(tmp_path / "interrupted"))
     assert resumed.returncode == 0, resumed.stderr
     _assert_same_weights(tmp_path / "straight" / "stage3.pt", tmp_path / "interrupted" / "stage3.pt")
+
+
+def test_second_process_on_a_live_run_is_refused(tmp_path: Path) -> None:
+    """A `--resume` of a run another process is still training stops with a clear message; once that
+    process is gone (killed, here) the lock is free again."""
+    runs = tmp_path / "runs"
+    args = [a if a != "4,2,3" else "500,2,3" for a in ARGS]  # long enough to still be running
+    first = subprocess.Popen(
+        [sys.executable, "-m", "training.cli", "train", "--name", "live", "--runs-dir", str(runs), *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_for_log_lines(runs / "live", 1, first)
+        second = run_cli("train", "--resume", str(runs / "live"))
+        assert first.poll() is None, "the first run ended before the second started; the test proves nothing"
+        assert second.returncode == 2
+        assert f"is being trained by another process (pid {first.pid})" in second.stderr
+        assert "Traceback" not in second.stderr
+    finally:
+        first.kill()
+        first.communicate()
+    hold_run_lock(runs / "live").close()  # free after a SIGKILL: no stale lock

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import shutil
 import sys
 from collections.abc import Callable
@@ -151,7 +152,10 @@ def train(
         }
         config = build_config(recipe, overrides)
     from training.augment import get_preset
+    from training.runlock import hold_run_lock
 
+    # Only the main process of a torchrun job holds the lock (the others share its run folder).
+    run_lock = hold_run_lock(run_dir) if os.environ.get("RANK", "0") == "0" else None  # noqa: F841 (held)
     get_preset(config.augmentation)  # unknown preset: fail before reading any data
     runtime = resolve_runtime(config.device, config.precision, config.channels_last)
     dist_info = init_from_env(runtime.device.type == "cuda")
