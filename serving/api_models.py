@@ -11,6 +11,7 @@ Flag = Literal["in_distribution", "out_of_distribution", "artefact"]
 
 class Neighbour(BaseModel):
     id: str = Field(description="reference image id (its file name or index in the training data)")
+    index: int = Field(description="position in GET /map's arrays; its thumbnail is GET /thumbnail?index={index}")
     label: str | None = Field(description="the reference image's label; null for an unlabelled collection")
     distance: float = Field(description="Euclidean distance on the map")
 

@@ -30,6 +30,7 @@ class Placement:
     x: float
     y: float
     neighbour_ids: list[str]
+    neighbour_indices: list[int]  # positions in the reference map (GET /map, /thumbnail?index={index})
     neighbour_labels: list[str]
     neighbour_distances: list[float]
     majority_label: str | None
@@ -178,6 +179,7 @@ class BundleEmbedder:
                     x=float(coords[row, 0]),
                     y=float(coords[row, 1]) if coords.shape[1] > 1 else 0.0,
                     neighbour_ids=[str(i) for i in self.ref_ids[index]],
+                    neighbour_indices=[int(i) for i in index],
                     neighbour_labels=labels,
                     neighbour_distances=[float(d) for d in distances[row, index]],
                     majority_label=majority,
