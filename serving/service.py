@@ -4,7 +4,8 @@
     bentoml serve serving.service:MapService --arg model_tag=demo:latest   (a bundle in BentoML's model store)
 
 Routes: POST /embed (multipart field `images`, one or many files), GET /map, GET /info, /metrics,
-/healthz /livez /readyz, /docs.json (OpenAPI). Settings: serving/settings.py. The bundle is opened and
+/healthz /livez /readyz, /docs.json (OpenAPI), /docs (API page); the map page at / with reference
+thumbnails at /thumbnail?index={index} (serving/webpage.py). Settings: serving/settings.py. The bundle is opened and
 verified once per worker, with onnxruntime on CUDA when there is a GPU (or when `provider=cuda`
 demands it: then the service refuses to start without one) and on the CPU otherwise; /readyz answers
 200 only after that and one warm-up run. Bad input is answered 4xx with {"error": ...} naming the file,
@@ -31,19 +32,22 @@ from pathlib import Path
 import bentoml
 import numpy as np
 from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
 from pydantic import Field
 from starlette.responses import JSONResponse, Response
 
 from serving import metrics
 from serving.api_models import EmbeddedImage, EmbedResponse, ErrorResponse, InfoResponse, Limits, MapResponse, Neighbour
 from serving.batching import MicroBatcher
-from serving.bundle import MANIFEST, BundleError, open_bundle, sha256_file
+from serving.bundle import MANIFEST, REFERENCE_FILE, BundleError, open_bundle, sha256_file
 from serving.embedder import BundleEmbedder, Placement
-from serving.guards import BearerTokenAuth, BodySizeLimit, UploadGuard
+from serving.guards import OPEN_PATHS, BearerTokenAuth, BodySizeLimit, UploadGuard
 from serving.images import ImageDecodeError, decode_image
 from serving.settings import ServiceSettings, SettingsError, load_settings
 from serving.store import bundle_path_from_store
 from serving.uploads import UploadedFile
+from serving.webpage import OPEN_PATHS as PAGE_PATHS
+from serving.webpage import Thumbnails, page_router, validation_error
 
 logger = logging.getLogger("bentoml.tsimcne")
 UPLOAD_FIELD = "images"
@@ -122,6 +126,7 @@ def _stop_server() -> None:
 
 
 web = FastAPI(title="tsimcne map", openapi_url=None, docs_url=None, redoc_url=None)
+web.add_exception_handler(RequestValidationError, validation_error)
 
 
 @web.get("/map", response_class=Response, responses={200: {"model": MapResponse, "description": "the reference map"}})
@@ -134,6 +139,14 @@ def reference_map() -> Response:
 def info() -> InfoResponse:
     """The bundle being served, the provider onnxruntime got, the flag calibration, limits and versions."""
     return bentoml.get_current_service().info
+
+
+web.include_router(
+    page_router(
+        thumbnails=lambda: bentoml.get_current_service().thumbnails,
+        reference_count=lambda: len(bentoml.get_current_service().embedder.ref_coords),
+    )
+)
 
 
 @bentoml.asgi_app(web, path="/")
@@ -181,6 +194,7 @@ class MapService:
         metrics.initialise(manifest.class_names)
         self.batcher = MicroBatcher(self._run_model, max_images=SETTINGS.max_batch_images)
         self.map_json = self._map().model_dump_json().encode()
+        self.thumbnails = Thumbnails(folder / REFERENCE_FILE)
         self.info = self._info()
         # Warm-up: the first onnxruntime run allocates; do it before /readyz says yes.
         prep = manifest.preprocessing
@@ -315,8 +329,10 @@ def _embedded(filename: str, placement: Placement, duplicate_of: str | None) -> 
         evidence=placement.evidence,
         duplicate_of=duplicate_of,
         neighbours=[
-            Neighbour(id=i, label=label, distance=d)
-            for i, label, d in zip(placement.neighbour_ids, labels, placement.neighbour_distances, strict=True)
+            Neighbour(id=i, index=n, label=label, distance=d)
+            for i, n, label, d in zip(
+                placement.neighbour_ids, placement.neighbour_indices, labels, placement.neighbour_distances, strict=True
+            )
         ],
         majority_label=placement.majority_label,
         majority_share=placement.majority_share,
@@ -324,7 +340,7 @@ def _embedded(filename: str, placement: Placement, duplicate_of: str | None) -> 
 
 
 # Outermost first: an unauthenticated request is refused before its body is read.
-MapService.add_asgi_middleware(BearerTokenAuth, token=SETTINGS.api_token)
+MapService.add_asgi_middleware(BearerTokenAuth, token=SETTINGS.api_token, open_paths=OPEN_PATHS | PAGE_PATHS)
 MapService.add_asgi_middleware(
     BodySizeLimit,
     max_bytes=SETTINGS.max_upload_bytes,
