@@ -19,7 +19,8 @@ import tifffile
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-BENTOML = Path(sys.executable).with_name("bentoml")
+# The bentoml beside this Python; TSIMCNE_BENTOML names another (e.g. one installed with pip --target).
+BENTOML = Path(os.environ.get("TSIMCNE_BENTOML") or Path(sys.executable).with_name("bentoml"))
 
 
 def free_port() -> int:

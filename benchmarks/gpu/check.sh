@@ -14,8 +14,8 @@ PY=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}  # DEVICE=cpu PROVIDER=cpu: a smoke run of this script without a GPU
 PROVIDER=${PROVIDER:-cuda}
 EPOCHS=${EPOCHS:-10,3,5}
-WORK=$(mktemp -d)
-mkdir -p "$RESULTS"
+WORK=${WORK:-$(mktemp -d)}  # WORK=DIR keeps the run and the bundle there
+mkdir -p "$RESULTS" "$WORK"
 tsimcne() { "$PY" -m training.cli "$@"; }
 
 if command -v nvidia-smi >/dev/null; then
@@ -64,5 +64,5 @@ tsimcne embed "$WORK/bundle" --data "$WORK/new" --provider "$PROVIDER" --out "$R
 
 echo "== onnxruntime: CPU against CUDA"
 if [ "$PROVIDER" = cuda ]; then
-    "$PY" benchmarks/gpu/ort_speed.py "$WORK/bundle" --data "$DATA" --n 4096 --out "$RESULTS/ort_speed.json"
+    "$PY" benchmarks/gpu/ort_speed.py "$WORK/bundle" --data "$DATA" --n "${ORT_N:-4096}" --out "$RESULTS/ort_speed.json"
 fi
