@@ -277,10 +277,14 @@ class _PrefixProxy(BaseHTTPRequestHandler):
 
     upstream = ""
     prefix = "/tsimcne/"
+    down = False  # answer 503 like nginx whose upstream is down
 
     def _forward(self, method: str) -> None:
         if not self.path.startswith(self.prefix):
             self.send_error(404)
+            return
+        if self.down:
+            self.send_error(503, "upstream unavailable")
             return
         length = int(self.headers.get("Content-Length") or 0)
         headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
@@ -309,18 +313,45 @@ class _PrefixProxy(BaseHTTPRequestHandler):
         pass
 
 
-def test_the_page_works_under_a_path_prefix_behind_a_proxy(browser, server, cell, tmp_path) -> None:
+@pytest.fixture
+def proxy(server):
     handler = type("Proxy", (_PrefixProxy,), {"upstream": server.url})
-    proxy = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=proxy.serve_forever, daemon=True).start()
-    try:
-        browser.get(f"http://127.0.0.1:{proxy.server_address[1]}/tsimcne/")
-        assert wait_until_drawn(browser)["drawnPoints"] > 0
-        _upload(browser, write_good_images(tmp_path, cell)[:1])
-        wait_for(browser, "window.tsimcneMap.markers().length === 1", what="a marker through the proxy")
-        wait_for(browser, "document.querySelector('.neighbours img')?.naturalWidth > 0", what="thumbnails")
-    finally:
-        proxy.shutdown()
+    running = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=running.serve_forever, daemon=True).start()
+    yield handler, f"http://127.0.0.1:{running.server_address[1]}/tsimcne/"
+    running.shutdown()
+
+
+def test_the_page_works_under_a_path_prefix_behind_a_proxy(browser, proxy, cell, tmp_path) -> None:
+    browser.get(proxy[1])
+    assert wait_until_drawn(browser)["drawnPoints"] > 0
+    _upload(browser, write_good_images(tmp_path, cell)[:1])
+    wait_for(browser, "window.tsimcneMap.markers().length === 1", what="a marker through the proxy")
+    wait_for(browser, "document.querySelector('.neighbours img')?.naturalWidth > 0", what="thumbnails")
+
+
+def test_a_proxy_saying_the_service_is_unavailable_is_reported(browser, proxy, cell, tmp_path) -> None:
+    handler, url = proxy
+    browser.get(url)
+    wait_until_drawn(browser)
+    handler.down = True
+    _upload(browser, write_good_images(tmp_path, cell)[:1])
+    wait_for(browser, "document.querySelector('.result.failed')", what="the failed card")
+    assert "not available right now (HTTP 503)" in _results(browser)[0]["error"]
+    assert "starting or restarting" in browser.find_element(By.ID, "status").text
+
+
+def test_a_service_restarted_with_another_bundle_is_not_drawn_on_the_old_map(
+    browser, proxy, big_server, cell, tmp_path
+) -> None:
+    handler, url = proxy
+    browser.get(url)
+    wait_until_drawn(browser)
+    handler.upstream = big_server.url  # as if the service behind the proxy now served another bundle
+    _upload(browser, write_good_images(tmp_path, cell)[:1])
+    wait_for(browser, "document.querySelector('.result.failed')", what="the failed card")
+    assert "serves another map (bundle big-map)" in _results(browser)[0]["error"]
+    assert browser.execute_script("return window.tsimcneMap.markers().length") == 0
 
 
 @pytest.fixture(scope="module")

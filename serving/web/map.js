@@ -631,6 +631,13 @@
       }
       if (response.ok) {
         const body = await response.json();
+        if (body.bundle_sha256 !== state.info.bundle_sha256) {
+          // The service was restarted with another bundle: its positions belong to a map not shown here.
+          const text = `The service now serves another map (bundle ${body.bundle}); reload the page to see it and place images on it.`;
+          for (const result of remaining) fail(result, "failed", text);
+          setStatus("error", text);
+          return false;
+        }
         body.images.forEach((placed, k) => complete(remaining[k], placed));
         return true;
       }
