@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,19 +20,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.timing import best_of
 from serving.bundle import open_bundle
 from serving.preprocess import to_model_input
 from training.checkpoint import load_checkpoint
 from training.runs import dataset_for_state, final_checkpoint_path, model_from_state
-
-
-def best_of(passes: int, run) -> float:
-    times = []
-    for _ in range(passes):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return min(times)
 
 
 def main() -> None:

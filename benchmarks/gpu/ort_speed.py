@@ -16,23 +16,14 @@ import json
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from benchmarks.timing import best_of
 from serving.embedder import BundleEmbedder
-
-
-def best_of(passes: int, run) -> float:
-    times = []
-    for _ in range(passes):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return min(times)
 
 
 def measure(embedder: BundleEmbedder, images: np.ndarray, batches: tuple[int, ...]) -> dict:
