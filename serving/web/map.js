@@ -528,7 +528,7 @@
     preview.alt = "";
     preview.src = URL.createObjectURL(file);
     // Browsers cannot show every format the service reads (TIFF, for one): then no preview.
-    preview.addEventListener("error", () => (preview.style.visibility = "hidden"), { once: true });
+    preview.addEventListener("error", () => preview.remove(), { once: true });
     const title = element("div", "result-title");
     const name = element("div", "file-name");
     name.append(element("span", "marker-no", String(result.n)), document.createTextNode(file.name));
