@@ -41,6 +41,9 @@ def test_register_serve_by_tag_and_build_a_bento(service_bundle, tmp_path, monke
     try:
         with running.client() as client:
             info = client.get("/info").json()
+            page, script = client.get("/"), client.get("/ui/map.js")
         assert info["bundle"] == "cells" and info["provider"] == "CPUExecutionProvider"
+        # The map page travels in the Bento too (bentofile.yaml includes serving/web/).
+        assert page.status_code == 200 and "tsimcne map" in page.text and script.status_code == 200
     finally:
         running.stop()
