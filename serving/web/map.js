@@ -58,14 +58,18 @@
     return response;
   }
 
-  async function errorText(response) {
+  // The service's error body {"error": ..., "detail": [...]}, read once; a proxy's HTML page has neither.
+  async function readError(response) {
+    let body = null;
     try {
-      const body = await response.json();
-      if (body && body.error) return body.error;
+      body = await response.json();
     } catch {
       /* not JSON */
     }
-    return `the service answered HTTP ${response.status}`;
+    return {
+      message: body?.error || `the service answered HTTP ${response.status}`,
+      detail: Array.isArray(body?.detail) ? body.detail : null,
+    };
   }
 
   function setStatus(kind, text) {
@@ -546,6 +550,13 @@
     result.card.append(element("div", "error-text", message));
   }
 
+  // The whole request failed (not the files): every card and the status bar say why.
+  function failAll(results, message) {
+    for (const result of results) fail(result, "failed", message);
+    setStatus("error", message);
+    return false;
+  }
+
   function fmt(value, digits = 2) {
     return value === null || value === undefined ? "–" : Number(value).toFixed(digits);
   }
@@ -625,30 +636,20 @@
       try {
         response = await withToken(() => call("embed", { method: "POST", body: form }));
       } catch (error) {
-        for (const result of remaining) fail(result, "failed", error.message);
-        setStatus("error", error.message);
-        return false;
+        return failAll(remaining, error.message);
       }
       if (response.ok) {
         const body = await response.json();
         if (body.bundle_sha256 !== state.info.bundle_sha256) {
           // The service was restarted with another bundle: its positions belong to a map not shown here.
           const text = `The service now serves another map (bundle ${body.bundle}); reload the page to see it and place images on it.`;
-          for (const result of remaining) fail(result, "failed", text);
-          setStatus("error", text);
-          return false;
+          return failAll(remaining, text);
         }
         body.images.forEach((placed, k) => complete(remaining[k], placed));
         return true;
       }
-      const message = await errorText(response.clone());
-      let detail = null;
-      try {
-        detail = (await response.json()).detail;
-      } catch {
-        detail = null;
-      }
-      if (response.status === 422 && Array.isArray(detail) && detail.length) {
+      const { message, detail } = await readError(response);
+      if (response.status === 422 && detail?.length) {
         // Some files are not usable images: say which and why, then place the others.
         const bad = new Map(detail.map((entry) => [entry.file, entry.error]));
         const rejected = remaining.filter((result) => bad.has(result.name));
@@ -660,9 +661,7 @@
       if ([502, 503, 504].includes(response.status)) {
         // What a reverse proxy answers while the service is down, starting or restarting.
         const text = `The service is not available right now (HTTP ${response.status}): it may be starting or restarting; try again shortly.`;
-        for (const result of remaining) fail(result, "failed", text);
-        setStatus("error", text);
-        return false;
+        return failAll(remaining, text);
       }
       const kind = response.status >= 500 ? "failed" : "rejected";
       for (const result of remaining) fail(result, kind, message);
@@ -740,10 +739,10 @@
   async function loadMap() {
     const started = performance.now();
     const infoResponse = await call("info");
-    if (!infoResponse.ok) throw new ServiceError(infoResponse.status, await errorText(infoResponse));
+    if (!infoResponse.ok) throw new ServiceError(infoResponse.status, (await readError(infoResponse)).message);
     state.info = await infoResponse.json();
     const mapResponse = await call("map");
-    if (!mapResponse.ok) throw new ServiceError(mapResponse.status, await errorText(mapResponse));
+    if (!mapResponse.ok) throw new ServiceError(mapResponse.status, (await readError(mapResponse)).message);
     const text = await mapResponse.text();
     const fetched = performance.now();
     setPoints(JSON.parse(text));
