@@ -141,12 +141,7 @@ def info() -> InfoResponse:
     return bentoml.get_current_service().info
 
 
-web.include_router(
-    page_router(
-        thumbnails=lambda: bentoml.get_current_service().thumbnails,
-        reference_count=lambda: len(bentoml.get_current_service().embedder.ref_coords),
-    )
-)
+web.include_router(page_router(thumbnails=lambda: bentoml.get_current_service().thumbnails))
 
 
 @bentoml.asgi_app(web, path="/")

@@ -52,6 +52,9 @@ class Thumbnails:
                         self._images = np.zeros((0, 1, 1, 3), dtype=np.uint8)
             return self._images
 
+    def count(self) -> int:
+        return len(self._load())
+
     def png(self, index: int) -> bytes | None:
         images = self._load()
         if not 0 <= index < len(images):
@@ -72,8 +75,8 @@ async def validation_error(_request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"error": "; ".join(parts) or "invalid request"}, status_code=422)
 
 
-def page_router(thumbnails: Callable[[], Thumbnails], reference_count: Callable[[], int]) -> APIRouter:
-    """Routes of the page; `thumbnails` and `reference_count` reach the running service's bundle."""
+def page_router(thumbnails: Callable[[], Thumbnails]) -> APIRouter:
+    """Routes of the page; `thumbnails` reaches the running service's bundle."""
     router = APIRouter()
     no_cache = {"Cache-Control": "no-cache"}
 
@@ -98,9 +101,12 @@ def page_router(thumbnails: Callable[[], Thumbnails], reference_count: Callable[
         A query parameter, not a path segment: BentoML labels its request metrics with the path, and a
         page hovering over 100,000 points would otherwise add a metric series per image.
         """
-        data = thumbnails().png(index)
+        store = thumbnails()
+        data = store.png(index)
         if data is None:
-            count = reference_count()
+            count = store.count()
+            if count == 0:
+                return _not_found(f"thumbnail {index}: this bundle has no thumbnails")
             return _not_found(f"thumbnail {index}: the reference map has images 0 to {count - 1}")
         # The page adds the bundle's checksum to the URL (&v=...), so a new bundle is fetched anew.
         return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=86400"})
