@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
 
 from serving.bundle import MANIFEST, REFERENCE_FILE, sha256_file
 
@@ -37,7 +38,7 @@ def find_chromium() -> tuple[str, str] | None:
     return (browser, driver) if browser and driver else None
 
 
-def start_chromium(download_dir: Path | None = None) -> webdriver.Chrome:
+def start_chromium() -> webdriver.Chrome:
     found = find_chromium()
     if found is None:
         raise RuntimeError("Chromium or chromedriver not found (apt-get install chromium chromium-driver)")
@@ -60,6 +61,15 @@ def wait_for(driver: webdriver.Chrome, script: str, timeout: float = 30, what: s
         time.sleep(0.05)
     status = driver.execute_script("return document.getElementById('status')?.textContent")
     raise AssertionError(f"timed out waiting for {what} ({script}); page status: {status!r}")
+
+
+# True once every neighbour thumbnail in the side panel has loaded.
+NEIGHBOUR_THUMBNAILS_LOADED = "[...document.querySelectorAll('.neighbours img')].every(img => img.naturalWidth > 0)"
+
+
+def upload_files(driver: webdriver.Chrome, paths: list[Path]) -> None:
+    """Choose `paths` in the page's file picker (a real file input, as a user's selection)."""
+    driver.find_element(By.ID, "file-input").send_keys("\n".join(str(Path(p).resolve()) for p in paths))
 
 
 def wait_until_drawn(driver: webdriver.Chrome, timeout: float = 60) -> dict:

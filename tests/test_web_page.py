@@ -14,7 +14,6 @@ import os
 import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -24,7 +23,16 @@ from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.actions.wheel_input import ScrollOrigin
 from selenium.webdriver.common.by import By
 
-from tests.browser import find_chromium, measure_page, start_chromium, tile_bundle, wait_for, wait_until_drawn
+from tests.browser import (
+    NEIGHBOUR_THUMBNAILS_LOADED,
+    find_chromium,
+    measure_page,
+    start_chromium,
+    tile_bundle,
+    upload_files,
+    wait_for,
+    wait_until_drawn,
+)
 from tests.servers import ROOT, start_server, write_broken_files, write_good_images
 
 pytestmark = pytest.mark.slow
@@ -96,10 +104,6 @@ def _results(driver) -> list[dict]:
             neighbours: [...card.querySelectorAll('.neighbours img')].map(img => img.naturalWidth),
         }));"""
     )
-
-
-def _upload(driver, paths: list[Path]) -> None:
-    driver.find_element(By.ID, "file-input").send_keys("\n".join(str(p) for p in paths))
 
 
 def test_page_draws_every_reference_point_with_a_legend(page, reference) -> None:
@@ -183,13 +187,9 @@ def test_wheel_zooms_around_the_cursor_and_drag_pans(page) -> None:
 def test_upload_places_markers_where_the_service_puts_them(page, server, cell, tmp_path) -> None:
     """Three files against a limit of two per request: the page sends two requests and places all."""
     paths = write_good_images(tmp_path, cell)[:3]  # PNG, JPEG, 16-bit TIFF
-    _upload(page, paths)
+    upload_files(page, paths)
     wait_for(page, f"window.tsimcneMap.markers().length === {len(paths)}", what="the markers")
-    wait_for(
-        page,
-        "[...document.querySelectorAll('.neighbours img')].every(img => img.naturalWidth > 0)",
-        what="the neighbours' thumbnails",
-    )
+    wait_for(page, NEIGHBOUR_THUMBNAILS_LOADED, what="the neighbours' thumbnails")
     cards = _results(page)
     with httpx.Client(base_url=server.url, timeout=30) as client:
         api = [client.post("/embed", files=[("images", (p.name, p.read_bytes()))]).json()["images"][0] for p in paths]
@@ -208,7 +208,7 @@ def test_upload_places_markers_where_the_service_puts_them(page, server, cell, t
 def test_rejected_files_are_named_with_the_reason_and_the_rest_placed(page, cell, tmp_path) -> None:
     broken = write_broken_files(tmp_path / "broken", cell)
     good = write_good_images(tmp_path / "good", cell)[:1]
-    _upload(page, [broken["notes.txt"], good[0], broken["truncated.jpg"]])
+    upload_files(page, [broken["notes.txt"], good[0], broken["truncated.jpg"]])
     wait_for(page, "window.tsimcneMap.markers().length === 1", what="the good image's marker")
     wait_for(page, "document.querySelectorAll('.result.rejected').length === 2", what="two rejected cards")
     cards = {card["name"].lstrip("0123456789"): card for card in _results(page)}
@@ -223,7 +223,7 @@ def test_rejected_files_are_named_with_the_reason_and_the_rest_placed(page, cell
 def test_a_file_over_the_upload_limit_is_refused_before_sending(page, tmp_path) -> None:
     big = tmp_path / "huge.png"
     big.write_bytes(b"\x89PNG" + os.urandom(1_100_000))  # the server takes at most 1 MiB
-    _upload(page, [big])
+    upload_files(page, [big])
     wait_for(page, "document.querySelectorAll('.result.rejected').length === 1", what="the rejected card")
     card = _results(page)[0]
     assert "huge.png" in card["error"] and "at most 1 MiB" in card["error"]
@@ -325,7 +325,7 @@ def proxy(server):
 def test_the_page_works_under_a_path_prefix_behind_a_proxy(browser, proxy, cell, tmp_path) -> None:
     browser.get(proxy[1])
     assert wait_until_drawn(browser)["drawnPoints"] > 0
-    _upload(browser, write_good_images(tmp_path, cell)[:1])
+    upload_files(browser, write_good_images(tmp_path, cell)[:1])
     wait_for(browser, "window.tsimcneMap.markers().length === 1", what="a marker through the proxy")
     wait_for(browser, "document.querySelector('.neighbours img')?.naturalWidth > 0", what="thumbnails")
 
@@ -335,7 +335,7 @@ def test_a_proxy_saying_the_service_is_unavailable_is_reported(browser, proxy, c
     browser.get(url)
     wait_until_drawn(browser)
     handler.down = True
-    _upload(browser, write_good_images(tmp_path, cell)[:1])
+    upload_files(browser, write_good_images(tmp_path, cell)[:1])
     wait_for(browser, "document.querySelector('.result.failed')", what="the failed card")
     assert "not available right now (HTTP 503)" in _results(browser)[0]["error"]
     assert "starting or restarting" in browser.find_element(By.ID, "status").text
@@ -348,7 +348,7 @@ def test_a_service_restarted_with_another_bundle_is_not_drawn_on_the_old_map(
     browser.get(url)
     wait_until_drawn(browser)
     handler.upstream = big_server.url  # as if the service behind the proxy now served another bundle
-    _upload(browser, write_good_images(tmp_path, cell)[:1])
+    upload_files(browser, write_good_images(tmp_path, cell)[:1])
     wait_for(browser, "document.querySelector('.result.failed')", what="the failed card")
     assert "serves another map (bundle big-map)" in _results(browser)[0]["error"]
     assert browser.execute_script("return window.tsimcneMap.markers().length") == 0
@@ -382,7 +382,7 @@ def test_a_service_with_a_token_asks_for_it_and_then_works(browser, token_server
     browser.find_element(By.ID, "token-submit").click()
     stats = wait_until_drawn(browser)
     assert stats["drawnPoints"] > 0
-    _upload(browser, write_good_images(tmp_path, cell)[:1])
+    upload_files(browser, write_good_images(tmp_path, cell)[:1])
     wait_for(browser, "window.tsimcneMap.markers().length === 1", what="a marker on the protected service")
     wait_for(browser, "document.querySelector('.neighbours img')?.naturalWidth > 0", what="protected thumbnails")
 
@@ -391,7 +391,7 @@ def test_a_stopped_service_is_reported_not_hidden(browser, token_server, cell, t
     """Runs after the token test (same page): the service stops, then an upload and a reload say so."""
     wait_until_drawn(browser)
     token_server.stop()
-    _upload(browser, write_good_images(tmp_path, cell)[:1])
+    upload_files(browser, write_good_images(tmp_path, cell)[:1])
     wait_for(browser, "document.querySelector('.result.failed')", what="the failed card")
     status = browser.find_element(By.ID, "status").text
     assert "Cannot reach the service" in status

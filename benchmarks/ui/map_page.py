@@ -29,7 +29,14 @@ sys.path.insert(0, str(ROOT))
 from PIL import Image  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 
-from tests.browser import measure_page, start_chromium, tile_bundle, wait_for  # noqa: E402
+from tests.browser import (  # noqa: E402
+    NEIGHBOUR_THUMBNAILS_LOADED,
+    measure_page,
+    start_chromium,
+    tile_bundle,
+    upload_files,
+    wait_for,
+)
 from tests.servers import start_server  # noqa: E402
 
 
@@ -44,9 +51,9 @@ def centre_crop(path: Path, side: int, folder: Path) -> Path:
 def take_screenshot(driver, uploads: list[Path], path: Path) -> None:
     driver.find_element(By.ID, "fit").click()
     if uploads:
-        driver.find_element(By.ID, "file-input").send_keys("\n".join(str(p.resolve()) for p in uploads))
+        upload_files(driver, uploads)
         wait_for(driver, f"window.tsimcneMap.markers().length === {len(uploads)}", what="the markers")
-        wait_for(driver, "[...document.querySelectorAll('.neighbours img')].every(i => i.naturalWidth > 0)")
+        wait_for(driver, NEIGHBOUR_THUMBNAILS_LOADED, what="the neighbours' thumbnails")
     path.parent.mkdir(parents=True, exist_ok=True)
     driver.save_screenshot(str(path))
     print(f"screenshot: {path}")
