@@ -59,6 +59,13 @@ def server_env(home: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+def serve_command(args: dict[str, str], port: int, target: str = "serving.service:MapService") -> list[str]:
+    command = [str(BENTOML), "serve", target, "--host", "127.0.0.1", "--port", str(port)]
+    for key, value in args.items():
+        command += ["--arg", f"{key}={value}"]
+    return command
+
+
 def start_server(
     log_dir: Path,
     args: dict[str, str],
@@ -71,9 +78,7 @@ def start_server(
     """`bentoml serve TARGET` on a free loopback port; returns once /readyz says 200."""
     port = free_port()
     log = log_dir / f"server-{port}.log"
-    command = [str(BENTOML), "serve", serve_target, "--host", "127.0.0.1", "--port", str(port)]
-    for key, value in args.items():
-        command += ["--arg", f"{key}={value}"]
+    command = serve_command(args, port, serve_target)
     with open(log, "wb") as handle:
         process = subprocess.Popen(
             command, cwd=cwd, env=server_env(home, **(env or {})), stdout=handle, stderr=subprocess.STDOUT
@@ -95,11 +100,13 @@ def start_server(
 
 def run_server_to_exit(args: dict[str, str], home: Path, env: dict[str, str] | None = None, timeout: float = 90):
     """Run `bentoml serve` that is expected to stop by itself; returns the CompletedProcess."""
-    command = [str(BENTOML), "serve", "serving.service:MapService", "--host", "127.0.0.1", "--port", str(free_port())]
-    for key, value in args.items():
-        command += ["--arg", f"{key}={value}"]
     return subprocess.run(
-        command, cwd=ROOT, env=server_env(home, **(env or {})), capture_output=True, text=True, timeout=timeout
+        serve_command(args, free_port()),
+        cwd=ROOT,
+        env=server_env(home, **(env or {})),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 

@@ -19,9 +19,9 @@ ARGS = ["--data", "synthetic:160", "--recipe", "tiny", "--epochs", "4,2,3", "--i
 ARGS += ["--checkpoint-every", "1", "--precision", "fp32"]
 
 
-def _start(runs: Path, name: str) -> subprocess.Popen:
+def _start(runs: Path, name: str, args: list[str] = ARGS) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "training.cli", "train", "--name", name, "--runs-dir", str(runs), *ARGS],
+        [sys.executable, "-m", "training.cli", "train", "--name", name, "--runs-dir", str(runs), *args],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -95,13 +95,7 @@ def test_second_process_on_a_live_run_is_refused(tmp_path: Path) -> None:
     process is gone (killed, here) the lock is free again."""
     runs = tmp_path / "runs"
     args = [a if a != "4,2,3" else "500,2,3" for a in ARGS]  # long enough to still be running
-    first = subprocess.Popen(
-        [sys.executable, "-m", "training.cli", "train", "--name", "live", "--runs-dir", str(runs), *args],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    first = _start(runs, "live", args)
     try:
         _wait_for_log_lines(runs / "live", 1, first)
         second = run_cli("train", "--resume", str(runs / "live"))
