@@ -81,3 +81,24 @@ def test_mean_border_colour() -> None:
 def test_unknown_preset_lists_available() -> None:
     with pytest.raises(KeyError, match="default, microscopy"):
         get_preset("fancy")
+
+
+@pytest.mark.parametrize(("op", "factor"), [(0, 1.3), (1, 0.7), (2, 1.4), (3, 0.08), (3, -0.1)])
+def test_colour_ops_match_torchvision(op, factor) -> None:
+    """Brightness, contrast, saturation and hue equal torchvision's functional ops (the reference's)."""
+    import torchvision.transforms.functional as TF
+
+    from training.augment import _apply_colour_op
+
+    x = torch.rand(6, 3, 9, 7, generator=torch.Generator().manual_seed(op))
+    ours = _apply_colour_op(op, x.clone(), torch.full((6,), factor))
+    reference = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue][op](x, factor)
+    assert torch.allclose(ours, reference, atol=2e-5)
+
+
+def test_affine_grid_equals_torch() -> None:
+    from training.augment import _affine_grid
+
+    theta = torch.randn(5, 2, 3, generator=torch.Generator().manual_seed(0))
+    expected = torch.nn.functional.affine_grid(theta, [5, 3, 12, 9], align_corners=False)
+    assert torch.allclose(_affine_grid(theta, 12, 9), expected, atol=1e-6)

@@ -64,3 +64,12 @@ def test_stage_two_layer_is_drawn_on_the_cpu_generator_whatever_the_model_lives_
         assert model.head[-1].weight.dtype == dtype
         layers.append(model.head[-1].weight.float())
     assert torch.equal(layers[0], layers[1])
+
+
+def test_stem_stride_two_halves_every_stage_and_keeps_the_parameters() -> None:
+    """The CPU recipes' stem: same layers and parameters, every stage at half the resolution."""
+    reference, fast = TSimCNENet(width=4), TSimCNENet(width=4, stem_stride=2)
+    assert count_parameters(fast) == count_parameters(reference)
+    assert fast.backbone.stem(torch.rand(1, 3, 28, 28)).shape[-2:] == (14, 14)
+    z, h = fast.eval()(torch.rand(2, 3, 28, 28))
+    assert z.shape == (2, 128) and h.shape == (2, 32)

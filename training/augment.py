@@ -168,8 +168,18 @@ def _geometry(
     return theta
 
 
+def _affine_grid(theta: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """F.affine_grid(theta, (n, c, height, width), align_corners=False) as two broadcast products
+    (affine_grid's batched matmul measured 4x slower on CPU for 28 px images)."""
+    xs = (torch.arange(width, device=theta.device, dtype=theta.dtype) * 2 + 1) / width - 1
+    ys = (torch.arange(height, device=theta.device, dtype=theta.dtype) * 2 + 1) / height - 1
+    t = theta[:, :, :, None, None]  # (n, 2, 3, 1, 1)
+    grid = t[:, :, 0] * xs[None, None, None, :] + t[:, :, 1] * ys[None, None, :, None] + t[:, :, 2]
+    return grid.permute(0, 2, 3, 1)  # (n, height, width, 2): (x, y) per output pixel
+
+
 def _grayscale(x: torch.Tensor) -> torch.Tensor:
-    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)  # torchvision's weights
 
 
 def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
@@ -186,17 +196,15 @@ def _rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
 
 
 def _hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
+    """Continuous form of the HSV sector table: channel n in (5, 3, 1) is v - v*s*clamp(min(k, 4-k), 0, 1)
+    with k = (n + 6h) mod 6; equal to the piecewise definition, without building six candidate planes."""
     h, s, v = x.unbind(1)
-    i = torch.floor(h * 6.0)
-    f = h * 6.0 - i
-    i = i.long() % 6
-    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
-    choices = torch.stack(
-        (torch.stack((v, q, p, p, t, v), 1), torch.stack((t, v, v, q, p, p), 1), torch.stack((p, p, t, v, v, q), 1)),
-        1,
-    )  # (N, 3, 6, H, W)
-    index = i[:, None, None].expand(-1, 3, 1, -1, -1)
-    return choices.gather(2, index).squeeze(2)
+    h6 = h * 6.0
+    channels = []
+    for n in (5.0, 3.0, 1.0):
+        k = torch.remainder(h6 + n, 6.0)
+        channels.append(v - v * s * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0))
+    return torch.stack(channels, 1)
 
 
 def _apply_colour_op(op: int, x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -214,6 +222,7 @@ def _apply_colour_op(op: int, x: torch.Tensor, factor: torch.Tensor) -> torch.Te
 
 
 def _colour_jitter(x: torch.Tensor, preset: AugmentationPreset, generator: torch.Generator) -> torch.Tensor:
+    """In place on x (a fresh tensor from the geometric step): each chosen subset is rewritten once."""
     n, device = x.shape[0], x.device
     apply = torch.rand(n, generator=generator, device=device) < preset.jitter_p
     factors = []
@@ -230,7 +239,7 @@ def _colour_jitter(x: torch.Tensor, preset: AugmentationPreset, generator: torch
                 continue
             chosen = torch.nonzero((order[:, position] == op) & apply).squeeze(1)
             if chosen.numel():
-                x = x.index_copy(0, chosen, _apply_colour_op(op, x.index_select(0, chosen), factors[op][chosen]))
+                x[chosen] = _apply_colour_op(op, x[chosen], factors[op][chosen])
     return x
 
 
@@ -250,7 +259,7 @@ class BatchAugmenter:
         n, _, height, width = x.shape
         preset = self.preset
         theta = _geometry(n, height, width, preset, generator, x.device)
-        grid = F.affine_grid(theta, [n, 3, height, width], align_corners=False)
+        grid = _affine_grid(theta, height, width)
         if preset.rotate_degrees > 0 or preset.rot90_p > 0:
             fill = torch.tensor(self.fill, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
             x = F.grid_sample(x - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill

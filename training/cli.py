@@ -77,6 +77,9 @@ def train(
     image_size: Annotated[str | None, typer.Option(help="N or HxW; default: the data's own size")] = None,
     augmentation: Annotated[str | None, typer.Option(help="augmentation preset (see `tsimcne presets`)")] = None,
     width: Annotated[int | None, typer.Option(help="ResNet-18 base width (64 = reference)")] = None,
+    stem_stride: Annotated[
+        int | None, typer.Option(help="first conv stride: 1 = reference, 2 = a quarter of the compute")
+    ] = None,
     epochs: Annotated[str | None, typer.Option(help="epochs per stage, e.g. 1000,50,450")] = None,
     batch_size: Annotated[int | None, typer.Option(help="images per step")] = None,
     lr: Annotated[float | None, typer.Option(help="stage 1/2 learning rate (default 0.03 * batch / 256)")] = None,
@@ -137,6 +140,7 @@ def train(
             "image_size": parse_size(image_size),
             "augmentation": augmentation,
             "width": width,
+            "stem_stride": stem_stride,
             "epochs": _parse_triple(epochs, "--epochs"),
             "batch_size": batch_size,
             "base_lr": lr,

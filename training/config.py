@@ -31,6 +31,7 @@ class TrainConfig(BaseModel):
     allow_upscale: bool = False
     augmentation: str = "default"
     width: int = Field(64, ge=1, description="ResNet-18 base width; 64 is the reference network")
+    stem_stride: Literal[1, 2] = Field(1, description="stride of the first conv; 1 is the reference network")
     epochs: tuple[int, int, int] = (1000, 50, 450)
     batch_size: int = Field(1024, ge=2, description="images per optimisation step (2x as many views)")
     base_lr: float | None = Field(None, gt=0, description="stage 1/2 lr; None = 0.03 * batch / 256")

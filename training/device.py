@@ -2,8 +2,10 @@
 
 - CUDA: bf16 autocast and channels_last (tensor cores; the loss stays fp32).
 - CPU: bf16 autocast when the processor has native bf16 (AVX512-BF16 / AMX), which measured 2.5x faster
-  than fp32 for a ResNet-18 training step on the project's 2-core machines (benchmarks/README.md);
-  channels_last made no measurable difference there, so it is left off on CPU. Threads = usable cores.
+  than fp32 for a ResNet-18 training step on a 2-core AVX512-BF16 machine (benchmarks/README.md); without
+  it bf16 is emulated and ~10x slower than fp32 (measured on an AVX2-only EPYC), so fp32 is used there.
+  channels_last: on (fp32 on AVX2: width-16 step 23 % faster; on the AVX512-BF16 machine no difference).
+  Threads = usable cores.
 - CPU allocator: glibc serves every large tensor with a fresh mmap and unmaps it on free, so each
   training step page-faults its activations in again (~20 % of the reference's CPU time is kernel time).
   `tune_cpu_allocator` keeps freed memory in the heap instead (measured: 3.7x fewer page faults and
@@ -97,5 +99,5 @@ def resolve_runtime(device: str, precision: str, channels_last: str, local_rank:
     if precision == "bf16" and not native_bf16 and use_cuda:
         raise UserError("--precision bf16 was requested but this GPU has no bf16 support")
     use_bf16 = precision == "bf16" or (precision == "auto" and native_bf16)
-    layout = channels_last == "on" or (channels_last == "auto" and use_cuda)
+    layout = channels_last in ("on", "auto")
     return Runtime(torch_device, torch.bfloat16 if use_bf16 else None, layout)

@@ -12,7 +12,7 @@ from serving.files import atomic_write
 from training.config import TrainConfig
 from training.data import ImageDataset, load_dataset
 from training.errors import UserError
-from training.network import TSimCNENet
+from training.network import TSimCNENet, build_model
 
 EMBEDDING_FILE = "embedding.npz"
 
@@ -33,7 +33,7 @@ def final_checkpoint_path(run_dir: Path) -> Path:
 
 def model_from_state(state: dict[str, Any], device: torch.device | str = "cpu") -> TSimCNENet:
     config = TrainConfig(**state["config"])
-    model = TSimCNENet(config.width, config.pretrain_dim)
+    model = build_model(config)
     if state["model_out_dim"] != model.out_dim:
         model.to_map_output(state["model_out_dim"])
     model.load_state_dict(state["model"])

@@ -35,7 +35,7 @@ from training.device import Runtime
 from training.distributed import DistInfo, all_reduce_mean, barrier
 from training.errors import UserError
 from training.loss import InfoNCELoss
-from training.network import TSimCNENet
+from training.network import TSimCNENet, build_model
 from training.schedule import effective_warmup_epochs, learning_rate
 
 STAGE_NAMES = {1: "pre-train (128-D)", 2: "2-D output layer", 3: "fine-tune all"}
@@ -137,7 +137,7 @@ class StagedTrainer:
         self.augment = BatchAugmenter(get_preset(config.augmentation), self.fill)
         self.loss_fn = InfoNCELoss(config.metric, config.temperature, gather_distributed=dist_info.enabled)
         torch.manual_seed(derived_seed(config.seed, "init"))
-        self.model = TSimCNENet(config.width, config.pretrain_dim).to(device)
+        self.model = build_model(config).to(device)
         self.position = Position()
         self.finished_stage = 0
         self.elapsed_before = 0.0
