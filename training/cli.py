@@ -81,6 +81,9 @@ def train(
         int | None, typer.Option(help="first conv stride: 1 = reference, 2 = a quarter of the compute")
     ] = None,
     epochs: Annotated[str | None, typer.Option(help="epochs per stage, e.g. 1000,50,450")] = None,
+    time_budget: Annotated[
+        str | None, typer.Option(help="train for this long (e.g. 30m, 2h): epochs are planned from timed steps")
+    ] = None,
     batch_size: Annotated[int | None, typer.Option(help="images per step")] = None,
     lr: Annotated[float | None, typer.Option(help="stage 1/2 learning rate (default 0.03 * batch / 256)")] = None,
     stage3_lr_factor: Annotated[float | None, typer.Option(help="stage 3 lr as a fraction of lr")] = None,
@@ -99,6 +102,7 @@ def train(
 ) -> None:
     """Train t-SimCNE through its three stages, writing checkpoints to RUNS_DIR/NAME."""
     from serving.files import atomic_write_json
+    from training.budget import parse_budget
     from training.checkpoint import load_checkpoint
     from training.config import TrainConfig, build_config
     from training.data import load_dataset, parse_size
@@ -109,7 +113,8 @@ def train(
 
     resume_state = None
     if resume is not None:
-        given = [k for k, v in {"data": data, "name": name, "image_size": image_size, "epochs": epochs}.items() if v]
+        fixed = {"data": data, "name": name, "image_size": image_size, "epochs": epochs, "time_budget": time_budget}
+        given = [k.replace("_", "-") for k, v in fixed.items() if v]
         if given:
             raise UserError(
                 f"--resume continues a run with its saved settings; drop {', '.join('--' + g for g in given)}"
@@ -142,6 +147,7 @@ def train(
             "width": width,
             "stem_stride": stem_stride,
             "epochs": _parse_triple(epochs, "--epochs"),
+            "time_budget_s": parse_budget(time_budget),
             "batch_size": batch_size,
             "base_lr": lr,
             "stage3_lr_factor": stage3_lr_factor,
@@ -184,6 +190,13 @@ def train(
             f"device: {runtime.describe()}" + (f", {dist_info.world_size} processes" if dist_info.enabled else "")
         )
     trainer = StagedTrainer(config, dataset, run_dir, runtime, dist_info, resume_state, show_progress=progress)
+    if resume_state is None and config.time_budget_s is not None:
+        plan = trainer.plan_time_budget(config.time_budget_s)
+        config = trainer.config
+        if dist_info.is_main:
+            typer.echo(plan.describe())
+            atomic_write_json(run_dir / "config.json", config.model_dump(mode="json"))
+            atomic_write_json(run_dir / "budget.json", plan.as_dict())
     summary = trainer.run()
     shutdown(dist_info)
     if summary.stopped_early:

@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from training.errors import UserError
+
 REFERENCE_LR_PER_256 = 0.03
 
 
@@ -33,6 +35,9 @@ class TrainConfig(BaseModel):
     width: int = Field(64, ge=1, description="ResNet-18 base width; 64 is the reference network")
     stem_stride: Literal[1, 2] = Field(1, description="stride of the first conv; 1 is the reference network")
     epochs: tuple[int, int, int] = (1000, 50, 450)
+    time_budget_s: float | None = Field(
+        None, gt=0, description="wall-clock budget; epochs are then planned from timed steps (training/budget.py)"
+    )
     batch_size: int = Field(1024, ge=2, description="images per optimisation step (2x as many views)")
     base_lr: float | None = Field(None, gt=0, description="stage 1/2 lr; None = 0.03 * batch / 256")
     stage3_lr_factor: float = Field(1e-3, gt=0, description="stage 3 lr = base lr * this (reference: 1/1000)")
@@ -110,5 +115,10 @@ def build_config(recipe: str, overrides: dict[str, Any]) -> TrainConfig:
     if recipe not in RECIPES:
         raise KeyError(f"unknown recipe {recipe!r}; available: {', '.join(RECIPES)}")
     values = dict(RECIPES[recipe])
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    if "epochs" in given and "time_budget_s" in given:
+        raise UserError("give either --epochs or --time-budget, not both")
+    if "epochs" in given:
+        values["time_budget_s"] = None  # explicit epochs replace a recipe's budget
+    values.update(given)
     return TrainConfig(**values)

@@ -4,7 +4,9 @@
 - CPU: bf16 autocast when the processor has native bf16 (AVX512-BF16 / AMX), which measured 2.5x faster
   than fp32 for a ResNet-18 training step on a 2-core AVX512-BF16 machine (benchmarks/README.md); without
   it bf16 is emulated and ~10x slower than fp32 (measured on an AVX2-only EPYC), so fp32 is used there.
-  channels_last: on (fp32 on AVX2: width-16 step 23 % faster; on the AVX512-BF16 machine no difference).
+  channels_last stays off on CPU: on an AVX2-only EPYC it made a width-16 fp32 step 23 % faster, but its
+  oneDNN kernels gave gradients 0.4-2 % away from fp64 (plain layout: 1e-5) and corrupted the heap for
+  base widths 4 and 5 (glibc abort); on the AVX512-BF16 machine it made no difference.
   Threads = usable cores.
 - CPU allocator: glibc serves every large tensor with a fresh mmap and unmaps it on free, so each
   training step page-faults its activations in again (~20 % of the reference's CPU time is kernel time).
@@ -99,5 +101,5 @@ def resolve_runtime(device: str, precision: str, channels_last: str, local_rank:
     if precision == "bf16" and not native_bf16 and use_cuda:
         raise UserError("--precision bf16 was requested but this GPU has no bf16 support")
     use_bf16 = precision == "bf16" or (precision == "auto" and native_bf16)
-    layout = channels_last in ("on", "auto")
+    layout = channels_last == "on" or (channels_last == "auto" and use_cuda)
     return Runtime(torch_device, torch.bfloat16 if use_bf16 else None, layout)

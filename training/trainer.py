@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from serving.files import atomic_write_text
 from training.augment import BatchAugmenter, get_preset, mean_border_colour
+from training.budget import BudgetPlan, epochs_for_budget, measure_step_seconds
 from training.checkpoint import save_checkpoint
 from training.config import TrainConfig
 from training.data import ImageDataset
@@ -236,13 +237,14 @@ class StagedTrainer:
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item())
 
-    def _wrap(self) -> nn.Module:
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        """The module a step calls: the network itself, or under torchrun its DDP wrapper."""
         if not self.dist.enabled:
-            return self.model
+            return model
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.runtime.device.index] if self.runtime.device.type == "cuda" else None
-        return DistributedDataParallel(self.model, device_ids=ids)
+        return DistributedDataParallel(model, device_ids=ids)
 
     def _epoch_batches(self, stage: int, epoch: int, batch_local: int) -> list[torch.Tensor]:
         n = len(self.dataset)
@@ -255,6 +257,34 @@ class StagedTrainer:
             batches.pop()
         return batches
 
+    def batch_sizes(self) -> tuple[int, int]:
+        """(global batch, images per process): the configured batch, capped by the data."""
+        n, world = len(self.dataset), self.dist.world_size
+        global_batch = min(self.config.batch_size, (n // world) * world)
+        batch_local = global_batch // world
+        if batch_local < 2:
+            raise UserError(f"{n} images are too few for {world} process(es): each needs at least 2 per batch")
+        return global_batch, batch_local
+
+    def timing_batch(self) -> torch.Tensor:
+        """Indices of one full local batch, for timing steps (budget planning)."""
+        return torch.arange(self.batch_sizes()[1])
+
+    def plan_time_budget(self, budget_s: float) -> BudgetPlan:
+        """Time real steps, then fix every stage's epochs so the whole run fits `budget_s` (training/budget.py)."""
+        started = time.perf_counter()
+        step_s = measure_step_seconds(self)
+        if self.dist.enabled:  # every rank plans with the slowest rank's times, so all agree on the epochs
+            times = torch.tensor(step_s, device=self.runtime.device)
+            torch.distributed.all_reduce(times, op=torch.distributed.ReduceOp.MAX)
+            step_s = (float(times[0]), float(times[1]))
+        _, batch_local = self.batch_sizes()
+        steps = _steps_per_epoch(len(self.dataset) // self.dist.world_size, batch_local)
+        calibration = time.perf_counter() - started
+        epochs = epochs_for_budget(budget_s - calibration, step_s, steps)
+        self.config = self.config.model_copy(update={"epochs": epochs})
+        return BudgetPlan(budget_s, step_s, steps, epochs, round(calibration, 2))
+
     def run(self) -> TrainSummary:
         self._started = time.perf_counter()
         config = self.config
@@ -264,12 +294,7 @@ class StagedTrainer:
             self.echo(
                 f"resuming at stage {self.position.stage}, epoch {self.position.epoch + 1}, step {self.position.step}"
             )
-        n = len(self.dataset)
-        world = self.dist.world_size
-        global_batch = min(config.batch_size, (n // world) * world)
-        batch_local = global_batch // world
-        if batch_local < 2:
-            raise UserError(f"{n} images are too few for {world} process(es): each needs at least 2 per batch")
+        global_batch, batch_local = self.batch_sizes()
         last_loss: float | None = None
         with _SignalGuard() as guard:
             for stage in (1, 2, 3):
@@ -300,7 +325,7 @@ class StagedTrainer:
     ) -> tuple[bool, float | None]:
         """Train one stage from the current position; (False, None) when stopped by a signal."""
         config, device = self.config, self.runtime.device
-        model = self._wrap()
+        model = self.wrap_model(self.model)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         base_lr = config.lr_for_stage(stage, global_batch)
         optimizer = torch.optim.SGD(trainable, lr=base_lr, momentum=config.momentum, weight_decay=config.weight_decay)
@@ -337,7 +362,7 @@ class StagedTrainer:
                 lr = learning_rate(epoch * steps_per_epoch + step, total_steps, warmup_steps, base_lr)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                loss = self._step(model, optimizer, trainable, batches[step], stage, epoch, step)
+                loss = self.train_step(model, optimizer, trainable, batches[step], stage, epoch, step)
                 loss_sum += loss.detach()
                 images_seen += len(batches[step]) * self.dist.world_size
                 if bar.n % 5 == 0 or step == len(batches) - 1:
@@ -387,7 +412,7 @@ class StagedTrainer:
                 self._save(optimizer)
         return True, epoch_loss
 
-    def _step(
+    def train_step(
         self,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,

@@ -1,0 +1,140 @@
+"""Epochs from a wall-clock budget: `tsimcne train --time-budget 30m`.
+
+How much a CPU trains in 30 minutes differs six-fold between machines (measured: the same step on an
+AVX512-BF16 EPYC in bf16 and on an AVX2-only EPYC in fp32). A fixed epoch count is either too short for
+the fast machine or hours long on the slow one; a budget gives every machine the best map it can draw
+in the time the user has. Before training, a few real steps of each kind are timed on throwaway copies
+of the network (so the run itself is untouched and stays exactly resumable), and the budget is split
+between the stages by fixed shares of time. The epochs chosen are written into config.json; `--resume`
+continues with them, whatever the machine is doing then.
+
+Shares (`STAGE_SHARES`): 70 % stage 1, 5 % stage 2, 25 % stage 3. The paper's schedule spends about
+69 / 1 / 30 % of its compute that way (1000 / 50 / 450 epochs; a stage-2 epoch costs about a third);
+stage 2 gets a little more here because a handful of its epochs is what places the clusters at all.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from training.errors import UserError
+
+if TYPE_CHECKING:
+    from training.trainer import StagedTrainer
+
+STAGE_SHARES = (0.70, 0.05, 0.25)
+SAFETY = 0.97  # leave 3 % for checkpoints, the final embedding and timing noise
+TIMED_STEPS = 3
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    budget_s: float
+    step_s: tuple[float, float]  # measured seconds per full step (stages 1 and 3) and per stage-2 step
+    steps_per_epoch: int
+    epochs: tuple[int, int, int]
+    calibration_s: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> str:
+        planned = sum(e * self.steps_per_epoch * s for e, s in zip(self.epochs, self.stage_step_s, strict=True))
+        return (
+            f"time budget {format_budget(self.budget_s)}: {self.step_s[0]:.2f} s per training step, "
+            f"{self.step_s[1]:.2f} s per stage-2 step -> epochs {'/'.join(map(str, self.epochs))} "
+            f"(~{format_budget(planned)} of training)"
+        )
+
+    @property
+    def stage_step_s(self) -> tuple[float, float, float]:
+        return (self.step_s[0], self.step_s[1], self.step_s[0])
+
+
+def parse_budget(text: str | None) -> float | None:
+    """'30m', '2h', '90s', '1h30m' or a bare number of minutes -> seconds."""
+    if text is None:
+        return None
+    value = text.strip().lower()
+    try:
+        if value.replace(".", "", 1).isdigit():
+            seconds = float(value) * 60
+        else:
+            seconds, number = 0.0, ""
+            for char in value:
+                if char.isdigit() or char == ".":
+                    number += char
+                elif char in "hms" and number:
+                    seconds += float(number) * {"h": 3600, "m": 60, "s": 1}[char]
+                    number = ""
+                else:
+                    raise ValueError(char)
+            if number:
+                raise ValueError(number)
+    except ValueError:
+        raise UserError(f"--time-budget {text!r}: give a duration such as 30m, 2h, 1h30m or 90s") from None
+    if seconds <= 0:
+        raise UserError(f"--time-budget {text!r}: must be positive")
+    return seconds
+
+
+def format_budget(seconds: float) -> str:
+    minutes = seconds / 60
+    return f"{minutes / 60:.1f} h" if minutes >= 90 else f"{minutes:.1f} min"
+
+
+def epochs_for_budget(budget_s: float, step_s: tuple[float, float], steps_per_epoch: int) -> tuple[int, int, int]:
+    """Split `budget_s` by STAGE_SHARES; every stage gets at least one epoch or the budget is refused."""
+    per_epoch = (step_s[0] * steps_per_epoch, step_s[1] * steps_per_epoch, step_s[0] * steps_per_epoch)
+    minimum = sum(per_epoch)
+    if budget_s * SAFETY < minimum:
+        raise UserError(
+            f"a time budget of {format_budget(budget_s)} is too short: one epoch of each stage takes "
+            f"~{format_budget(minimum)} here; give a longer --time-budget or fewer/smaller images"
+        )
+    usable = budget_s * SAFETY
+    first, second, third = (
+        max(1, math.floor(usable * share / seconds)) for share, seconds in zip(STAGE_SHARES, per_epoch, strict=True)
+    )
+    return first, second, third
+
+
+def time_steps(step: Callable[[], object], steps: int = TIMED_STEPS) -> float:
+    """Median seconds of `steps` calls after one untimed warm-up call."""
+    step()
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - started)
+    return sorted(times)[len(times) // 2]
+
+
+def measure_step_seconds(trainer: StagedTrainer) -> tuple[float, float]:
+    """Seconds per full training step and per stage-2 step, on copies of the trainer's network.
+
+    Uses the trainer's own step function, batch size, augmentation and precision, so the figure is what
+    the run will see; the copies and their optimisers are thrown away afterwards.
+    """
+    results = []
+    batch = trainer.timing_batch()
+    for frozen_trunk in (False, True):
+        model = copy.deepcopy(trainer.model)
+        if frozen_trunk:  # a throwaway generator: the global RNG (saved in checkpoints) stays untouched
+            model.to_map_output(trainer.config.out_dim, generator=torch.Generator().manual_seed(0))
+            model.head[-1].to(trainer.runtime.device)
+        model.set_trainable(last_layer_only=frozen_trunk)
+        model.train()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(trainable, lr=1e-6, momentum=0.9)
+        step = functools.partial(trainer.train_step, trainer.wrap_model(model), optimizer, trainable, batch, 0, 0, 0)
+        results.append(time_steps(step))
+    return results[0], results[1]
