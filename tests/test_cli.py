@@ -47,6 +47,18 @@ def test_evaluate_and_plot(trained_run: Path) -> None:
     assert (trained_run / "map.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_evaluate_linear_probe_and_a_named_checkpoint(trained_run: Path) -> None:
+    result = run_cli("evaluate", str(trained_run), "--linear")
+    assert result.returncode == 0, result.stderr
+    probe = json.loads((trained_run / "metrics.json").read_text())["linear_probe"]
+    assert probe["n_test"] == 24 and probe["n_features"] == 32 and 0 <= probe["linear_accuracy"] <= 1
+    assert "linear probe" in result.stdout
+    stage1 = run_cli("evaluate", str(trained_run), "--checkpoint", "stage1")
+    assert stage1.returncode == 0 and "128-D output" in stage1.stderr and "stage1.pt" in stage1.stdout
+    unknown = run_cli("evaluate", str(trained_run), "--checkpoint", "best")
+    assert unknown.returncode == 2 and "choose one of stage1" in unknown.stderr
+
+
 def test_existing_run_is_not_overwritten(trained_run: Path) -> None:
     before = (trained_run / "stage3.pt").read_bytes()
     result = run_cli("train", "--data", "synthetic:120", "--name", "t", "--runs-dir", str(trained_run.parent), *TINY)

@@ -18,8 +18,8 @@ from serving.images import read_image, resize_rgb
 from serving.preprocess import load_model_input
 from tests.conftest import run_cli
 from training.checkpoint import load_checkpoint
+from training.embedding import embed_images
 from training.runs import model_from_state
-from training.trainer import embed_images
 
 
 @pytest.fixture(scope="module")

@@ -108,8 +108,9 @@ def train(
     from training.data import load_dataset, parse_size
     from training.device import resolve_runtime
     from training.distributed import init_from_env, shutdown
+    from training.embedding import embed_images
     from training.runs import write_embedding
-    from training.trainer import StagedTrainer, embed_images, format_seconds
+    from training.trainer import StagedTrainer, format_seconds
 
     resume_state = None
     if resume is not None:
@@ -216,35 +217,32 @@ def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="a run folder")],
     data: Annotated[str | None, typer.Option(help="evaluate on other data instead of the training set")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    linear: Annotated[
+        bool, typer.Option(help="also a linear probe (logistic regression) and kNN on the frozen backbone features")
+    ] = False,
+    checkpoint: Annotated[
+        str | None, typer.Option(help="stage1, stage2, stage3 or last (default: the final one)")
+    ] = None,
 ) -> None:
     """kNN accuracy (k=15, 10 % stratified hold-out) and silhouette of the 2-D map; writes metrics.json."""
     from serving.files import atomic_write_json
-    from training.checkpoint import load_checkpoint
-    from training.device import resolve_runtime
-    from training.evaluate import map_quality
-    from training.runs import dataset_for_state, final_checkpoint_path, model_from_state, read_embedding
-    from training.trainer import embed_images
+    from training.run_evaluation import evaluate_run
 
-    checkpoint = final_checkpoint_path(run_dir)
-    saved = read_embedding(run_dir) if data is None else None
-    state = load_checkpoint(checkpoint)
-    if saved is not None and "labels" in saved and str(saved["fingerprint"]) == state["dataset"]["fingerprint"]:
-        coords, labels, n_images = saved["coords"], saved["labels"], len(saved["coords"])
-    else:
-        runtime = resolve_runtime(device, "fp32", "off")
-        dataset = dataset_for_state(state, data)
-        coords, _ = embed_images(model_from_state(state, runtime.device), dataset.images, runtime.device)
-        labels, n_images = dataset.labels, len(dataset)
-    if state["model_out_dim"] != 2 and state["finished_stage"] < 2:
-        typer.echo(f"note: {checkpoint.name} is from stage 1 ({state['model_out_dim']}-D output)", err=True)
-    quality = map_quality(coords, labels)
-    result = {**quality.as_dict(), "checkpoint": checkpoint.name, "data": data or state["config"]["data"]}
-    if data is None:
-        atomic_write_json(Path(run_dir) / "metrics.json", result)
+    report = evaluate_run(run_dir, data=data, device=device, linear=linear, checkpoint=checkpoint)
+    if report["output_dim"] != 2:
+        typer.echo(f"note: {report['checkpoint']} has a {report['output_dim']}-D output, not the 2-D map", err=True)
+    if data is None and checkpoint is None:
+        atomic_write_json(Path(run_dir) / "metrics.json", report)
     typer.echo(
-        f"kNN accuracy (k=15, 10% hold-out): {quality.knn_accuracy:.3f}   silhouette: {quality.silhouette:.3f}   "
-        f"({n_images:,} images, {quality.n_classes} classes, {checkpoint.name})"
+        f"kNN accuracy (k=15, 10% hold-out): {report['knn_accuracy']:.3f}   silhouette: {report['silhouette']:.3f}   "
+        f"({report['n_images']:,} images, {report['n_classes']} classes, {report['checkpoint']})"
     )
+    if linear:
+        probe = report["linear_probe"]
+        typer.echo(
+            f"backbone features ({probe['n_features']}-D), {probe['split']} split, {probe['n_test']:,} test images: "
+            f"linear probe {probe['linear_accuracy']:.3f}, kNN {probe['knn_accuracy']:.3f}"
+        )
 
 
 @app.command()

@@ -37,10 +37,10 @@ from serving.images import resize_rgb
 from serving.preprocess import to_model_input
 from training.checkpoint import load_checkpoint
 from training.data import load_dataset
+from training.embedding import embed_images
 from training.errors import UserError
 from training.plot import plot_map
 from training.runs import dataset_for_state, final_checkpoint_path, model_from_state
-from training.trainer import embed_images
 
 PARITY_IMAGES = 256
 PARITY_TOLERANCE = 1e-4

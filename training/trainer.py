@@ -21,7 +21,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -36,7 +35,7 @@ from training.device import Runtime
 from training.distributed import DistInfo, all_reduce_mean, barrier
 from training.errors import UserError
 from training.loss import InfoNCELoss
-from training.network import TSimCNENet, build_model
+from training.network import build_model
 from training.schedule import effective_warmup_epochs, learning_rate
 
 STAGE_NAMES = {1: "pre-train (128-D)", 2: "2-D output layer", 3: "fine-tune all"}
@@ -444,19 +443,3 @@ def format_seconds(seconds: float) -> str:
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
-
-
-def embed_images(
-    model: TSimCNENet, images: np.ndarray, device: torch.device, batch_size: int = 512
-) -> tuple[np.ndarray, np.ndarray]:
-    """2-D coordinates and backbone features of uint8 (N, H, W, 3) images, eval mode, fp32."""
-    model.eval()
-    coords, features = [], []
-    with torch.inference_mode():
-        for start in range(0, len(images), batch_size):
-            chunk = torch.from_numpy(images[start : start + batch_size]).to(device)
-            x = chunk.permute(0, 3, 1, 2).float() / 255.0
-            z, h = model(x)
-            coords.append(z.float().cpu().numpy())
-            features.append(h.float().cpu().numpy())
-    return np.concatenate(coords), np.concatenate(features)
