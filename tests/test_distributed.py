@@ -19,7 +19,7 @@ def test_torchrun_two_processes_trains_all_stages(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "2 processes" in result.stdout
+    assert "2 processes, BatchNorm synchronised" in result.stdout
     assert result.stdout.count("done in") == 1  # only rank 0 reports and writes
     state = torch.load(tmp_path / "ddp" / "stage3.pt", weights_only=True)
     assert state["finished_stage"] == 3 and state["model_out_dim"] == 2

@@ -92,6 +92,9 @@ def train(
     precision: Annotated[str | None, typer.Option(help="auto, bf16 or fp32")] = None,
     channels_last: Annotated[str | None, typer.Option(help="auto, on or off")] = None,
     seed: Annotated[int | None, typer.Option(help="random seed")] = None,
+    sync_bn: Annotated[
+        bool | None, typer.Option(help="under torchrun: BatchNorm statistics over all processes (default on)")
+    ] = None,
     checkpoint_every: Annotated[int | None, typer.Option(help="epochs between periodic checkpoints")] = None,
     skip_bad: Annotated[
         bool, typer.Option(help="skip unreadable images (and report them) instead of stopping")
@@ -157,6 +160,7 @@ def train(
             "precision": precision,
             "channels_last": channels_last,
             "seed": seed,
+            "sync_bn": sync_bn,
             "checkpoint_every": checkpoint_every,
             "skip_bad": skip_bad or None,
             "allow_upscale": allow_upscale or None,
@@ -188,7 +192,9 @@ def train(
         labels = f", {len(dataset.class_names)} classes" if dataset.labels is not None else ", no labels"
         typer.echo(
             f"data: {len(dataset):,} images of {dataset.size[0]}x{dataset.size[1]} from {dataset.source}{labels}\n"
-            f"device: {runtime.describe()}" + (f", {dist_info.world_size} processes" if dist_info.enabled else "")
+            f"device: {runtime.describe()}"
+            + (f", {dist_info.world_size} processes" if dist_info.enabled else "")
+            + (f", BatchNorm {'synchronised' if config.sync_bn else 'per process'}" if dist_info.enabled else "")
         )
     trainer = StagedTrainer(config, dataset, run_dir, runtime, dist_info, resume_state, show_progress=progress)
     if resume_state is None and config.time_budget_s is not None:

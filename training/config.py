@@ -49,6 +49,7 @@ class TrainConfig(BaseModel):
     temperature: float = Field(0.5, gt=0, description="cosine metric only")
     pretrain_dim: int = Field(128, ge=2)
     out_dim: int = Field(2, ge=1)
+    sync_bn: bool = Field(True, description="under torchrun, BatchNorm statistics over all processes' batches")
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "bf16", "fp32"] = "auto"

@@ -34,6 +34,7 @@ from training.data import ImageDataset
 from training.device import Runtime
 from training.distributed import DistInfo, all_reduce_mean, barrier
 from training.errors import UserError
+from training.global_batchnorm import use_global_batchnorm
 from training.loss import InfoNCELoss
 from training.network import build_model
 from training.schedule import effective_warmup_epochs, learning_rate
@@ -145,6 +146,8 @@ class StagedTrainer:
         self._partial_loss: float | None = None
         if resume_state is not None:
             self._restore(resume_state)
+        if dist_info.enabled and config.sync_bn:
+            use_global_batchnorm(self.model)
         if runtime.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
 
