@@ -31,8 +31,9 @@ sys.path.insert(0, str(ROOT))
 from training.config import build_config  # noqa: E402
 from training.data import load_dataset  # noqa: E402
 from training.device import resolve_runtime  # noqa: E402
+from training.embedding import embed_images  # noqa: E402
 from training.evaluate import map_quality  # noqa: E402
-from training.trainer import StagedTrainer, embed_images  # noqa: E402
+from training.trainer import StagedTrainer  # noqa: E402
 
 PBC = ROOT.parent / "shared" / "data" / "bloodcells" / "pbc_28.npz"
 SCRATCH = ROOT / "benchmarks" / "scratch"

@@ -1,6 +1,6 @@
 """Inference preprocessing, defined once: decoded RGB uint8 -> the float32 batch the model takes.
 
-Training feeds the network `uint8 / 255` in NCHW (training/trainer.py `embed_images`); this is the
+Training feeds the network `uint8 / 255` in NCHW (training/embedding.py `embed_images`); this is the
 same arithmetic in numpy, so serving with onnxruntime reproduces the torch embedding.
 """
 

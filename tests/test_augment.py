@@ -102,3 +102,14 @@ def test_affine_grid_equals_torch() -> None:
     theta = torch.randn(5, 2, 3, generator=torch.Generator().manual_seed(0))
     expected = torch.nn.functional.affine_grid(theta, [5, 3, 12, 9], align_corners=False)
     assert torch.allclose(_affine_grid(theta, 12, 9), expected, atol=1e-6)
+
+
+def test_masked_colour_jitter_equals_the_subset_version(batch) -> None:
+    """The GPU's sync-free jitter (whole batch, torch.where) gives the CPU's subset result."""
+    from training.augment import _colour_jitter
+
+    x = batch.float() / 255
+    preset = PRESETS["default"]
+    subset = _colour_jitter(x.clone(), preset, torch.Generator().manual_seed(4), masked=False)
+    masked = _colour_jitter(x.clone(), preset, torch.Generator().manual_seed(4), masked=True)
+    assert torch.allclose(subset, masked, atol=1e-6) and not torch.allclose(subset, x, atol=1e-3)

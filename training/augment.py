@@ -221,9 +221,20 @@ def _apply_colour_op(op: int, x: torch.Tensor, factor: torch.Tensor) -> torch.Te
     return _hsv_to_rgb(hsv)
 
 
-def _colour_jitter(x: torch.Tensor, preset: AugmentationPreset, generator: torch.Generator) -> torch.Tensor:
-    """In place on x (a fresh tensor from the geometric step): each chosen subset is rewritten once."""
+def _colour_jitter(
+    x: torch.Tensor, preset: AugmentationPreset, generator: torch.Generator, masked: bool | None = None
+) -> torch.Tensor:
+    """Colour jitter with a random order of the four operations per image (torchvision's ColorJitter).
+
+    Two equivalent ways to apply it, chosen by device (`masked=None`):
+    - CPU: in place on x (a fresh tensor from the geometric step), each operation on the subset of images
+      that has it in the current round: every image gets each operation once;
+    - GPU: every operation on the whole batch in every round, kept where chosen (torch.where). Four times
+      the arithmetic, which costs nothing on tiny images, but no `nonzero`: each of those would stop the
+      CPU until the GPU caught up (16 times per view), starving the GPU of queued work.
+    """
     n, device = x.shape[0], x.device
+    masked = device.type != "cpu" if masked is None else masked
     apply = torch.rand(n, generator=generator, device=device) < preset.jitter_p
     factors = []
     for strength in (preset.brightness, preset.contrast, preset.saturation):
@@ -233,11 +244,15 @@ def _colour_jitter(x: torch.Tensor, preset: AugmentationPreset, generator: torch
     factors.append(torch.where(apply, hue, torch.zeros_like(hue)))
     order = torch.argsort(torch.rand(n, 4, generator=generator, device=device), dim=1)
     active = [preset.brightness > 0, preset.contrast > 0, preset.saturation > 0, preset.hue > 0]
-    for position in range(4):  # each image gets one op per round, so the work equals one pass per op
+    for position in range(4):  # each image gets one op per round
         for op in range(4):
             if not active[op]:
                 continue
-            chosen = torch.nonzero((order[:, position] == op) & apply).squeeze(1)
+            selected = (order[:, position] == op) & apply
+            if masked:
+                x = torch.where(selected.view(-1, 1, 1, 1), _apply_colour_op(op, x, factors[op]), x)
+                continue
+            chosen = torch.nonzero(selected).squeeze(1)
             if chosen.numel():
                 x[chosen] = _apply_colour_op(op, x[chosen], factors[op][chosen])
     return x

@@ -91,6 +91,7 @@ def train(
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda")] = None,
     precision: Annotated[str | None, typer.Option(help="auto, bf16 or fp32")] = None,
     channels_last: Annotated[str | None, typer.Option(help="auto, on or off")] = None,
+    compile: Annotated[str | None, typer.Option(help="torch.compile the network: auto (CUDA only), on, off")] = None,
     seed: Annotated[int | None, typer.Option(help="random seed")] = None,
     sync_bn: Annotated[
         bool | None, typer.Option(help="under torchrun: BatchNorm statistics over all processes (default on)")
@@ -128,7 +129,8 @@ def train(
             raise UserError(f"{run_dir}: nothing to resume (no last.pt); the run stopped before its first checkpoint")
         resume_state = load_checkpoint(run_dir / "last.pt")
         settings = dict(resume_state["config"])
-        for key, value in {"device": device, "precision": precision, "channels_last": channels_last}.items():
+        runtime_options = {"device": device, "precision": precision, "channels_last": channels_last, "compile": compile}
+        for key, value in runtime_options.items():
             if value is not None:
                 settings[key] = value
         config = TrainConfig(**settings)
@@ -159,6 +161,7 @@ def train(
             "device": device,
             "precision": precision,
             "channels_last": channels_last,
+            "compile": compile,
             "seed": seed,
             "sync_bn": sync_bn,
             "checkpoint_every": checkpoint_every,
@@ -172,10 +175,12 @@ def train(
     # Only the main process of a torchrun job holds the lock (the others share its run folder).
     run_lock = hold_run_lock(run_dir) if os.environ.get("RANK", "0") == "0" else None  # noqa: F841 (held)
     get_preset(config.augmentation)  # unknown preset: fail before reading any data
-    runtime = resolve_runtime(config.device, config.precision, config.channels_last)
+    runtime = resolve_runtime(config.device, config.precision, config.channels_last, compile=config.compile)
     dist_info = init_from_env(runtime.device.type == "cuda")
     if dist_info.enabled and runtime.device.type == "cuda":
-        runtime = resolve_runtime(config.device, config.precision, config.channels_last, dist_info.local_rank)
+        runtime = resolve_runtime(
+            config.device, config.precision, config.channels_last, dist_info.local_rank, config.compile
+        )
     dataset = load_dataset(config.data, config.image_size, config.resize_method, config.skip_bad, config.allow_upscale)
     if dataset.skipped:
         typer.echo(f"skipped {len(dataset.skipped)} unreadable image(s), first: {dataset.skipped[0]}", err=True)

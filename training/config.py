@@ -54,6 +54,7 @@ class TrainConfig(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     channels_last: Literal["auto", "on", "off"] = "auto"
+    compile: Literal["auto", "on", "off"] = "auto"
     checkpoint_every: int = Field(10, ge=1, description="epochs between periodic checkpoints")
 
     @field_validator("epochs", "warmup_epochs")

@@ -34,12 +34,14 @@ from training.data import ImageDataset
 from training.device import Runtime
 from training.distributed import DistInfo, all_reduce_mean, barrier
 from training.errors import UserError
+from training.flops import forward_flops_per_image, training_flops_per_image
 from training.global_batchnorm import use_global_batchnorm
 from training.loss import InfoNCELoss
 from training.network import build_model
 from training.schedule import effective_warmup_epochs, learning_rate
 
 STAGE_NAMES = {1: "pre-train (128-D)", 2: "2-D output layer", 3: "fine-tune all"}
+STOP_CHECK_STEPS = 10
 
 
 def derived_seed(*parts: object) -> int:
@@ -139,6 +141,7 @@ class StagedTrainer:
         self.loss_fn = InfoNCELoss(config.metric, config.temperature, gather_distributed=dist_info.enabled)
         torch.manual_seed(derived_seed(config.seed, "init"))
         self.model = build_model(config).to(device)
+        self.forward_flops = forward_flops_per_image(self.model, dataset.size)
         self.position = Position()
         self.finished_stage = 0
         self.elapsed_before = 0.0
@@ -231,22 +234,32 @@ class StagedTrainer:
         self.model.set_trainable(last_layer_only=stage == 2)
         self.model.train()
 
-    def _stop_requested(self, guard: _SignalGuard) -> bool:
-        """A stop on any rank stops all ranks at the same step (otherwise collectives would hang)."""
+    def _stop_requested(self, guard: _SignalGuard, last_step: bool = False) -> bool:
+        """A stop on any rank stops all ranks at the same step (otherwise collectives would hang).
+
+        Under torchrun the ranks agree every STOP_CHECK_STEPS steps and at the end of each epoch: the
+        agreement is a collective that waits for the GPU, so doing it every step would stall the queue.
+        """
         if not self.dist.enabled:
             return guard.requested
+        self._steps_since_check = getattr(self, "_steps_since_check", 0) + 1
+        if not last_step and self._steps_since_check < STOP_CHECK_STEPS:
+            return False
+        self._steps_since_check = 0
         flag = torch.tensor([1.0 if guard.requested else 0.0], device=self.runtime.device)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item())
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
-        """The module a step calls: the network itself, or under torchrun its DDP wrapper."""
-        if not self.dist.enabled:
-            return model
-        from torch.nn.parallel import DistributedDataParallel
+        """The module a step calls: the network, under torchrun its DDP wrapper, compiled if asked."""
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
 
-        ids = [self.runtime.device.index] if self.runtime.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids)
+            ids = [self.runtime.device.index] if self.runtime.device.type == "cuda" else None
+            model = DistributedDataParallel(model, device_ids=ids)
+        if self.runtime.compile:
+            model = torch.compile(model)
+        return model
 
     def _epoch_batches(self, stage: int, epoch: int, batch_local: int) -> list[torch.Tensor]:
         n = len(self.dataset)
@@ -330,7 +343,14 @@ class StagedTrainer:
         model = self.wrap_model(self.model)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         base_lr = config.lr_for_stage(stage, global_batch)
-        optimizer = torch.optim.SGD(trainable, lr=base_lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        optimizer = torch.optim.SGD(
+            trainable,
+            lr=base_lr,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+            fused=True if device.type == "cuda" else None,  # one kernel for all parameters on a GPU
+        )
+        flops_per_image = training_flops_per_image(self.forward_flops, stage)
         if self._optimizer_state is not None and (self.position.epoch or self.position.step):
             optimizer.load_state_dict(self._optimizer_state)
         steps_per_epoch = _steps_per_epoch(len(self.dataset) // self.dist.world_size, batch_local)
@@ -367,11 +387,11 @@ class StagedTrainer:
                 loss = self.train_step(model, optimizer, trainable, batches[step], stage, epoch, step)
                 loss_sum += loss.detach()
                 images_seen += len(batches[step]) * self.dist.world_size
-                if bar.n % 5 == 0 or step == len(batches) - 1:
+                if not bar.disable and (bar.n % 5 == 0 or step == len(batches) - 1):  # .item() waits for a GPU
                     rate = images_seen / max(1e-9, time.perf_counter() - started)
                     bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}", refresh=False)
                 bar.update(1)
-                stop = self._stop_requested(guard)
+                stop = self._stop_requested(guard, last_step=step == len(batches) - 1)
                 if stop and step + 1 < len(batches):
                     bar.close()
                     self.position = Position(stage, epoch, step + 1)
@@ -397,6 +417,7 @@ class StagedTrainer:
                     "loss": round(epoch_loss, 6),
                     "lr": lr,
                     "images_per_s": round(rate, 1),
+                    "model_tflop_s": round(rate * flops_per_image / 1e12, 4),
                     "seconds": round(seconds, 3),
                     "time": datetime.now(UTC).isoformat(timespec="seconds"),
                 }
