@@ -1,0 +1,96 @@
+"""Summarise a reference run for benchmarks/README.md: time, images/s, model TFLOP/s, MFU, quality vs targets.
+
+    python benchmarks/gpu/summarize.py RESULTS_DIR --train-seconds S --gpu "NVIDIA H200, ..."
+
+Reads log.jsonl, metrics.json and config.json from RESULTS_DIR; writes summary.json and summary.md there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from training.flops import peak_flops
+
+TARGETS = {"train_seconds": 600, "knn_accuracy": 0.93, "silhouette": 0.50}
+
+
+def summarise(results: Path, train_seconds: float, gpu: str) -> dict:
+    records = [json.loads(line) for line in (results / "log.jsonl").read_text().splitlines() if line.strip()]
+    metrics = json.loads((results / "metrics.json").read_text())
+    config = json.loads((results / "config.json").read_text())
+    peak = peak_flops(gpu)
+    stages = {}
+    for stage in (1, 2, 3):
+        rows = [r for r in records if r["stage"] == stage]
+        if not rows:
+            continue
+        steady = rows[1:] or rows  # the first epoch carries start-up and compilation
+        tflops = statistics.median(r.get("model_tflop_s", 0.0) for r in steady)
+        stages[stage] = {
+            "epochs": len(rows),
+            "seconds": round(sum(r["seconds"] for r in rows), 1),
+            "first_epoch_seconds": rows[0]["seconds"],
+            "images_per_s": round(statistics.median(r["images_per_s"] for r in steady)),
+            "model_tflop_s": round(tflops, 2),
+            "mfu": round(tflops * 1e12 / peak, 3) if peak else None,
+        }
+    probe = metrics.get("linear_probe") or {}
+    summary = {
+        "gpu": gpu,
+        "peak_bf16_flops": peak,
+        "config": {k: config[k] for k in ("width", "epochs", "batch_size", "augmentation", "compile", "seed")},
+        "train_seconds": round(train_seconds),
+        "stages": stages,
+        "knn_accuracy": metrics["knn_accuracy"],
+        "silhouette": metrics["silhouette"],
+        "linear_probe": probe.get("linear_accuracy"),
+        "targets": TARGETS,
+        "met": {
+            "train_seconds": train_seconds < TARGETS["train_seconds"],
+            "knn_accuracy": metrics["knn_accuracy"] >= TARGETS["knn_accuracy"],
+            "silhouette": metrics["silhouette"] >= TARGETS["silhouette"],
+        },
+    }
+    return summary
+
+
+def as_markdown(summary: dict) -> str:
+    lines = [
+        f"GPU: {summary['gpu']}; config {summary['config']}",
+        f"training wall clock {summary['train_seconds']} s (target < {TARGETS['train_seconds']} s); "
+        f"kNN {summary['knn_accuracy']:.3f} (>= {TARGETS['knn_accuracy']}), silhouette {summary['silhouette']:.3f} "
+        f"(>= {TARGETS['silhouette']}), linear probe {summary['linear_probe']}",
+        "",
+        "| stage | epochs | seconds | first epoch s | images/s | model TFLOP/s | MFU |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for stage, row in summary["stages"].items():
+        mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "-"
+        lines.append(
+            f"| {stage} | {row['epochs']} | {row['seconds']} | {row['first_epoch_seconds']} | {row['images_per_s']:,} "
+            f"| {row['model_tflop_s']} | {mfu} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", type=Path)
+    parser.add_argument("--train-seconds", type=float, required=True)
+    parser.add_argument("--gpu", default="cpu")
+    args = parser.parse_args()
+    summary = summarise(args.results, args.train_seconds, args.gpu)
+    (args.results / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    text = as_markdown(summary)
+    (args.results / "summary.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
