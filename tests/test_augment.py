@@ -113,3 +113,31 @@ def test_masked_colour_jitter_equals_the_subset_version(batch) -> None:
     subset = _colour_jitter(x.clone(), preset, torch.Generator().manual_seed(4), masked=False)
     masked = _colour_jitter(x.clone(), preset, torch.Generator().manual_seed(4), masked=True)
     assert torch.allclose(subset, masked, atol=1e-6) and not torch.allclose(subset, x, atol=1e-3)
+
+
+def test_keep_size_preset_preserves_cell_area_and_crops_do_not() -> None:
+    """A centred disc keeps its area under the keep-size geometry; the reference's resized crops zoom it."""
+    yy, xx = np.mgrid[0:24, 0:24]
+    disc = ((yy - 11.5) ** 2 + (xx - 11.5) ** 2 <= 5**2).astype(np.uint8) * 255
+    images = torch.from_numpy(np.repeat(disc[None, None], 64, axis=0).repeat(3, axis=1))
+    colourless = {"jitter_p": 0.0, "grayscale_p": 0.0}
+
+    def areas(name: str) -> torch.Tensor:
+        preset = AugmentationPreset(**{**get_preset(name).as_dict(), **colourless})
+        out = BatchAugmenter(preset, fill=(0.0, 0.0, 0.0))(images, torch.Generator().manual_seed(0))
+        return (out[:, 0] > 0.5).sum(dim=(1, 2)).float()
+
+    kept, cropped = areas("microscopy-keep-size"), areas("microscopy")
+    original = float((disc > 127).sum())
+    assert (kept - original).abs().max() <= 0.12 * original
+    assert cropped.max() > 1.5 * original  # zoomed in by the resized crop
+
+
+def test_red_cell_sizes_differ_only_in_size() -> None:
+    from training.synthetic import make_red_cell_sizes
+
+    images, labels, names = make_red_cell_sizes(60, (28, 28), seed=0)
+    assert names == ("microcyte", "normocyte", "macrocyte") and np.bincount(labels).tolist() == [20, 20, 20]
+    cell_area = (images.astype(float).mean(axis=3) < 210).sum(axis=(1, 2))  # darker than the background
+    means = [cell_area[labels == k].mean() for k in range(3)]
+    assert means[0] < means[1] < means[2]

@@ -12,6 +12,9 @@ Presets (`PRESETS`, listed by `tsimcne presets`):
 - "microscopy": Nwabufo et al. (doc §4.2): rotate 90° with p 0.5, rotate by U[-45°, 45°] with corners
   filled by the dataset's mean border colour, then the default chain plus v-flip 0.5. Together they
   cover every orientation, which suits cells that have no "up".
+- "microscopy-keep-size": the microscopy chain without zoom (no resized crop; shifts up to 12.5 % of
+  the side instead), for collections where cell size is diagnostic (micro- vs macrocytes): a crop
+  resized from 20 % of the image teaches the network to ignore size (benchmarks/README.md measures it).
 - "none": identity (for debugging and tests).
 
 Deviation (docs/deviations.md): the geometric steps are resampled once, bilinearly, instead of once per
@@ -34,6 +37,7 @@ class AugmentationPreset:
     description: str
     crop_scale: tuple[float, float] = (0.2, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    translate: float = 0.0  # shift by up to this fraction of the side (with crop_scale (1, 1): no zoom at all)
     hflip_p: float = 0.5
     vflip_p: float = 0.0
     rot90_p: float = 0.0
@@ -56,6 +60,16 @@ PRESETS: dict[str, AugmentationPreset] = {
     "microscopy": AugmentationPreset(
         "microscopy",
         "default + 90° rotation (p 0.5), rotation U[-45°, 45°] filled with the mean border colour, v-flip",
+        vflip_p=0.5,
+        rot90_p=0.5,
+        rotate_degrees=45.0,
+    ),
+    "microscopy-keep-size": AugmentationPreset(
+        "microscopy-keep-size",
+        "microscopy without zoom: rotations and flips, shifts up to 12.5 %, colour; for when cell size is "
+        "diagnostic (e.g. micro- vs macrocytes), which resized crops teach the network to ignore",
+        crop_scale=(1.0, 1.0),
+        translate=0.125,
         vflip_p=0.5,
         rot90_p=0.5,
         rotate_degrees=45.0,
@@ -156,6 +170,9 @@ def _geometry(
     sy = vflip * (h / height) * half_h
     cx = left + w / 2 - half_w
     cy = top + h / 2 - half_h
+    if preset.translate > 0:
+        cx = cx + _uniform(n, -preset.translate, preset.translate, generator, device) * width
+        cy = cy + _uniform(n, -preset.translate, preset.translate, generator, device) * height
     # Undo rotation by angle (sampling rotates the point by -angle), then centred pixels -> normalised input.
     cos, sin = torch.cos(angle), torch.sin(angle)
     theta = torch.empty(n, 2, 3, device=device, dtype=dtype)
