@@ -141,3 +141,13 @@ def test_red_cell_sizes_differ_only_in_size() -> None:
     cell_area = (images.astype(float).mean(axis=3) < 210).sum(axis=(1, 2))  # darker than the background
     means = [cell_area[labels == k].mean() for k in range(3)]
     assert means[0] < means[1] < means[2]
+
+
+def test_switches_change_one_part_of_a_preset() -> None:
+    preset = get_preset("microscopy,no-crop,no-grayscale")
+    assert preset.crop_scale == (1.0, 1.0) and preset.grayscale_p == 0.0
+    assert preset.rotate_degrees == 45.0 and preset.jitter_p == 0.8 and preset.name == "microscopy,no-crop,no-grayscale"
+    dihedral = get_preset("default,rot90")
+    assert dihedral.rot90_p == 0.5 and dihedral.vflip_p == 0.5 and dihedral.rotate_degrees == 0.0
+    with pytest.raises(KeyError, match=r"unknown augmentation switch 'no-zoom'.*no-crop"):
+        get_preset("default,no-zoom")

@@ -86,10 +86,33 @@ PRESETS: dict[str, AugmentationPreset] = {
 }
 
 
+# Switches that turn one part of a preset on or off: `--augmentation microscopy,no-crop` (ablations, and
+# collections that need one change, e.g. `default,rot90` for cells without an "up").
+MODIFIERS: dict[str, tuple[str, dict]] = {
+    "no-crop": ("no resized crop", {"crop_scale": (1.0, 1.0), "crop_ratio": (1.0, 1.0)}),
+    "no-jitter": ("no colour jitter", {"jitter_p": 0.0}),
+    "no-grayscale": ("no random grayscale", {"grayscale_p": 0.0}),
+    "no-rotation": ("no rotations", {"rot90_p": 0.0, "rotate_degrees": 0.0}),
+    "rot90": ("90° rotations and v-flips (all 8 dihedral orientations)", {"rot90_p": 0.5, "vflip_p": 0.5}),
+}
+
+
 def get_preset(name: str) -> AugmentationPreset:
-    if name not in PRESETS:
-        raise KeyError(f"unknown augmentation preset {name!r}; available: {', '.join(PRESETS)}")
-    return PRESETS[name]
+    """A preset by name, optionally followed by comma-separated MODIFIERS (e.g. 'microscopy,no-crop')."""
+    base, *switches = [part.strip() for part in name.split(",")]
+    if base not in PRESETS:
+        raise KeyError(f"unknown augmentation preset {base!r}; available: {', '.join(PRESETS)}")
+    preset = PRESETS[base]
+    if not switches:
+        return preset
+    unknown = [switch for switch in switches if switch not in MODIFIERS]
+    if unknown:
+        raise KeyError(f"unknown augmentation switch {unknown[0]!r} in {name!r}; available: {', '.join(MODIFIERS)}")
+    values = preset.as_dict()
+    for switch in switches:
+        values.update(MODIFIERS[switch][1])
+    notes = "; ".join(MODIFIERS[switch][0] for switch in switches)
+    return AugmentationPreset(**{**values, "name": name, "description": f"{preset.description}; {notes}"})
 
 
 def mean_border_colour(images: np.ndarray) -> tuple[float, float, float]:

@@ -407,12 +407,15 @@ def embed(
 @app.command()
 def presets() -> None:
     """List the augmentation presets and the training recipes."""
-    from training.augment import PRESETS
+    from training.augment import MODIFIERS, PRESETS
     from training.config import RECIPE_NOTES
 
     typer.echo("augmentation presets (--augmentation):")
     for preset in PRESETS.values():
         typer.echo(f"  {preset.name:<12} {preset.description}")
+    typer.echo("switches, added with commas (--augmentation microscopy,no-crop):")
+    for switch, (description, _) in MODIFIERS.items():
+        typer.echo(f"  {switch:<12} {description}")
     typer.echo("training recipes (--recipe):")
     for name, note in RECIPE_NOTES.items():
         typer.echo(f"  {name:<12} {note}")
