@@ -71,7 +71,15 @@ def main() -> None:
     plot(coords, all_labels, class_names, len(names), ROOT / "docs" / "poster-experiment.png")
 
 
-def plot(coords: np.ndarray, labels: np.ndarray, class_names: list[str], n_types: int, target: Path) -> None:
+def plot(
+    coords: np.ndarray,
+    labels: np.ndarray,
+    class_names: list[str],
+    n_types: int,
+    target: Path,
+    title: str = "Synthetic cells with injected near-duplicates and artefacts\n"
+    "demo recipe, microscopy augmentations (benchmarks/flagging/poster.py)",
+) -> None:
     """The collection in light colours, the injected images drawn large on top."""
     import matplotlib
 
@@ -83,7 +91,14 @@ def plot(coords: np.ndarray, labels: np.ndarray, class_names: list[str], n_types
     fig, ax = plt.subplots(figsize=(8, 7), dpi=120)
     cmap = plt.get_cmap("tab10")
     base = labels < n_types
-    ax.scatter(coords[base, 0], coords[base, 1], s=3, c=[cmap(i) for i in labels[base]], alpha=0.35, linewidths=0)
+    ax.scatter(
+        coords[base, 0],
+        coords[base, 1],
+        s=min(3.0, 6000 / max(1, int(base.sum()))),
+        c=[cmap(i) for i in labels[base]],
+        alpha=0.35,
+        linewidths=0,
+    )
     for i in range(n_types):
         ax.scatter([], [], s=20, color=cmap(i), label=class_names[i])
     for group, marker, colour in ((n_types, "P", "#d6007a"), (n_types + 1, "X", "black")):
@@ -96,8 +111,7 @@ def plot(coords: np.ndarray, labels: np.ndarray, class_names: list[str], n_types
     ax.set_yticks([])
     for spine in ax.spines.values():
         spine.set_visible(False)
-    ax.set_title("Synthetic cells with injected near-duplicates and artefacts\n"
-                 "demo recipe, microscopy augmentations (benchmarks/flagging/poster.py)", fontsize=10)  # fmt: skip
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     atomic_write(target, lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))
     plt.close(fig)
