@@ -34,7 +34,7 @@ from training.evaluate import knn_accuracy  # noqa: E402
 PBC = ROOT.parent / "shared" / "data" / "bloodcells" / "pbc_28.npz"
 SCRATCH = Path(os.environ.get("TSIMCNE_POSTER_SCRATCH", ROOT / "benchmarks" / "scratch" / "poster"))
 DOCS = Path(os.environ.get("TSIMCNE_POSTER_DOCS", ROOT / "docs"))
-TABLE_EPOCHS = (22, 4, 8)  # the `cpu` recipe's network; ~10 minutes of the 2-core machine per t-SimCNE run
+TABLE_EPOCHS = (12, 2, 4)  # ~10 minutes of the 2-core AVX2 machine per t-SimCNE run (benchmarks/README.md)
 NETWORK = ["--recipe", "cpu", "--stem-stride", "2"]
 AUGMENTATIONS = {  # the poster's three columns
     "reference augmentations": "default",

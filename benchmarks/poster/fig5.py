@@ -6,7 +6,7 @@ benchmarks/flagging/artefacts.py with --artefact). t-SimCNE with the `microscopy
 as a user would (nobody tells it what was injected). For each injected group: the share of its images' 15 nearest
 map neighbours that belong to the same group, against the share expected if the group were scattered at random.
 
-    .venv/bin/python benchmarks/poster/fig5.py [--seeds 0] [--epochs 22,4,8] [--artefact "pen mark"]
+    .venv/bin/python benchmarks/poster/fig5.py [--seeds 0] [--epochs 12,2,4] [--artefact "pen mark"]
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 augmentations, + 90° rotations, + 90° and arbitrary rotations; kNN accuracy and silhouette, mean ± sd over seeds,
 and the three maps side by side.
 
-    .venv/bin/python benchmarks/poster/table1.py [--seeds 0 1 2] [--epochs 22,4,8]
+    .venv/bin/python benchmarks/poster/table1.py [--seeds 0 1 2] [--epochs 12,2,4]
 
 ~18 training runs; cached, so a stopped run continues (benchmarks/poster/common.py).
 """

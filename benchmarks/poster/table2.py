@@ -1,7 +1,7 @@
 """Poster Table 2 on real blood cells: which augmentations the map needs. t-SimCNE with all augmentations (the
 `microscopy` chain), without the resized crops, without colour jitter, without random grayscale.
 
-    .venv/bin/python benchmarks/poster/table2.py [--seeds 0 1 2] [--epochs 22,4,8]
+    .venv/bin/python benchmarks/poster/table2.py [--seeds 0 1 2] [--epochs 12,2,4]
 
 The poster's ImageNet-pretrained ResNet baselines are not run: their weights cannot be downloaded here.
 """

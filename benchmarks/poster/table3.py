@@ -3,7 +3,7 @@ probe on the frozen backbone features (stratified 70/10/20 % split: trained on 7
 the held-out 20 %; training/probe.py), beside kNN on the same features, for SimCLR with and without rotations and
 for t-SimCNE's backbone (after stage 1, and after the whole run).
 
-    .venv/bin/python benchmarks/poster/table3.py [--seeds 0 1 2] [--epochs 22,4,8]
+    .venv/bin/python benchmarks/poster/table3.py [--seeds 0 1 2] [--epochs 12,2,4]
 
 Reuses Table 1's runs (cached); trains what is missing.
 """
