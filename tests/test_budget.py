@@ -63,3 +63,13 @@ def test_budgeted_run_trains_the_planned_epochs_and_resume_keeps_them(tmp_path: 
     assert trained == plan["epochs"]
     again = run_cli("train", "--resume", str(run))
     assert again.returncode == 0 and "already finished" in again.stdout and "time budget" not in again.stdout
+
+
+def test_cpu_recipe_trains_for_thirty_minutes_unless_epochs_are_given() -> None:
+    from training.config import build_config
+
+    assert build_config("cpu", {"data": "x"}).time_budget_s == 1800
+    assert build_config("cpu", {"data": "x", "time_budget_s": 600.0}).time_budget_s == 600
+    explicit = build_config("cpu", {"data": "x", "epochs": (3, 1, 1)})
+    assert explicit.time_budget_s is None and explicit.epochs == (3, 1, 1)
+    assert build_config("reference", {"data": "x"}).time_budget_s is None
