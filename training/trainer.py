@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 from tqdm import tqdm
 
 from serving.files import atomic_write_text
@@ -447,18 +448,22 @@ class StagedTrainer:
     ) -> torch.Tensor:
         device = self.runtime.device
         generator = seeded_generator(device, self.config.seed, "augment", stage, epoch, step, self.dist.rank)
-        batch = self.images[indices.to(device)]
-        views = torch.cat([self.augment(batch, generator), self.augment(batch, generator)])
-        if self.runtime.channels_last:
-            views = views.contiguous(memory_format=torch.channels_last)
-        with self.runtime.autocast():
+        with record_function("augment"):  # named parts for benchmarks/gpu/profile_step.py; free otherwise
+            batch = self.images[indices.to(device)]
+            views = torch.cat([self.augment(batch, generator), self.augment(batch, generator)])
+            if self.runtime.channels_last:
+                views = views.contiguous(memory_format=torch.channels_last)
+        with record_function("forward"), self.runtime.autocast():
             z, _ = model(views)
-        loss = self.loss_fn(z.float())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.config.grad_clip is not None:
-            nn.utils.clip_grad_value_(trainable, self.config.grad_clip)
-        optimizer.step()
+        with record_function("loss"):
+            loss = self.loss_fn(z.float())
+        with record_function("backward"):
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        with record_function("optimizer"):
+            if self.config.grad_clip is not None:
+                nn.utils.clip_grad_value_(trainable, self.config.grad_clip)
+            optimizer.step()
         return loss
 
 
