@@ -12,7 +12,8 @@
 # Environment: PYTHON (default python3; needs torch with CUDA and the project's core dependencies:
 #   benchmarks/gpu/wheels.sh fetches the ones the lent machine lacks), DEVICE (cuda; cpu for the smoke
 #   test), EPOCHS (default 1000,50,450), WIDTH, BATCH, AUGMENTATION (default: the recipe's), WORK (where the
-#   run goes; default a temporary folder), COMPILE (auto|on|off).
+#   run goes; default a temporary folder), COMPILE (auto|on|off), GUARD (seconds after which training is
+#   stopped cleanly; the summary then projects the full schedule from the epochs that ran).
 # Outputs in RESULTS_DIR: train.log, log.jsonl, metrics.json, map.png, summary.json, summary.md.
 set -euo pipefail
 DATA=${1:?give the PBC .npz (pbc_28.npz)}
@@ -45,13 +46,26 @@ options=(--recipe reference --device "$DEVICE" --no-progress --checkpoint-every 
 [ -n "${COMPILE:-}" ] && options+=(--compile "$COMPILE")
 run="$WORK/runs/reference"
 started=$(date +%s)
-if ! "$PY" -m training.cli train --data "$DATA" --name reference --runs-dir "$WORK/runs" "${options[@]}" \
-        2>&1 | tee "$RESULTS/train.log"; then
-    echo "== training stopped; resuming once with --compile off" | tee -a "$RESULTS/train.log"
-    [ -f "$run/last.pt" ] || { echo "error: no checkpoint to resume" >&2; exit 1; }
+guard=()  # GUARD=SECONDS: stop training cleanly (SIGINT: checkpoint, exit) after that long
+[ -n "${GUARD:-}" ] && guard=(timeout --signal=INT --kill-after=60 "$GUARD")
+set +e
+"${guard[@]}" "$PY" -m training.cli train --data "$DATA" --name reference --runs-dir "$WORK/runs" "${options[@]}" \
+    2>&1 | tee "$RESULTS/train.log"
+status=${PIPESTATUS[0]}
+if [ "$status" -ne 0 ] && [ "$status" -ne 130 ] && [ "$status" -ne 124 ] && [ -f "$run/last.pt" ]; then
+    echo "== training failed ($status); resuming once with --compile off" | tee -a "$RESULTS/train.log"
     "$PY" -m training.cli train --resume "$run" --compile off --no-progress 2>&1 | tee -a "$RESULTS/train.log"
+    status=${PIPESTATUS[0]}
 fi
+set -e
 trained=$(date +%s)
+if [ "$status" -ne 0 ]; then  # stopped (Ctrl-C / the lease's time guard) or failed: summarise what ran
+    echo "== training did not finish (exit $status); summary of the epochs that ran" | tee -a "$RESULTS/train.log"
+    cp "$run/log.jsonl" "$run/config.json" "$RESULTS/" 2>/dev/null || true
+    "$PY" benchmarks/gpu/summarize.py "$RESULTS" --train-seconds "$((trained - started))" \
+        --gpu "$(cat "$RESULTS/gpu.txt" 2>/dev/null || echo cpu)"
+    exit "$status"
+fi
 "$PY" -m training.cli evaluate "$run" --linear --device "$DEVICE" 2>&1 | tee "$RESULTS/evaluate.log"
 "$PY" -m training.cli plot "$run" --out "$RESULTS/map.png"
 cp "$run/log.jsonl" "$run/metrics.json" "$run/config.json" "$RESULTS/"
