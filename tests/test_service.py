@@ -12,17 +12,19 @@ import pytest
 from PIL import Image
 
 from serving.bundle import open_bundle
+from tests.attack_files import planar_tiff
 from tests.servers import metric_value, run_server_to_exit, start_server, write_broken_files, write_good_images
 
 pytestmark = pytest.mark.slow
 MAX_IMAGES = 8
+MAX_PIXELS = 4_000_000
 
 
 @pytest.fixture(scope="module")
 def server(service_bundle, tmp_path_factory):
     bundle, _ = service_bundle
     root = tmp_path_factory.mktemp("server")
-    args = {"bundle": str(bundle), "max_images": str(MAX_IMAGES), "max_upload_mb": "1"}
+    args = {"bundle": str(bundle), "max_images": str(MAX_IMAGES), "max_upload_mb": "1", "max_pixels": str(MAX_PIXELS)}
     running = start_server(root, args, home=root / "bentoml")
     yield running
     running.stop()
@@ -332,3 +334,22 @@ def _threshold(server) -> float:
     import httpx
 
     return httpx.get(server.url + "/info").json()["calibration"]["threshold"]
+
+
+def _still_serving(server, cell, tmp_path) -> None:
+    good = write_good_images(tmp_path / "good", cell)[0]
+    with server.client() as client:
+        assert client.get("/readyz").status_code == 200
+        assert client.post("/embed", files=_files([good])).status_code == 200
+
+
+def test_tiff_of_separate_planes_is_refused_from_its_header(server, cell, tmp_path) -> None:
+    """3 colour planes of 3000x2000 (18 kB deflate): 6 Mpx over the 4 Mpx limit. The old guard counted
+    the first two axes of (3, 2000, 3000), 6,000 pixels, and decoded every plane."""
+    with server.client() as client:
+        response = client.post("/embed", files=[("images", ("planes.tif", planar_tiff(3000, 2000)))])
+    assert response.status_code == 422, response.text
+    problem = response.json()["detail"][0]
+    assert problem["file"] == "planes.tif"
+    assert "3000x2000 pixels of 3 samples x 1 byte, in separate planes: 6,000,000 pixels exceeds" in problem["error"]
+    _still_serving(server, cell, tmp_path)
