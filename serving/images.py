@@ -6,7 +6,9 @@ no torch) is the one place where that happens. Every image becomes RGB uint8 of 
 - RGBA and LA drop alpha (microscopy exports carry an opaque alpha; compositing would invent colour);
 - 16-bit data (PNG or TIFF) is scaled by the full 16-bit range (value / 257), so the same file always
   gives the same pixels regardless of what else is in the collection;
-- palette, CMYK and other modes go through Pillow's RGB conversion.
+- palette, CMYK and other modes go through Pillow's RGB conversion;
+- an orientation tag (EXIF in JPEG, PNG and WebP; the TIFF Orientation tag) is applied, as image
+  viewers and browsers do, so a photo taken sideways gives the same pixels as the same photo upright.
 
 Only the first page or frame of a file is decoded. Before it is, its header is read and every sample
 it will produce is counted (width x height x depth, samples per pixel, bytes per sample, separate
@@ -34,6 +36,7 @@ MAX_BYTES_PER_PIXEL = 8
 # The formats Pillow may open: those of IMAGE_SUFFIXES (its JPEG reader also opens MPO files). Pillow knows
 # dozens more; refusing them keeps the set whose headers the size guard must understand small.
 PILLOW_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF")
+EXIF_ORIENTATION = 0x0112  # also the TIFF Orientation tag
 TIFF_SUFFIXES = {".tif", ".tiff"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp"}
 RESIZE_FILTERS = {
@@ -139,6 +142,23 @@ def _channels_to_rgb(array: np.ndarray, source: str) -> np.ndarray:
     raise ImageDecodeError(f"{source}: cannot use an image with {channels} channels")
 
 
+def apply_orientation(image: np.ndarray, orientation: int | None) -> np.ndarray:
+    """Turn (H, W, ...) pixels stored with an EXIF/TIFF orientation (1-8) upright, as Pillow's
+    ImageOps.exif_transpose does; other values leave the image as stored."""
+    turned = {
+        2: lambda a: a[:, ::-1],
+        3: lambda a: a[::-1, ::-1],
+        4: lambda a: a[::-1],
+        5: lambda a: a.swapaxes(0, 1),
+        6: lambda a: np.rot90(a, -1),
+        7: lambda a: a.swapaxes(0, 1)[::-1, ::-1],
+        8: lambda a: np.rot90(a, 1),
+    }
+    if orientation not in turned:
+        return image
+    return np.ascontiguousarray(turned[orientation](image))
+
+
 def _is_tiff(data: bytes) -> bool:
     return data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 
@@ -162,6 +182,14 @@ def _tiff_header(page) -> ImageHeader:
     )
 
 
+def _tiff_orientation(page) -> int | None:
+    tag = page.tags.get(EXIF_ORIENTATION)
+    try:
+        return int(tag.value) if tag is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
 def _decode_tiff(data: bytes, source: str, max_pixels: int) -> np.ndarray:
     import tifffile
 
@@ -169,6 +197,7 @@ def _decode_tiff(data: bytes, source: str, max_pixels: int) -> np.ndarray:
         with tifffile.TiffFile(io.BytesIO(data)) as tif:
             page = tif.pages[0]
             check_size(_tiff_header(page), source, max_pixels)
+            orientation = _tiff_orientation(page)
             if page.photometric == 5 and page.samplesperpixel > 1:  # SEPARATED (CMYK): let Pillow convert
                 return _decode_with_pillow(data, source, max_pixels)
             array = page.asarray()
@@ -176,7 +205,7 @@ def _decode_tiff(data: bytes, source: str, max_pixels: int) -> np.ndarray:
         raise
     except Exception as exc:  # tifffile raises many types for broken files
         raise ImageDecodeError(f"{source}: not a readable TIFF ({exc})") from exc
-    return _channels_to_rgb(to_uint8(array), source)
+    return apply_orientation(_channels_to_rgb(to_uint8(array), source), orientation)
 
 
 def _pillow_header(image: Image.Image) -> ImageHeader:
@@ -215,11 +244,12 @@ def _decode_with_pillow(data: bytes, source: str, max_pixels: int) -> np.ndarray
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image.load()
+        orientation = image.getexif().get(EXIF_ORIENTATION)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageDecodeError(f"{source}: exceeds the limit of {max_pixels:,} pixels", reason="too_large") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageDecodeError(f"{source}: broken or truncated image ({exc})") from exc
-    return _pillow_rgb(image, source)
+    return apply_orientation(_pillow_rgb(image, source), orientation)
 
 
 def _pillow_rgb(image: Image.Image, source: str) -> np.ndarray:
@@ -253,7 +283,7 @@ def read_header(data: bytes, source: str = "<upload>", max_pixels: int = DEFAULT
 
 
 def decode_image(data: bytes, source: str = "<upload>", max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode encoded image bytes into RGB uint8 (H, W, 3); ImageDecodeError names `source` on
+    """Decode encoded image bytes into upright RGB uint8 (H, W, 3); ImageDecodeError names `source` on
     failure, and refuses before decoding an image whose header declares more than `max_pixels`."""
     if not data:
         raise ImageDecodeError(f"{source}: empty file (0 bytes)", reason="empty")

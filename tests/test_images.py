@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-from PIL import Image
+from PIL import Image, ImageOps
 
 from serving.images import ImageDecodeError, decode_image, read_header, read_image, resize_rgb
-from tests.attack_files import planar_tiff, tiff_claiming
+from tests.attack_files import planar_tiff, stored_pixels, tiff_claiming, with_orientation
 
 
 @pytest.fixture
@@ -161,3 +161,23 @@ def test_formats_beyond_the_supported_ones_are_refused(rgb: np.ndarray) -> None:
     Image.fromarray(rgb).save(buffer, format="PCX")  # Pillow reads it; the service does not claim to
     with pytest.raises(ImageDecodeError, match=r"cell\.pcx: not a readable image .*formats read: PNG, JPEG"):
         decode_image(buffer.getvalue(), "cell.pcx")
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied_as_pillow_does(orientation: int) -> None:
+    stored = np.random.default_rng(orientation).integers(0, 256, size=(4, 7, 3), dtype=np.uint8)
+    data = with_orientation(stored, orientation, format="PNG")
+    with Image.open(io.BytesIO(data)) as image:
+        expected = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+    np.testing.assert_array_equal(decode_image(data, "turned.png"), expected)
+
+
+def test_sideways_jpeg_and_tiff_come_out_upright() -> None:
+    upright = np.random.default_rng(1).integers(0, 256, size=(16, 24, 3), dtype=np.uint8)
+    sideways = np.ascontiguousarray(np.rot90(upright, 1))  # as a camera held sideways stores it
+    jpeg = with_orientation(sideways, 6)
+    # Orientation 6: the stored pixels are shown turned 90 degrees clockwise.
+    np.testing.assert_array_equal(decode_image(jpeg, "sideways.jpg"), np.rot90(stored_pixels(jpeg), -1))
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, sideways, photometric="rgb", extratags=[(274, "H", 1, 6, True)])
+    np.testing.assert_array_equal(decode_image(buffer.getvalue(), "sideways.tif"), upright)

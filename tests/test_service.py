@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from serving.bundle import open_bundle
-from tests.attack_files import planar_tiff
+from tests.attack_files import planar_tiff, stored_pixels, with_orientation
 from tests.servers import metric_value, run_server_to_exit, start_server, write_broken_files, write_good_images
 
 pytestmark = pytest.mark.slow
@@ -353,3 +353,19 @@ def test_tiff_of_separate_planes_is_refused_from_its_header(server, cell, tmp_pa
     assert problem["file"] == "planes.tif"
     assert "3000x2000 pixels of 3 samples x 1 byte, in separate planes: 6,000,000 pixels exceeds" in problem["error"]
     _still_serving(server, cell, tmp_path)
+
+
+def test_exif_orientation_is_honoured(server, service_bundle, tmp_path) -> None:
+    """A JPEG stored sideways with orientation 6 lands where the same pixels stored upright land."""
+    _, data = service_bundle
+    cell = np.asarray(Image.open(sorted(data.glob("erythroid/*.png"))[0]).convert("RGB"))
+    sideways = with_orientation(np.ascontiguousarray(np.rot90(cell, 1)), 6)
+    upright = Image.fromarray(np.ascontiguousarray(np.rot90(stored_pixels(sideways), -1)))
+    upright.save(tmp_path / "upright.png")
+    upright_png = (tmp_path / "upright.png").read_bytes()
+    files = [("images", ("sideways.jpg", sideways)), ("images", ("upright.png", upright_png))]
+    with server.client() as client:
+        response = client.post("/embed", files=files)
+    assert response.status_code == 200, response.text
+    placed, reference = response.json()["images"]
+    assert np.allclose([placed["x"], placed["y"]], [reference["x"], reference["y"]], atol=1e-5), (placed, reference)
