@@ -159,6 +159,9 @@ def test_request_shape_errors_are_4xx_naming_the_problem(server, cell, tmp_path)
         ({}, 400, "empty request"),
         ({"json": {"images": ["cell.png"]}}, 415, "multipart/form-data"),
         ({"files": [("images", (f"{i}.png", data)) for i in range(MAX_IMAGES + 1)]}, 413, f"more than {MAX_IMAGES}"),
+        # Every count over the limit is 413 (starlette's parser stopped at MAX_IMAGES + 1 with a 400 before).
+        ({"files": [("images", (f"{i}.png", data)) for i in range(MAX_IMAGES + 2)]}, 413, f"more than {MAX_IMAGES}"),
+        ({"files": [("images", (f"{i}.png", data)) for i in range(10 * MAX_IMAGES)]}, 413, f"more than {MAX_IMAGES}"),
         ({"files": [("images", ("big.png", b"\0" * (1024 * 1024 + 1)))]}, 413, "exceeds the limit of 1,048,576 bytes"),
         (
             {"content": b"--xyz\r\nnot a part", "headers": {"content-type": "multipart/form-data; boundary=xyz"}},

@@ -85,6 +85,13 @@ def test_settings_arguments_win_over_environment_and_errors_name_the_source() ->
         load_settings({"bundel": "x"}, {})
 
 
+def _parts(boundary: str, count: int) -> bytes:
+    """A multipart body of `count` file parts in the field 'images' (a quoted boundary may hold spaces)."""
+    delimiter = b"--" + boundary.strip('"').encode()
+    part = b'Content-Disposition: form-data; name="images"; filename="a.png"\r\n\r\nx\r\n'
+    return b"".join(delimiter + b"\r\n" + part for _ in range(count)) + delimiter + b"--\r\n"
+
+
 def _guarded_app(token: str | None = None, max_bytes: int = 10_000, max_files: int = 2) -> Starlette:
     async def upload(request: Request) -> JSONResponse:
         form = await request.form()
@@ -125,6 +132,16 @@ def test_upload_guard_passes_good_uploads_with_their_names() -> None:
     [
         ({"files": [("image", ("a.png", b"x"))]}, 400, "unexpected multipart field 'image'"),
         ({"files": [("images", ("a.png", b"x"))] * 3}, 413, "more than 2 images"),
+        ({"files": [("images", ("a.png", b"x"))] * 4}, 413, "more than 2 images"),  # was 400 past max + 1
+        ({"files": [("images", ("a.png", b"x"))] * 40}, 413, "more than 2 images"),
+        (
+            {
+                "content": _parts('"b o"', 5),
+                "headers": {"content-type": 'multipart/form-data; boundary="b o"'},
+            },
+            413,
+            "more than 2 images",
+        ),
         ({"content": b"{}", "headers": {"content-type": "application/json"}}, 415, "multipart/form-data"),
         ({"content": b"x" * 10_001, "headers": {"content-type": "multipart/form-data; boundary=z"}}, 413, "10,000"),
         (
