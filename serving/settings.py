@@ -38,7 +38,12 @@ class ServiceSettings(BaseModel):
     @field_validator("api_token")
     @classmethod
     def _token_not_blank(cls, value: str | None) -> str | None:
-        if value is not None and len(value.strip()) < 16:
+        """Surrounding whitespace (a trailing newline from a secret file or `echo`) is not part of the
+        token: a client sending the token could never match it."""
+        if value is None:
+            return None
+        value = value.strip()
+        if len(value) < 16:
             raise ValueError("must be at least 16 characters (use e.g. `openssl rand -hex 32`)")
         return value
 

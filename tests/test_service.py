@@ -200,8 +200,9 @@ def test_map_info_and_openapi(server, service_bundle) -> None:
 def test_bearer_token_guards_everything_but_health(service_bundle, tmp_path, cell) -> None:
     bundle, _ = service_bundle
     token = "s3cret-token-for-the-lab-0123456789"
+    # As a secret file or `echo` often leaves it: with surrounding whitespace, which is not part of it.
     running = start_server(
-        tmp_path, {"bundle": str(bundle)}, home=tmp_path / "bentoml", env={"TSIMCNE_API_TOKEN": token}
+        tmp_path, {"bundle": str(bundle)}, home=tmp_path / "bentoml", env={"TSIMCNE_API_TOKEN": f"  {token}\n"}
     )
     try:
         files = _files(write_good_images(tmp_path / "img", cell)[:1])

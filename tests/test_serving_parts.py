@@ -81,6 +81,10 @@ def test_settings_arguments_win_over_environment_and_errors_name_the_source() ->
         load_settings({"provider": "tpu"}, {})
     with pytest.raises(SettingsError, match=r"--arg api_token: .*at least 16"):
         load_settings({"api_token": "short"}, {})
+    with pytest.raises(SettingsError, match=r"TSIMCNE_API_TOKEN: .*at least 16"):
+        load_settings({}, {"TSIMCNE_API_TOKEN": "  short-token  \n"})  # 17 characters, 11 of them the token
+    # A trailing newline from a secret file or `echo` is not part of the token (else it could never match).
+    assert load_settings({}, {"TSIMCNE_API_TOKEN": " 0123456789abcdef0123\n"}).api_token == "0123456789abcdef0123"
     with pytest.raises(SettingsError, match="unknown setting"):
         load_settings({"bundel": "x"}, {})
 
