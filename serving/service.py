@@ -43,6 +43,7 @@ from serving.bundle import MANIFEST, REFERENCE_FILE, BundleError, open_bundle, s
 from serving.embedder import BundleEmbedder, Placement
 from serving.guards import OPEN_PATHS, BearerTokenAuth, BodySizeLimit, UploadGuard
 from serving.images import ImageDecodeError, decode_image
+from serving.public import public_calibration, public_evaluation
 from serving.settings import ServiceSettings, SettingsError, load_settings
 from serving.store import bundle_path_from_store
 from serving.uploads import UploadedFile
@@ -231,8 +232,8 @@ class MapService:
             image_size=(manifest.preprocessing.height, manifest.preprocessing.width),
             provider=self.embedder.provider,
             neighbours=self.embedder.k,
-            calibration=_summary(self.embedder.calibration),
-            evaluation=manifest.evaluation,
+            calibration=public_calibration(self.embedder.calibration),
+            evaluation=public_evaluation(manifest.evaluation),
             partial=manifest.partial,
             limits=Limits(
                 max_images=SETTINGS.max_images,
@@ -303,14 +304,6 @@ class MapService:
                 for file, placement in zip(images, placements, strict=True)
             ],
         )
-
-
-def _summary(calibration: dict) -> dict:
-    """The calibration without the pixel model's mean vector and precision matrix (in bundle.json)."""
-    summary = dict(calibration)
-    if isinstance(summary.get("pixels"), dict):
-        summary["pixels"] = {k: v for k, v in summary["pixels"].items() if k not in ("mean", "precision")}
-    return summary
 
 
 def _embedded(filename: str, placement: Placement, duplicate_of: str | None) -> EmbeddedImage:

@@ -13,6 +13,7 @@ from PIL import Image
 
 from serving.bundle import open_bundle
 from tests.attack_files import planar_tiff, stored_pixels, with_orientation
+from tests.conftest import run_cli
 from tests.servers import metric_value, run_server_to_exit, start_server, write_broken_files, write_good_images
 
 pytestmark = pytest.mark.slow
@@ -373,3 +374,29 @@ def test_exif_orientation_is_honoured(server, service_bundle, tmp_path) -> None:
     assert response.status_code == 200, response.text
     placed, reference = response.json()["images"]
     assert np.allclose([placed["x"], placed["y"]], [reference["x"], reference["y"]], atol=1e-5), (placed, reference)
+
+
+def test_info_shows_no_local_paths(service_bundle, tmp_path) -> None:
+    """A bundle records where its calibration images and evaluated data were (bundle.json keeps that
+    provenance); /info names the data, never the path."""
+    import shutil
+
+    bundle, data = service_bundle
+    run = tmp_path / "lab-share" / "runs" / "cells"
+    shutil.copytree(bundle.parent.parent / "runs" / "cells", run)
+    assert run_cli("evaluate", str(run)).returncode == 0  # metrics.json records the training data's path
+    calibrated = tmp_path / "calibrated"
+    result = run_cli("export", str(run), "--out", str(calibrated), "--calibration-data", str(data))
+    assert result.returncode == 0, result.stderr
+    assert str(data) in (calibrated / "bundle.json").read_text()
+    running = start_server(tmp_path, {"bundle": str(calibrated)}, home=tmp_path / "bentoml")
+    try:
+        with running.client() as client:
+            info = client.get("/info")
+    finally:
+        running.stop()
+    assert info.status_code == 200
+    assert info.json()["calibration"]["source"] == f"held-out images never trained on: {data.name} (120)"
+    assert info.json()["evaluation"]["data"] == data.name
+    for private in (str(data.parent), str(tmp_path), str(bundle.parent)):
+        assert private not in info.text, private

@@ -177,3 +177,25 @@ def test_bearer_token() -> None:
     assert _request(app, "GET", "/info", headers={"Authorization": "Basic abc"}).status_code == 401
     assert _request(app, "GET", "/info", headers={"Authorization": f"Bearer {token}"}).status_code == 200
     assert _request(app, "GET", "/readyz").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("source", "shown"),
+    [
+        ("held-out images never trained on: /home/lab/share/held out.npz (150)", "... held out.npz (150)"),
+        ("held-out images never trained on: data/heldout/ (120)", "... heldout (120)"),
+        ("held-out images never trained on: C:\\lab\\heldout.csv (101)", "... heldout.csv (101)"),
+        ("held-out images never trained on: synthetic:200 (200)", "... synthetic:200 (200)"),
+        (
+            "training images, 10 % left out of the reference (12; in-sample: the network saw them)",
+            "training images, 10 % left out of the reference (12; in-sample: the network saw them)",
+        ),
+        ("made from /srv/a/b.npz and more", "made from b.npz and more"),
+    ],
+)
+def test_public_calibration_source_has_no_folders(source: str, shown: str) -> None:
+    from serving.public import public_calibration
+
+    public = public_calibration({"source": source, "pixels": {"scale": 1.0, "mean": [0.0], "precision": [[1.0]]}})
+    assert public["source"] == shown.replace("... ", "held-out images never trained on: ")
+    assert public["pixels"] == {"scale": 1.0}
