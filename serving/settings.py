@@ -29,6 +29,13 @@ class ServiceSettings(BaseModel):
     max_images: int = Field(64, ge=1, le=4096, description="images per request")
     max_upload_mb: float = Field(32.0, gt=0, le=4096, description="request body size limit in MiB")
     max_pixels: int = Field(40_000_000, ge=1, description="decompression-bomb guard: pixels per image")
+    max_request_pixels: int = Field(
+        320_000_000, ge=1, description="pixels of all images of one request together (decoded-size guard)"
+    )
+    decode_concurrency: int = Field(2, ge=1, le=256, description="requests decoding their images at once, per worker")
+    request_budget_s: float = Field(
+        60.0, gt=0, le=110, description="seconds a request may wait for and spend in decoding and the model"
+    )
     max_batch_images: int = Field(256, ge=1, le=4096, description="images per model run across requests")
     threads: int = Field(0, ge=0, le=256, description="onnxruntime intra-op threads; 0 = onnxruntime's choice")
     workers: int = Field(1, ge=1, le=64, description="service processes; each opens the bundle and the model")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 from PIL import Image
 
 from serving.bundle import open_bundle
-from tests.attack_files import planar_tiff, stored_pixels, with_orientation
+from tests.attack_files import planar_tiff, solid_png, stored_pixels, with_orientation
 from tests.conftest import run_cli
 from tests.servers import metric_value, run_server_to_exit, start_server, write_broken_files, write_good_images
 
@@ -374,6 +375,54 @@ def test_exif_orientation_is_honoured(server, service_bundle, tmp_path) -> None:
     assert response.status_code == 200, response.text
     placed, reference = response.json()["images"]
     assert np.allclose([placed["x"], placed["y"]], [reference["x"], reference["y"]], atol=1e-5), (placed, reference)
+
+
+@pytest.fixture(scope="module")
+def guarded_server(service_bundle, tmp_path_factory):
+    """Limits small enough to reach with small files: 8 Mpx an image, 300 Mpx a request, 0.5 s a request."""
+    bundle, _ = service_bundle
+    root = tmp_path_factory.mktemp("guarded-server")
+    args = {
+        "bundle": str(bundle),
+        "max_pixels": "8000000",
+        "max_request_pixels": "300000000",
+        "request_budget_s": "0.5",
+        "decode_concurrency": "1",
+    }
+    running = start_server(root, args, home=root / "bentoml")
+    yield running
+    running.stop()
+    assert "Traceback" not in running.log_text()
+
+
+def test_pixels_of_a_whole_request_are_bounded(guarded_server, cell, tmp_path) -> None:
+    """40 images of 8 Mpx in a 1.2 MB body: each within the per-image limit, 960 MB once decoded together."""
+    files = [("images", (f"{i}.png", solid_png(2828, 2828))) for i in range(40)]
+    with guarded_server.client() as client:
+        before = client.get("/metrics").text
+        response = client.post("/embed", files=files)
+        after = client.get("/metrics").text
+    assert response.status_code == 413, response.text
+    message = response.json()["error"]
+    assert "hold 319,903,360 pixels together, over the limit of 300,000,000 pixels per request" in message
+    rejected = metric_value(after, "tsimcne_rejected_requests_total", reason="too_many_pixels")
+    assert rejected - metric_value(before, "tsimcne_rejected_requests_total", reason="too_many_pixels") == 1
+    _still_serving(guarded_server, cell, tmp_path)
+
+
+def test_a_request_stops_when_its_time_budget_runs_out(guarded_server, cell, tmp_path) -> None:
+    """64 images of 4 Mpx (256 Mpx to decode, seconds of work) against a 0.5 s budget: 503 naming the budget,
+    soon after the budget, and the decoding slot is free again for the next request."""
+    files = [("images", (f"{i}.png", solid_png(2000, 2000))) for i in range(64)]
+    with guarded_server.client() as client:
+        started = time.perf_counter()
+        response = client.post("/embed", files=files)
+        elapsed = time.perf_counter() - started
+    assert response.status_code == 503, response.text
+    assert "time budget of 0.5 s (setting request_budget_s)" in response.json()["error"]
+    assert response.headers["retry-after"] == "5"
+    assert elapsed < 5, elapsed
+    _still_serving(guarded_server, cell, tmp_path)
 
 
 def test_info_shows_no_local_paths(service_bundle, tmp_path) -> None:
