@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import subprocess
+import uuid
 from pathlib import Path
 
 import pytest
@@ -43,19 +45,26 @@ def test_names_outside_the_folder_are_refused_when_opening(service_bundle, tmp_p
 
 
 def test_model_store_copy_refuses_names_outside_the_folder(service_bundle, tmp_path, monkeypatch) -> None:
+    """Before, the copy wrote the listed file wherever its name pointed (with the old code: at /)."""
     from serving.store import register_bundle
 
     bundle, _ = service_bundle
     home = tmp_path / "home" / "bentoml"
     monkeypatch.setenv("BENTOML_HOME", str(home))
     monkeypatch.setenv("BENTOML_DO_NOT_TRACK", "true")
-    planted = tmp_path / "planted.txt"
+    name = f"planted-{uuid.uuid4().hex}.txt"
+    planted = tmp_path / name
     planted.write_text("written by the copy into the store")
-    copy = _listing(bundle, tmp_path / "a" / "b" / "bundle", "../../../planted.txt", planted)
-    with pytest.raises(BundleError, match="not a plain file name"):
-        register_bundle(copy)
-    assert sorted(p.name for p in tmp_path.rglob("planted.txt")) == ["planted.txt"]  # only the original
-    assert not any(home.rglob("planted.txt"))
+    copy = _listing(bundle, tmp_path / "a" / "b" / "bundle", f"../../../{name}", planted)
+    try:
+        with pytest.raises(BundleError, match="not a plain file name"):
+            register_bundle(copy)
+    finally:
+        found = subprocess.run(["find", "/", "-xdev", "-maxdepth", "8", "-name", name], capture_output=True, text=True)
+        written = [Path(line) for line in found.stdout.splitlines() if Path(line) != planted]
+        for path in written:
+            path.unlink()  # never leave the planted file behind, even when the test fails
+    assert written == []
 
 
 def test_plain_names_pass_and_others_fail_on_their_own() -> None:
