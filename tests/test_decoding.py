@@ -40,7 +40,8 @@ def test_each_image_comes_back_at_the_model_size() -> None:
 
 
 def test_pixels_of_the_whole_request_are_counted_from_headers_before_decoding() -> None:
-    files = [File(f"{i}.png", solid_png(2000, 2000)) for i in range(3)]  # 12 Mpx together, 10 allowed
+    big = solid_png(2000, 2000)
+    files = [File(f"{i}.png", big) for i in range(3)]  # 12 Mpx together, 10 allowed
     started = time.perf_counter()
     with pytest.raises(RequestTooLarge, match="the 3 images of this request hold 12,000,000 pixels together"):
         _decode(_decoder(), files)
@@ -67,7 +68,7 @@ def test_problems_name_every_bad_file_in_upload_order() -> None:
 def test_at_most_concurrency_requests_decode_at_once() -> None:
     active: list[int] = []
     decoder = _decoder(concurrency=2, on_active=active.append)
-    files = [File(f"{i}.png", solid_png(1500, 1500)) for i in range(3)]
+    files = [File(f"{i}.png", data) for i, data in enumerate([solid_png(1500, 1500)] * 3)]
 
     async def burst():
         deadline = time.monotonic() + 60
@@ -80,7 +81,8 @@ def test_at_most_concurrency_requests_decode_at_once() -> None:
 
 def test_a_request_past_its_deadline_stops_between_images_and_frees_its_slot() -> None:
     decoder = _decoder(concurrency=1, max_request_pixels=400_000_000)
-    heavy = [File(f"{i}.png", solid_png(2000, 2000)) for i in range(40)]  # 160 Mpx: seconds of decoding
+    big = solid_png(2000, 2000)
+    heavy = [File(f"{i}.png", big) for i in range(40)]  # 160 Mpx: seconds of decoding
 
     async def scenario():
         started = time.monotonic()

@@ -397,7 +397,8 @@ def guarded_server(service_bundle, tmp_path_factory):
 
 def test_pixels_of_a_whole_request_are_bounded(guarded_server, cell, tmp_path) -> None:
     """40 images of 8 Mpx in a 1.2 MB body: each within the per-image limit, 960 MB once decoded together."""
-    files = [("images", (f"{i}.png", solid_png(2828, 2828))) for i in range(40)]
+    big = solid_png(2828, 2828)
+    files = [("images", (f"{i}.png", big)) for i in range(40)]
     with guarded_server.client() as client:
         before = client.get("/metrics").text
         response = client.post("/embed", files=files)
@@ -413,7 +414,8 @@ def test_pixels_of_a_whole_request_are_bounded(guarded_server, cell, tmp_path) -
 def test_a_request_stops_when_its_time_budget_runs_out(guarded_server, cell, tmp_path) -> None:
     """64 images of 4 Mpx (256 Mpx to decode, seconds of work) against a 0.5 s budget: 503 naming the budget,
     soon after the budget, and the decoding slot is free again for the next request."""
-    files = [("images", (f"{i}.png", solid_png(2000, 2000))) for i in range(64)]
+    big = solid_png(2000, 2000)
+    files = [("images", (f"{i}.png", big)) for i in range(64)]
     with guarded_server.client() as client:
         started = time.perf_counter()
         response = client.post("/embed", files=files)
