@@ -6,12 +6,14 @@ One image may hold up to `max_pixels`, but one request may carry `max_images` of
    more than `max_request_pixels` pixels together (RequestTooLarge: HTTP 413), or an image is over the
    per-image limits (a problem naming the file: HTTP 422);
 2. each image is brought to the model's size (serving/preprocess.py fit_image) as soon as it is
-   decoded, so a request holds the full-size pixels of one image at a time;
-3. at most `concurrency` requests decode at once in a worker; the others wait their turn;
+   decoded, so a request holds the full-size pixels of one image at a time: its largest image's;
+3. the full-size pixels being decoded at once in a worker are bounded to `concurrency` x `max_pixels`
+   (a PixelBudget): each request reserves its largest image's pixels before it decodes, so any number
+   of small-image requests decode side by side while big ones take turns;
 4. waiting and decoding count against the request's deadline: past it the request stops between two
-   images (DeadlineExceeded: HTTP 503) instead of holding a decoding slot.
-A decoding thread cannot be interrupted inside one image, so its slot is given back only when the
-thread has really finished, even when the request itself was cancelled meanwhile.
+   images (DeadlineExceeded: HTTP 503) instead of holding its reservation.
+A decoding thread cannot be interrupted inside one image, so its reservation is given back only when
+the thread has really finished, even when the request itself was cancelled meanwhile.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -50,6 +53,56 @@ class DecodedUploads:
     pixels: int = 0  # what the headers declared, all images together
 
 
+@dataclass
+class _Headers:
+    readable: list[tuple[int, Upload]]  # (position in the upload, file) of the files whose header passed
+    problems: dict[int, dict[str, str]]  # by position in the upload
+    pixels: int  # all readable images together
+    largest: int  # the largest readable image: what decoding this request holds at full size at once
+
+
+class PixelBudget:
+    """An asyncio semaphore counted in pixels, first come first served: `await acquire(n)` waits until n
+    more pixels fit within `capacity`; `release(n)` gives them back."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self._waiting: deque[tuple[int, asyncio.Future]] = deque()
+
+    async def acquire(self, pixels: int) -> None:
+        pixels = min(pixels, self.capacity)  # one image never waits for more than there is
+        if not self._waiting and self.used + pixels <= self.capacity:
+            self.used += pixels
+            return
+        granted = asyncio.get_running_loop().create_future()
+        self._waiting.append((pixels, granted))
+        try:
+            await granted
+        except asyncio.CancelledError:
+            if granted.done() and not granted.cancelled():  # granted just as the waiter was cancelled
+                self.release(pixels)
+            else:
+                self._wake()  # a large waiter leaving may let smaller ones behind it in
+            raise
+
+    def release(self, pixels: int) -> None:
+        self.used -= min(pixels, self.capacity)
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiting:
+            pixels, granted = self._waiting[0]
+            if granted.done():  # cancelled while waiting
+                self._waiting.popleft()
+                continue
+            if self.used + pixels > self.capacity:
+                return
+            self._waiting.popleft()
+            self.used += pixels
+            granted.set_result(None)
+
+
 class UploadDecoder:
     """`await decoder.decode(files, deadline)` for each request; one decoder per worker process."""
 
@@ -66,35 +119,45 @@ class UploadDecoder:
         self.max_request_pixels = max_request_pixels
         self.concurrency = concurrency
         self.on_active = on_active  # called with the number of requests decoding now (a metrics gauge)
-        self._slots: asyncio.Semaphore | None = None
+        self._budget: PixelBudget | None = None
         self._active = 0
 
     async def decode(self, files: Sequence[Upload], deadline: float) -> DecodedUploads:
         """RequestTooLarge, DeadlineExceeded, or the fitted images and the problems found (`deadline`
         is a time.monotonic() value)."""
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self.concurrency)
-        slots = self._slots
+        if self._budget is None:  # made in the worker's event loop
+            self._budget = PixelBudget(self.concurrency * self.max_pixels)
+        budget = self._budget
+        headers = await asyncio.to_thread(self._read_headers, files)
+        if headers.pixels > self.max_request_pixels:
+            raise RequestTooLarge(
+                f"the {len(headers.readable)} images of this request hold {headers.pixels:,} pixels together, over "
+                f"the limit of {self.max_request_pixels:,} pixels per request (setting max_request_pixels); "
+                "send them in several requests"
+            )
+        if not headers.readable:
+            return DecodedUploads([], _in_order(headers.problems), headers.pixels)
         try:
-            await asyncio.wait_for(slots.acquire(), timeout=max(deadline - time.monotonic(), 0.0))
+            async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
+                await budget.acquire(headers.largest)
         except TimeoutError:
             raise DeadlineExceeded(
-                f"waited for one of the {self.concurrency} decoding slots until the time budget ran out "
-                "(the service is busy)"
+                f"waited to decode its {headers.largest:,}-pixel image until the time budget ran out (the "
+                f"service is busy decoding; at most {self.concurrency} x {self.max_pixels:,} pixels at once)"
             ) from None
         stop = threading.Event()
         self._set_active(+1)
-        work = asyncio.ensure_future(asyncio.to_thread(self._decode_all, files, deadline, stop))
+        work = asyncio.ensure_future(asyncio.to_thread(self._decode_all, headers, deadline, stop))
 
         def finished(_: asyncio.Future) -> None:
             self._set_active(-1)
-            slots.release()
+            budget.release(headers.largest)
 
         work.add_done_callback(finished)
         try:
             return await asyncio.shield(work)
         except asyncio.CancelledError:
-            stop.set()  # the thread stops before its next image; the slot comes back when it has
+            stop.set()  # the thread stops before its next image; the pixels come back when it has
             raise
 
     def _set_active(self, change: int) -> None:
@@ -102,29 +165,28 @@ class UploadDecoder:
         if self.on_active is not None:
             self.on_active(self._active)
 
-    def _decode_all(self, files: Sequence[Upload], deadline: float, stop: threading.Event) -> DecodedUploads:
-        problems: dict[int, dict[str, str]] = {}  # by position in the upload
-        readable: list[tuple[int, Upload]] = []
-        pixels = 0
+    def _read_headers(self, files: Sequence[Upload]) -> _Headers:
+        headers = _Headers(readable=[], problems={}, pixels=0, largest=0)
         for index, file in enumerate(files):
             try:
                 header = read_header(file.data, file.name, self.max_pixels)
                 check_size(header, file.name, self.max_pixels)
             except ImageDecodeError as exc:
-                problems[index] = {"file": file.name, "error": str(exc), "reason": exc.reason}
+                headers.problems[index] = {"file": file.name, "error": str(exc), "reason": exc.reason}
                 continue
-            readable.append((index, file))
-            pixels += header.pixels
-        if pixels > self.max_request_pixels:
-            raise RequestTooLarge(
-                f"the {len(readable)} images of this request hold {pixels:,} pixels together, over the limit of "
-                f"{self.max_request_pixels:,} pixels per request (setting max_request_pixels); "
-                "send them in several requests"
-            )
+            headers.readable.append((index, file))
+            headers.pixels += header.pixels
+            headers.largest = max(headers.largest, header.pixels)
+        return headers
+
+    def _decode_all(self, headers: _Headers, deadline: float, stop: threading.Event) -> DecodedUploads:
+        problems = dict(headers.problems)
         images: list[np.ndarray] = []
-        for done, (index, file) in enumerate(readable):
+        for done, (index, file) in enumerate(headers.readable):
             if stop.is_set() or time.monotonic() > deadline:
-                raise DeadlineExceeded(f"the time budget ran out after decoding {done} of {len(readable)} images")
+                raise DeadlineExceeded(
+                    f"the time budget ran out after decoding {done} of {len(headers.readable)} images"
+                )
             try:
                 decoded = decode_image(file.data, file.name, max_pixels=self.max_pixels)
             except ImageDecodeError as exc:
@@ -133,5 +195,9 @@ class UploadDecoder:
             images.append(fit_image(decoded, self.prep))
             del decoded  # the full-size pixels go now, before the next image is decoded
         if problems:
-            return DecodedUploads([], [problems[i] for i in sorted(problems)], pixels)
-        return DecodedUploads(images, [], pixels)
+            return DecodedUploads([], _in_order(problems), headers.pixels)
+        return DecodedUploads(images, [], headers.pixels)
+
+
+def _in_order(problems: dict[int, dict[str, str]]) -> list[dict[str, str]]:
+    return [problems[index] for index in sorted(problems)]

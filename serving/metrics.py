@@ -35,7 +35,7 @@ DECODE_ERRORS = Counter("tsimcne_decode_errors", "Uploaded files that could not 
 REJECTED_REQUESTS = Counter("tsimcne_rejected_requests", "Requests refused before embedding, by reason", ["reason"])
 DECODING_REQUESTS = Gauge(
     "tsimcne_decoding_requests",
-    "Requests decoding their images now (at most decode_concurrency per worker; summed over workers)",
+    "Requests decoding their images now (summed over workers)",
     multiprocess_mode="livesum",
 )
 BUNDLE_INFO = Gauge(

@@ -302,7 +302,8 @@ class MapService:
             return _error(ctx, 422, message, problems, reason="bad_image")
         batch = await asyncio.to_thread(stack_fitted, decoded.images, self.embedder.manifest.preprocessing)
         try:
-            outputs = await asyncio.wait_for(self.batcher.run(batch), timeout=max(deadline - time.monotonic(), 0.0))
+            async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
+                outputs = await self.batcher.run(batch)
         except TimeoutError:
             return _over_budget(ctx, "the time budget ran out while the images waited for the model")
         placements = await asyncio.to_thread(self.embedder.placements, outputs, batch)

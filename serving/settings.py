@@ -32,7 +32,9 @@ class ServiceSettings(BaseModel):
     max_request_pixels: int = Field(
         320_000_000, ge=1, description="pixels of all images of one request together (decoded-size guard)"
     )
-    decode_concurrency: int = Field(2, ge=1, le=256, description="requests decoding their images at once, per worker")
+    decode_concurrency: int = Field(
+        2, ge=1, le=256, description="images of max_pixels decoded at once per worker (smaller ones share the budget)"
+    )
     request_budget_s: float = Field(
         60.0, gt=0, le=110, description="seconds a request may wait for and spend in decoding and the model"
     )

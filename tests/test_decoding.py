@@ -65,18 +65,25 @@ def test_problems_name_every_bad_file_in_upload_order() -> None:
     ]
 
 
-def test_at_most_concurrency_requests_decode_at_once() -> None:
-    active: list[int] = []
-    decoder = _decoder(concurrency=2, on_active=active.append)
-    files = [File(f"{i}.png", data) for i, data in enumerate([solid_png(1500, 1500)] * 3)]
+def test_full_size_images_take_turns_and_small_ones_decode_side_by_side() -> None:
+    """The pixels being decoded at once are bounded to concurrency x max_pixels: six requests of images at
+    max_pixels decode two at a time; six of small images all at once."""
 
-    async def burst():
-        deadline = time.monotonic() + 60
-        return await asyncio.gather(*(decoder.decode(files, deadline) for _ in range(6)))
+    def burst(images: list[bytes]) -> int:
+        active: list[int] = []
+        decoder = _decoder(concurrency=2, max_request_pixels=100_000_000, on_active=active.append)
+        files = [File(f"{i}.png", data) for i, data in enumerate(images)]
 
-    results = asyncio.run(burst())
-    assert all(len(r.images) == 3 for r in results)
-    assert max(active) == 2 and active[-1] == 0  # six requests, never more than two decoding
+        async def requests():
+            deadline = time.monotonic() + 60
+            return await asyncio.gather(*(decoder.decode(files, deadline) for _ in range(6)))
+
+        results = asyncio.run(requests())
+        assert all(len(r.images) == len(images) for r in results) and active[-1] == 0
+        return max(active)
+
+    assert burst([solid_png(2000, 2000)] * 3) == 2  # 4 Mpx each = max_pixels: two requests at a time
+    assert burst([solid_png(200, 200)] * 30) > 2  # 40,000 pixels each: all share the budget at once
 
 
 def test_a_request_past_its_deadline_stops_between_images_and_frees_its_slot() -> None:
@@ -92,8 +99,8 @@ def test_a_request_past_its_deadline_stops_between_images_and_frees_its_slot() -
         # A second request waiting for the one slot past its own deadline is refused without decoding.
         blocker = asyncio.ensure_future(decoder.decode(heavy, time.monotonic() + 60))
         await asyncio.sleep(0.05)
-        with pytest.raises(DeadlineExceeded, match="waited for one of the 1 decoding slots"):
-            await decoder.decode([File("small.png", solid_png(20, 20))], time.monotonic() + 0.1)
+        with pytest.raises(DeadlineExceeded, match="waited to decode its 4,000,000-pixel image"):
+            await decoder.decode([File("big.png", big)], time.monotonic() + 0.1)
         blocker.cancel()  # the client went away: its thread stops before the next image
         with pytest.raises(asyncio.CancelledError):
             await blocker
