@@ -4,7 +4,12 @@
 # the NVIDIA driver and container toolkit). The bundle is mounted at /models:
 #   docker run -p 3000:3000 -v "$PWD/models/demo:/models:ro" tsimcne-map
 # or baked in: docker build --build-arg BUNDLE=demo -t tsimcne-map:demo .   (copies models/demo)
+# The service writes only under /tmp (BENTOML_HOME: BentoML's Prometheus files), so it runs with a read-only
+# root filesystem and a writable /tmp (`docker run --read-only --tmpfs /tmp ...`; Kubernetes: an emptyDir).
+# Built and run for real by scripts/container-check (podman); PYTHON_IMAGE may name any Debian-based image
+# with python3 and pip (the check makes one offline with debootstrap when no registry is reachable).
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+# checkov:skip=CKV_DOCKER_7: the base image is the PYTHON_IMAGE argument, a pinned tag by default
 
 FROM ${PYTHON_IMAGE} AS bundle
 ARG BUNDLE=""
@@ -20,7 +25,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     BENTOML_DO_NOT_TRACK=true \
     OPENBLAS_NUM_THREADS=1 \
-    BENTOML_HOME=/home/tsimcne/bentoml \
+    BENTOML_HOME=/tmp/bentoml \
+    BENTOML_HOST=0.0.0.0 \
+    BENTOML_PORT=3000 \
     TSIMCNE_BUNDLE=/models \
     TSIMCNE_PROVIDER=auto
 WORKDIR /app
@@ -33,6 +40,7 @@ RUN pip install --no-cache-dir --requirement /tmp/requirements/requirements-serv
          pip uninstall --yes onnxruntime \
          && pip install --no-cache-dir --requirement /tmp/requirements/requirements-gpu.txt; \
        fi \
+    && rm -rf /tmp/requirements \
     && useradd --create-home --uid 10001 tsimcne
 COPY pyproject.toml README.md ./
 COPY serving/ serving/
@@ -42,5 +50,6 @@ COPY --from=bundle --chown=10001:10001 /out /models
 USER 10001
 EXPOSE 3000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
-    CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:3000/readyz', timeout=4).status != 200)"]
-CMD ["bentoml", "serve", "serving.service:MapService", "--host", "0.0.0.0", "--port", "3000"]
+    CMD ["python", "-c", "import os, sys, urllib.request; url = 'http://127.0.0.1:' + os.environ.get('BENTOML_PORT', '3000') + '/readyz'; sys.exit(urllib.request.urlopen(url, timeout=4).status != 200)"]
+# Host and port from BENTOML_HOST / BENTOML_PORT (bentoml serve reads them), so the health check follows.
+CMD ["bentoml", "serve", "serving.service:MapService"]

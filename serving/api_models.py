@@ -55,6 +55,8 @@ class Limits(BaseModel):
     max_images: int
     max_upload_bytes: int
     max_pixels: int
+    max_request_pixels: int = Field(description="pixels of all images of one request together")
+    request_budget_s: float = Field(description="seconds a request may take to be decoded and placed")
 
 
 class InfoResponse(BaseModel):

@@ -8,24 +8,28 @@ models/<name>/
   bundle.json      schema version, preprocessing, outputs, classes, provenance, parity, flag calibration,
                    sha256 of every file
 
-`open_bundle` refuses a bundle whose schema version it does not know or whose files do not match
-their checksums, naming the file and the reason. numpy + pydantic only: no torch here.
+`open_bundle` refuses a bundle whose schema version it does not know, whose files do not match their
+checksums, or whose bundle.json names a file outside the folder (an absolute or `..` name, a sub-folder:
+export writes plain names only), naming the file and the reason. numpy + pydantic only: no torch here.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 SCHEMA_VERSION = 1
 MANIFEST = "bundle.json"
 MODEL_FILE = "model.onnx"
 REFERENCE_FILE = "reference.npz"
 MAP_FILE = "map.png"
+# What `tsimcne export` writes: plain names in the bundle folder itself.
+_PLAIN_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 class BundleError(ValueError):
@@ -69,6 +73,33 @@ class BundleManifest(BaseModel):
     versions: dict[str, str]
     files: dict[str, str]
 
+    @field_validator("files")
+    @classmethod
+    def _plain_file_names(cls, files: dict[str, str]) -> dict[str, str]:
+        for name in files:
+            check_file_name(name)
+        return files
+
+
+def check_file_name(name: str) -> str:
+    """`name` when it is a plain file name inside a bundle folder; ValueError naming it otherwise."""
+    if not _PLAIN_FILE_NAME.fullmatch(name) or name in (".", ".."):
+        raise ValueError(
+            f"{name!r} is not a plain file name inside the bundle folder (letters, digits, '.', '_', '-'; "
+            "no folders, absolute or '..' names)"
+        )
+    return name
+
+
+def bundle_file(folder: Path, name: str) -> Path:
+    """folder / name for a name listed in bundle.json, checked to name a file in `folder` itself;
+    BundleError otherwise. (A file may still be a symbolic link, as in Kubernetes volumes.)"""
+    try:
+        check_file_name(name)
+    except ValueError as exc:
+        raise BundleError(f"{Path(folder) / MANIFEST}: {exc}") from exc
+    return Path(folder) / name
+
 
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
@@ -100,7 +131,7 @@ def open_bundle(path: str | Path) -> BundleManifest:
         where = ".".join(str(p) for p in first["loc"])
         raise BundleError(f"{manifest_path}: field '{where}': {first['msg']}") from exc
     for name, expected in manifest.files.items():
-        file = folder / name
+        file = bundle_file(folder, name)
         if not file.is_file():
             raise BundleError(f"{file}: listed in {MANIFEST} but missing")
         if sha256_file(file) != expected:

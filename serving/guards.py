@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -131,12 +132,30 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
+_BOUNDARY = re.compile(rb'boundary="?([^";,]+)"?', re.IGNORECASE)
+
+
+def count_parts(body: bytes, content_type: str) -> int | None:
+    """How many parts a multipart body has, by counting its delimiter lines; None without a boundary.
+
+    (A well-formed body has one delimiter per part plus the closing one; the boundary cannot occur
+    in a part's content, or the parser would split the part there too.)"""
+    found = _BOUNDARY.search(content_type.encode("latin-1"))
+    if found is None:
+        return None
+    delimiter = b"--" + found.group(1).strip()
+    opening = 1 if body.startswith(delimiter) else 0
+    return max(opening + body.count(b"\r\n" + delimiter) - 1, 0)
+
+
 class UploadGuard:
     """Checks an upload route's body before BentoML parses it: multipart, files only, in one field, not too many.
 
     BentoML answers a wrong field name, a plain-text value or a malformed body with HTTP 500 (it tries
     to JSON-decode unknown parts, or to download a text value as a URL); here they get a 4xx naming the
     problem. The body is parsed with the same parser BentoML uses, so what passes here parses there.
+    Parts are counted before parsing, so every count over `max_files` is 413 (the parser's own file
+    limit would answer 400 past it).
     """
 
     def __init__(
@@ -179,11 +198,22 @@ class UploadGuard:
                 f"(got content type {content_type or 'none'!r}); {example}",
             )
             return
+        too_many = (
+            f"more than {self.max_files} images in one request (the limit, setting max_images); "
+            "send them in several requests"
+        )
+        parts = count_parts(body, content_type)
+        if parts is not None and parts > self.max_files:
+            await self._reject(send, 413, "too_many_images", too_many)
+            return
         request = Request(scope, _replay(body, receive))
         try:
             form = await request.form(max_files=self.max_files + 1, max_fields=100)
         except Exception as exc:  # starlette raises HTTPException or MultiPartException for bad bodies
             detail = getattr(exc, "detail", None) or str(exc) or exc.__class__.__name__
+            if "too many files" in str(detail).lower():  # parts the count above did not see
+                await self._reject(send, 413, "too_many_images", too_many)
+                return
             await self._reject(send, 400, "malformed", f"malformed multipart/form-data body: {detail}")
             return
         try:
@@ -207,13 +237,7 @@ class UploadGuard:
                     return
                 count += 1
             if count > self.max_files:
-                await self._reject(
-                    send,
-                    413,
-                    "too_many_images",
-                    f"more than {self.max_files} images in one request (the limit, setting max_images); "
-                    "send them in several requests",
-                )
+                await self._reject(send, 413, "too_many_images", too_many)
                 return
         finally:
             await form.close()

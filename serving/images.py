@@ -6,21 +6,37 @@ no torch) is the one place where that happens. Every image becomes RGB uint8 of 
 - RGBA and LA drop alpha (microscopy exports carry an opaque alpha; compositing would invent colour);
 - 16-bit data (PNG or TIFF) is scaled by the full 16-bit range (value / 257), so the same file always
   gives the same pixels regardless of what else is in the collection;
-- palette, CMYK and other modes go through Pillow's RGB conversion.
+- palette, CMYK and other modes go through Pillow's RGB conversion;
+- an orientation tag (EXIF in JPEG, PNG and WebP; the TIFF Orientation tag) is applied, as image
+  viewers and browsers do, so a photo taken sideways gives the same pixels as the same photo upright.
+
+Only the first page or frame of a file is decoded. Before it is, its header is read and every sample
+it will produce is counted (width x height x depth, samples per pixel, bytes per sample, separate
+planes): a file over `max_pixels` pixels, or over MAX_BYTES_PER_PIXEL bytes per allowed pixel once
+decoded, is refused without being decoded (a 1.9 MB TIFF can declare 6 GB of planes).
 """
 
 from __future__ import annotations
 
 import io
+import math
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageMode, UnidentifiedImageError
 
 # Pillow's own bomb guard raises only above 2x this; we raise at the limit itself, with a clear message.
 DEFAULT_MAX_PIXELS = 100_000_000
+# The most a supported image needs per pixel (four 16-bit samples); more bytes than this per allowed pixel
+# (many extra samples, 64-bit samples) is refused like too many pixels.
+MAX_BYTES_PER_PIXEL = 8
+# The formats Pillow may open: those of IMAGE_SUFFIXES (its JPEG reader also opens MPO files). Pillow knows
+# dozens more; refusing them keeps the set whose headers the size guard must understand small.
+PILLOW_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF")
+EXIF_ORIENTATION = 0x0112  # also the TIFF Orientation tag
 TIFF_SUFFIXES = {".tif", ".tiff"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp"}
 RESIZE_FILTERS = {
@@ -41,6 +57,48 @@ class ImageDecodeError(ValueError):
     def __init__(self, message: str, reason: str = "undecodable") -> None:
         super().__init__(message)
         self.reason = reason
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What decoding a file's first page or frame will produce, as its header declares it."""
+
+    width: int
+    height: int
+    depth: int = 1  # planes of a volume (TIFF ImageDepth)
+    samples: int = 1  # samples per pixel: colour channels, alpha, extra samples
+    sample_bytes: int = 1
+    separate_planes: bool = False  # each sample stored as its own plane (TIFF PlanarConfiguration=2)
+
+    @property
+    def pixels(self) -> int:
+        return self.width * self.height * self.depth
+
+    @property
+    def nbytes(self) -> int:
+        return self.pixels * self.samples * self.sample_bytes
+
+    def describe(self) -> str:
+        size = f"{self.width}x{self.height}" + (f"x{self.depth}" if self.depth > 1 else "")
+        text = f"{size} pixels of {self.samples} sample{'s' if self.samples > 1 else ''}"
+        text += f" x {self.sample_bytes} byte{'s' if self.sample_bytes > 1 else ''}"
+        return text + (", in separate planes" if self.separate_planes else "")
+
+
+def check_size(header: ImageHeader, source: str, max_pixels: int) -> None:
+    """ImageDecodeError (reason "too_large") when decoding would produce more than the limits allow."""
+    if header.pixels > max_pixels:
+        raise ImageDecodeError(
+            f"{source}: {header.describe()}: {header.pixels:,} pixels exceeds the limit of {max_pixels:,} pixels",
+            reason="too_large",
+        )
+    max_bytes = max_pixels * MAX_BYTES_PER_PIXEL
+    if header.nbytes > max_bytes:
+        raise ImageDecodeError(
+            f"{source}: {header.describe()}: {header.nbytes:,} bytes once decoded exceeds the limit of "
+            f"{max_bytes:,} bytes ({max_pixels:,} pixels of at most {MAX_BYTES_PER_PIXEL} bytes)",
+            reason="too_large",
+        )
 
 
 def to_uint8(array: np.ndarray) -> np.ndarray:
@@ -84,42 +142,87 @@ def _channels_to_rgb(array: np.ndarray, source: str) -> np.ndarray:
     raise ImageDecodeError(f"{source}: cannot use an image with {channels} channels")
 
 
+def apply_orientation(image: np.ndarray, orientation: int | None) -> np.ndarray:
+    """Turn (H, W, ...) pixels stored with an EXIF/TIFF orientation (1-8) upright, as Pillow's
+    ImageOps.exif_transpose does; other values leave the image as stored."""
+    turned = {
+        2: lambda a: a[:, ::-1],
+        3: lambda a: a[::-1, ::-1],
+        4: lambda a: a[::-1],
+        5: lambda a: a.swapaxes(0, 1),
+        6: lambda a: np.rot90(a, -1),
+        7: lambda a: a.swapaxes(0, 1)[::-1, ::-1],
+        8: lambda a: np.rot90(a, 1),
+    }
+    if orientation not in turned:
+        return image
+    return np.ascontiguousarray(turned[orientation](image))
+
+
+def _is_tiff(data: bytes) -> bool:
+    return data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+def _tiff_header(page) -> ImageHeader:
+    """Every sample tifffile's asarray() of this page will produce, from its tags alone."""
+    width, height, depth = int(page.imagewidth), int(page.imagelength), max(int(page.imagedepth), 1)
+    pixels = width * height * depth
+    declared = int(page.samplesperpixel)
+    in_shape = math.prod(int(n) for n in page.shape) // pixels if pixels else 0
+    bits = page.bitspersample
+    bits = max(bits) if isinstance(bits, tuple) else int(bits)
+    sample_bytes = page.dtype.itemsize if page.dtype is not None else max(1, math.ceil(bits / 8))
+    return ImageHeader(
+        width=width,
+        height=height,
+        depth=depth,
+        samples=max(declared, in_shape, 1),
+        sample_bytes=sample_bytes,
+        separate_planes=int(page.planarconfig) == 2 and declared > 1,
+    )
+
+
+def _tiff_orientation(page) -> int | None:
+    tag = page.tags.get(EXIF_ORIENTATION)
+    try:
+        return int(tag.value) if tag is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
 def _decode_tiff(data: bytes, source: str, max_pixels: int) -> np.ndarray:
     import tifffile
 
     try:
         with tifffile.TiffFile(io.BytesIO(data)) as tif:
             page = tif.pages[0]
-            shape = page.shape
-            pixels = int(np.prod(shape[:2])) if len(shape) >= 2 else 0
-            if pixels > max_pixels:
-                raise ImageDecodeError(
-                    f"{source}: {shape[1]}x{shape[0]} pixels exceeds the limit of {max_pixels:,} pixels",
-                    reason="too_large",
-                )
+            check_size(_tiff_header(page), source, max_pixels)
+            orientation = _tiff_orientation(page)
+            if page.photometric == 5 and page.samplesperpixel > 1:  # SEPARATED (CMYK): let Pillow convert
+                return _decode_with_pillow(data, source, max_pixels)
             array = page.asarray()
     except ImageDecodeError:
         raise
     except Exception as exc:  # tifffile raises many types for broken files
         raise ImageDecodeError(f"{source}: not a readable TIFF ({exc})") from exc
-    if array.ndim == 3 and page.photometric == 5:  # SEPARATED (CMYK): let Pillow convert
-        return _decode_with_pillow(data, source, max_pixels)
-    return _channels_to_rgb(to_uint8(array), source)
+    return apply_orientation(_channels_to_rgb(to_uint8(array), source), orientation)
 
 
-def _decode_with_pillow(data: bytes, source: str, max_pixels: int) -> np.ndarray:
+def _pillow_header(image: Image.Image) -> ImageHeader:
+    """The frame Pillow's load() will decode: its size and the samples of its mode."""
+    mode = ImageMode.getmode(image.mode)
+    width, height = image.size
+    return ImageHeader(
+        width=width, height=height, samples=len(mode.bands), sample_bytes=np.dtype(mode.typestr).itemsize
+    )
+
+
+def _open_with_pillow(data: bytes, source: str, max_pixels: int) -> Image.Image:
+    """Image.open (header only) with Pillow's own bomb guard turned into ImageDecodeError."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageDecodeError(
-                    f"{source}: {width}x{height} pixels exceeds the limit of {max_pixels:,} pixels", reason="too_large"
-                )
-            image.load()
-    except ImageDecodeError:
-        raise
+            return Image.open(io.BytesIO(data), formats=PILLOW_FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # Pillow's own guard, at open
         claimed = re.search(r"\((\d+) pixels\)", str(exc))
         size = f"{int(claimed.group(1)):,} pixels" if claimed else "its size"
@@ -127,9 +230,29 @@ def _decode_with_pillow(data: bytes, source: str, max_pixels: int) -> np.ndarray
             f"{source}: {size} exceeds the limit of {max_pixels:,} pixels", reason="too_large"
         ) from exc
     except UnidentifiedImageError as exc:
-        raise ImageDecodeError(f"{source}: not a readable image ({exc.__class__.__name__})") from exc
+        raise ImageDecodeError(
+            f"{source}: not a readable image ({exc.__class__.__name__}; formats read: {', '.join(PILLOW_FORMATS)})"
+        ) from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageDecodeError(f"{source}: broken or truncated image ({exc})") from exc
+
+
+def _decode_with_pillow(data: bytes, source: str, max_pixels: int) -> np.ndarray:
+    image = _open_with_pillow(data, source, max_pixels)
+    check_size(_pillow_header(image), source, max_pixels)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image.load()
+        orientation = image.getexif().get(EXIF_ORIENTATION)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageDecodeError(f"{source}: exceeds the limit of {max_pixels:,} pixels", reason="too_large") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageDecodeError(f"{source}: broken or truncated image ({exc})") from exc
+    return apply_orientation(_pillow_rgb(image, source), orientation)
+
+
+def _pillow_rgb(image: Image.Image, source: str) -> np.ndarray:
     mode = image.mode
     if mode.startswith("I"):  # 16-bit grayscale (I;16*) and 32-bit integer (I) hold 16-bit data
         array = np.clip(np.asarray(image, dtype=np.int64), 0, 65535).astype(np.uint16)
@@ -143,11 +266,28 @@ def _decode_with_pillow(data: bytes, source: str, max_pixels: int) -> np.ndarray
     return np.asarray(image).copy()
 
 
-def decode_image(data: bytes, source: str = "<upload>", max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode encoded image bytes into RGB uint8 (H, W, 3); ImageDecodeError names `source` on failure."""
+def read_header(data: bytes, source: str = "<upload>", max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageHeader:
+    """What decoding `data` would produce, from its header only (nothing is decoded); ImageDecodeError
+    names `source` when the header cannot be read."""
     if not data:
         raise ImageDecodeError(f"{source}: empty file (0 bytes)", reason="empty")
-    if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+    if _is_tiff(data):
+        import tifffile
+
+        try:
+            with tifffile.TiffFile(io.BytesIO(data)) as tif:
+                return _tiff_header(tif.pages[0])
+        except Exception as exc:  # tifffile raises many types for broken files
+            raise ImageDecodeError(f"{source}: not a readable TIFF ({exc})") from exc
+    return _pillow_header(_open_with_pillow(data, source, max_pixels))
+
+
+def decode_image(data: bytes, source: str = "<upload>", max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode encoded image bytes into upright RGB uint8 (H, W, 3); ImageDecodeError names `source` on
+    failure, and refuses before decoding an image whose header declares more than `max_pixels`."""
+    if not data:
+        raise ImageDecodeError(f"{source}: empty file (0 bytes)", reason="empty")
+    if _is_tiff(data):
         return _decode_tiff(data, source, max_pixels)
     return _decode_with_pillow(data, source, max_pixels)
 

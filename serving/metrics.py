@@ -33,6 +33,11 @@ BATCH_IMAGES = Histogram(
 )
 DECODE_ERRORS = Counter("tsimcne_decode_errors", "Uploaded files that could not be used, by reason", ["reason"])
 REJECTED_REQUESTS = Counter("tsimcne_rejected_requests", "Requests refused before embedding, by reason", ["reason"])
+DECODING_REQUESTS = Gauge(
+    "tsimcne_decoding_requests",
+    "Requests decoding their images now (summed over workers)",
+    multiprocess_mode="livesum",
+)
 BUNDLE_INFO = Gauge(
     "tsimcne_bundle_info",
     "The bundle being served (value 1; the labels carry name, bundle.json sha256 and the provider)",
@@ -53,7 +58,8 @@ def record_placements(flags: list[str], scores: list[float], regions: list[str |
 
 DECODE_REASONS = ("undecodable", "too_large", "empty")
 REJECT_REASONS = (
-    "empty", "wrong_field", "not_a_file", "content_type", "malformed", "too_many_images", "too_large", "bad_image"
+    "empty", "wrong_field", "not_a_file", "content_type", "malformed", "too_many_images", "too_large", "bad_image",
+    "too_many_pixels", "over_budget",
 )  # fmt: skip
 
 

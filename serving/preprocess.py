@@ -14,17 +14,25 @@ from serving.bundle import Preprocessing
 from serving.images import center_crop, read_image, resize_rgb
 
 
+def fit_image(image: np.ndarray, prep: Preprocessing) -> np.ndarray:
+    """One RGB uint8 image (any size) -> RGB uint8 at the bundle's size (centre crop, then resize).
+
+    The service calls this as soon as an upload is decoded, so a request holds full-size pixels of one
+    image at a time; not idempotent when the crop is smaller than the model's size, so call it once."""
+    crop = prep.center_crop
+    image = np.asarray(image)
+    return resize_rgb(center_crop(image, crop) if crop else image, (prep.height, prep.width), prep.resize_method)
+
+
+def stack_fitted(images: list[np.ndarray], prep: Preprocessing) -> np.ndarray:
+    """Images already through fit_image -> float32 (N, 3, H, W) in [0, 1]."""
+    batch = np.stack(images)
+    return np.ascontiguousarray(batch.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(prep.divide_by)
+
+
 def to_model_input(images: np.ndarray | list[np.ndarray], prep: Preprocessing) -> np.ndarray:
     """RGB uint8 images (any size) -> float32 (N, 3, H, W) in [0, 1] at the bundle's size."""
-    size = (prep.height, prep.width)
-    crop = prep.center_crop
-    batch = np.stack(
-        [
-            resize_rgb(center_crop(np.asarray(image), crop) if crop else np.asarray(image), size, prep.resize_method)
-            for image in images
-        ]
-    )
-    return np.ascontiguousarray(batch.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(prep.divide_by)
+    return stack_fitted([fit_image(image, prep) for image in images], prep)
 
 
 def load_model_input(paths: list[str | Path], prep: Preprocessing) -> np.ndarray:

@@ -26,6 +26,7 @@ import asyncio
 import logging
 import signal
 import sys
+import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -40,9 +41,11 @@ from serving import metrics
 from serving.api_models import EmbeddedImage, EmbedResponse, ErrorResponse, InfoResponse, Limits, MapResponse, Neighbour
 from serving.batching import MicroBatcher
 from serving.bundle import MANIFEST, REFERENCE_FILE, BundleError, open_bundle, sha256_file
+from serving.decoding import DeadlineExceeded, RequestTooLarge, UploadDecoder
 from serving.embedder import BundleEmbedder, Placement
 from serving.guards import OPEN_PATHS, BearerTokenAuth, BodySizeLimit, UploadGuard
-from serving.images import ImageDecodeError, decode_image
+from serving.preprocess import stack_fitted
+from serving.public import public_calibration, public_evaluation
 from serving.settings import ServiceSettings, SettingsError, load_settings
 from serving.store import bundle_path_from_store
 from serving.uploads import UploadedFile
@@ -103,13 +106,19 @@ def _package_version(name: str) -> str:
 
 
 def _error(
-    ctx: bentoml.Context, status: int, message: str, detail: list[dict] | None = None, reason: str | None = None
+    ctx: bentoml.Context,
+    status: int,
+    message: str,
+    detail: list[dict] | None = None,
+    reason: str | None = None,
+    headers: dict[str, str] | None = None,
 ) -> JSONResponse:
-    """A 4xx JSON answer; BentoML takes the status from the context of an API that has one."""
+    """A 4xx (or 503) JSON answer; BentoML takes the status from the context of an API that has one."""
     if reason is not None:
         metrics.REJECTED_REQUESTS.labels(reason=reason).inc()
     ctx.response.status_code = status
-    return JSONResponse(ErrorResponse(error=message, detail=detail).model_dump(exclude_none=True), status_code=status)
+    body = ErrorResponse(error=message, detail=detail).model_dump(exclude_none=True)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _stop_server() -> None:
@@ -188,6 +197,13 @@ class MapService:
         metrics.BUNDLE_INFO.labels(manifest.name, self.bundle_sha256, self.embedder.provider).set(1)
         metrics.initialise(manifest.class_names)
         self.batcher = MicroBatcher(self._run_model, max_images=SETTINGS.max_batch_images)
+        self.decoder = UploadDecoder(
+            manifest.preprocessing,
+            max_pixels=SETTINGS.max_pixels,
+            max_request_pixels=SETTINGS.max_request_pixels,
+            concurrency=SETTINGS.decode_concurrency,
+            on_active=metrics.DECODING_REQUESTS.set,
+        )
         self.map_json = self._map().model_dump_json().encode()
         self.thumbnails = Thumbnails(folder / REFERENCE_FILE)
         self.info = self._info()
@@ -231,27 +247,19 @@ class MapService:
             image_size=(manifest.preprocessing.height, manifest.preprocessing.width),
             provider=self.embedder.provider,
             neighbours=self.embedder.k,
-            calibration=_summary(self.embedder.calibration),
-            evaluation=manifest.evaluation,
+            calibration=public_calibration(self.embedder.calibration),
+            evaluation=public_evaluation(manifest.evaluation),
             partial=manifest.partial,
             limits=Limits(
                 max_images=SETTINGS.max_images,
                 max_upload_bytes=SETTINGS.max_upload_bytes,
                 max_pixels=SETTINGS.max_pixels,
+                max_request_pixels=SETTINGS.max_request_pixels,
+                request_budget_s=SETTINGS.request_budget_s,
             ),
             auth_required=SETTINGS.api_token is not None,
             versions={"bundle": manifest.versions, "service": service_versions},
         )
-
-    def _decode(self, files: list[UploadedFile]) -> tuple[list[np.ndarray], list[dict[str, str]]]:
-        images, problems = [], []
-        for file in files:
-            try:
-                images.append(decode_image(file.data, file.name, max_pixels=SETTINGS.max_pixels))
-            except ImageDecodeError as exc:
-                metrics.DECODE_ERRORS.labels(reason=exc.reason).inc()
-                problems.append({"file": file.name, "error": str(exc)})
-        return images, problems
 
     @bentoml.api(route="/embed")
     async def embed(
@@ -265,9 +273,10 @@ class MapService:
 
         Errors are JSON `{"error": "...", "detail": [{"file", "error"}]}`: 400 empty request, wrong
         multipart field, text instead of a file, malformed body; 401 missing or wrong bearer token (when
-        the service has one); 413 body over max_upload_mb or more than max_images files; 415 not
-        multipart/form-data; 422 a file that is not a usable image or has more than max_pixels pixels
-        (`detail` names each such file).
+        the service has one); 413 body over max_upload_mb, more than max_images files, or images holding
+        more than max_request_pixels pixels together; 415 not multipart/form-data; 422 a file that is
+        not a usable image or is over max_pixels (`detail` names each such file); 503 when the request's
+        time budget (request_budget_s) ran out before it was placed.
         """
         # Wrong fields, text values, malformed bodies and too many files were already answered by UploadGuard.
         if not images:
@@ -277,13 +286,26 @@ class MapService:
                 f"empty request: send one or more image files in the multipart field '{UPLOAD_FIELD}'",
                 reason="empty",
             )
-        decoded, problems = await asyncio.to_thread(self._decode, images)
-        if problems:
+        deadline = time.monotonic() + SETTINGS.request_budget_s
+        try:
+            decoded = await self.decoder.decode(images, deadline)
+        except RequestTooLarge as exc:
+            return _error(ctx, 413, str(exc), reason="too_many_pixels")
+        except DeadlineExceeded as exc:
+            return _over_budget(ctx, str(exc))
+        if decoded.problems:
+            for problem in decoded.problems:
+                metrics.DECODE_ERRORS.labels(reason=problem["reason"]).inc()
+            problems = [{"file": p["file"], "error": p["error"]} for p in decoded.problems]
             listed = ", ".join(p["file"] for p in problems)
             message = f"{len(problems)} of {len(images)} uploads are not usable images: {listed}"
             return _error(ctx, 422, message, problems, reason="bad_image")
-        batch = await asyncio.to_thread(self.embedder.prepare, decoded)
-        outputs = await self.batcher.run(batch)
+        batch = await asyncio.to_thread(stack_fitted, decoded.images, self.embedder.manifest.preprocessing)
+        try:
+            async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
+                outputs = await self.batcher.run(batch)
+        except TimeoutError:
+            return _over_budget(ctx, "the time budget ran out while the images waited for the model")
         placements = await asyncio.to_thread(self.embedder.placements, outputs, batch)
         metrics.record_placements(
             [p.flag for p in placements],
@@ -305,12 +327,12 @@ class MapService:
         )
 
 
-def _summary(calibration: dict) -> dict:
-    """The calibration without the pixel model's mean vector and precision matrix (in bundle.json)."""
-    summary = dict(calibration)
-    if isinstance(summary.get("pixels"), dict):
-        summary["pixels"] = {k: v for k, v in summary["pixels"].items() if k not in ("mean", "precision")}
-    return summary
+def _over_budget(ctx: bentoml.Context, what: str) -> JSONResponse:
+    message = (
+        f"request not completed within its time budget of {SETTINGS.request_budget_s:g} s (setting "
+        f"request_budget_s): {what}; retry later, or send fewer or smaller images"
+    )
+    return _error(ctx, 503, message, reason="over_budget", headers={"Retry-After": "5"})
 
 
 def _embedded(filename: str, placement: Placement, duplicate_of: str | None) -> EmbeddedImage:

@@ -29,6 +29,15 @@ class ServiceSettings(BaseModel):
     max_images: int = Field(64, ge=1, le=4096, description="images per request")
     max_upload_mb: float = Field(32.0, gt=0, le=4096, description="request body size limit in MiB")
     max_pixels: int = Field(40_000_000, ge=1, description="decompression-bomb guard: pixels per image")
+    max_request_pixels: int = Field(
+        320_000_000, ge=1, description="pixels of all images of one request together (decoded-size guard)"
+    )
+    decode_concurrency: int = Field(
+        2, ge=1, le=256, description="images of max_pixels decoded at once per worker (smaller ones share the budget)"
+    )
+    request_budget_s: float = Field(
+        60.0, gt=0, le=110, description="seconds a request may wait for and spend in decoding and the model"
+    )
     max_batch_images: int = Field(256, ge=1, le=4096, description="images per model run across requests")
     threads: int = Field(0, ge=0, le=256, description="onnxruntime intra-op threads; 0 = onnxruntime's choice")
     workers: int = Field(1, ge=1, le=64, description="service processes; each opens the bundle and the model")
@@ -38,7 +47,12 @@ class ServiceSettings(BaseModel):
     @field_validator("api_token")
     @classmethod
     def _token_not_blank(cls, value: str | None) -> str | None:
-        if value is not None and len(value.strip()) < 16:
+        """Surrounding whitespace (a trailing newline from a secret file or `echo`) is not part of the
+        token: a client sending the token could never match it."""
+        if value is None:
+            return None
+        value = value.strip()
+        if len(value) < 16:
             raise ValueError("must be at least 16 characters (use e.g. `openssl rand -hex 32`)")
         return value
 

@@ -11,7 +11,7 @@ import re
 import shutil
 from pathlib import Path
 
-from serving.bundle import MANIFEST, BundleError, open_bundle, sha256_file
+from serving.bundle import MANIFEST, BundleError, bundle_file, open_bundle, sha256_file
 
 
 def store_name(bundle_name: str) -> str:
@@ -34,7 +34,8 @@ def register_bundle(folder: str | Path, name: str | None = None) -> str:
     labels = {"kind": "tsimcne-bundle"}
     with bentoml.models.create(store_name(name or manifest.name), labels=labels, metadata=metadata) as model:
         for file in [MANIFEST, *manifest.files]:
-            shutil.copy2(folder / file, Path(model.path) / file)
+            # Checked again on both sides: the copy writes into the store by these names.
+            shutil.copy2(bundle_file(folder, file), bundle_file(Path(model.path), file))
     return str(model.tag)
 
 

@@ -145,3 +145,20 @@ def test_real_pbc_npz(pbc_npz: Path) -> None:
     dataset = load_dataset(pbc_npz)
     assert dataset.images.shape == (17092, 28, 28, 3) and len(dataset.class_names) == 8
     assert dataset.ids[0].endswith(".jpg")
+
+
+def test_exif_orientation_is_honoured_in_training_data(tmp_path: Path) -> None:
+    """Training reads files through serving/images.py, as the service does: a JPEG stored sideways with
+    orientation 6 is trained on upright, with the pixels the service places for the same file."""
+    from serving.images import decode_image
+    from tests.attack_files import stored_pixels, with_orientation
+
+    upright = np.random.default_rng(2).integers(0, 256, size=(24, 16, 3), dtype=np.uint8)
+    sideways = with_orientation(np.ascontiguousarray(np.rot90(upright, 1)), 6)
+    (tmp_path / "sideways.jpg").write_bytes(sideways)
+    Image.fromarray(np.ascontiguousarray(np.rot90(stored_pixels(sideways), -1))).save(tmp_path / "turned.png")
+    dataset = load_dataset(tmp_path)
+    assert dataset.images.shape == (2, 24, 16, 3)  # both upright: one size, no --image-size needed
+    by_id = dict(zip(dataset.ids, dataset.images, strict=True))
+    np.testing.assert_array_equal(by_id["sideways.jpg"], by_id["turned.png"])
+    np.testing.assert_array_equal(by_id["sideways.jpg"], decode_image(sideways, "sideways.jpg"))

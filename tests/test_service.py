@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -12,17 +13,20 @@ import pytest
 from PIL import Image
 
 from serving.bundle import open_bundle
+from tests.attack_files import planar_tiff, solid_png, stored_pixels, with_orientation
+from tests.conftest import run_cli
 from tests.servers import metric_value, run_server_to_exit, start_server, write_broken_files, write_good_images
 
 pytestmark = pytest.mark.slow
 MAX_IMAGES = 8
+MAX_PIXELS = 4_000_000
 
 
 @pytest.fixture(scope="module")
 def server(service_bundle, tmp_path_factory):
     bundle, _ = service_bundle
     root = tmp_path_factory.mktemp("server")
-    args = {"bundle": str(bundle), "max_images": str(MAX_IMAGES), "max_upload_mb": "1"}
+    args = {"bundle": str(bundle), "max_images": str(MAX_IMAGES), "max_upload_mb": "1", "max_pixels": str(MAX_PIXELS)}
     running = start_server(root, args, home=root / "bentoml")
     yield running
     running.stop()
@@ -157,6 +161,9 @@ def test_request_shape_errors_are_4xx_naming_the_problem(server, cell, tmp_path)
         ({}, 400, "empty request"),
         ({"json": {"images": ["cell.png"]}}, 415, "multipart/form-data"),
         ({"files": [("images", (f"{i}.png", data)) for i in range(MAX_IMAGES + 1)]}, 413, f"more than {MAX_IMAGES}"),
+        # Every count over the limit is 413 (starlette's parser stopped at MAX_IMAGES + 1 with a 400 before).
+        ({"files": [("images", (f"{i}.png", data)) for i in range(MAX_IMAGES + 2)]}, 413, f"more than {MAX_IMAGES}"),
+        ({"files": [("images", (f"{i}.png", data)) for i in range(10 * MAX_IMAGES)]}, 413, f"more than {MAX_IMAGES}"),
         ({"files": [("images", ("big.png", b"\0" * (1024 * 1024 + 1)))]}, 413, "exceeds the limit of 1,048,576 bytes"),
         (
             {"content": b"--xyz\r\nnot a part", "headers": {"content-type": "multipart/form-data; boundary=xyz"}},
@@ -195,8 +202,9 @@ def test_map_info_and_openapi(server, service_bundle) -> None:
 def test_bearer_token_guards_everything_but_health(service_bundle, tmp_path, cell) -> None:
     bundle, _ = service_bundle
     token = "s3cret-token-for-the-lab-0123456789"
+    # As a secret file or `echo` often leaves it: with surrounding whitespace, which is not part of it.
     running = start_server(
-        tmp_path, {"bundle": str(bundle)}, home=tmp_path / "bentoml", env={"TSIMCNE_API_TOKEN": token}
+        tmp_path, {"bundle": str(bundle)}, home=tmp_path / "bentoml", env={"TSIMCNE_API_TOKEN": f"  {token}\n"}
     )
     try:
         files = _files(write_good_images(tmp_path / "img", cell)[:1])
@@ -332,3 +340,114 @@ def _threshold(server) -> float:
     import httpx
 
     return httpx.get(server.url + "/info").json()["calibration"]["threshold"]
+
+
+def _still_serving(server, cell, tmp_path) -> None:
+    good = write_good_images(tmp_path / "good", cell)[0]
+    with server.client() as client:
+        assert client.get("/readyz").status_code == 200
+        assert client.post("/embed", files=_files([good])).status_code == 200
+
+
+def test_tiff_of_separate_planes_is_refused_from_its_header(server, cell, tmp_path) -> None:
+    """3 colour planes of 3000x2000 (18 kB deflate): 6 Mpx over the 4 Mpx limit. The old guard counted
+    the first two axes of (3, 2000, 3000), 6,000 pixels, and decoded every plane."""
+    with server.client() as client:
+        response = client.post("/embed", files=[("images", ("planes.tif", planar_tiff(3000, 2000)))])
+    assert response.status_code == 422, response.text
+    problem = response.json()["detail"][0]
+    assert problem["file"] == "planes.tif"
+    assert "3000x2000 pixels of 3 samples x 1 byte, in separate planes: 6,000,000 pixels exceeds" in problem["error"]
+    _still_serving(server, cell, tmp_path)
+
+
+def test_exif_orientation_is_honoured(server, service_bundle, tmp_path) -> None:
+    """A JPEG stored sideways with orientation 6 lands where the same pixels stored upright land."""
+    _, data = service_bundle
+    cell = np.asarray(Image.open(sorted(data.glob("erythroid/*.png"))[0]).convert("RGB"))
+    sideways = with_orientation(np.ascontiguousarray(np.rot90(cell, 1)), 6)
+    upright = Image.fromarray(np.ascontiguousarray(np.rot90(stored_pixels(sideways), -1)))
+    upright.save(tmp_path / "upright.png")
+    upright_png = (tmp_path / "upright.png").read_bytes()
+    files = [("images", ("sideways.jpg", sideways)), ("images", ("upright.png", upright_png))]
+    with server.client() as client:
+        response = client.post("/embed", files=files)
+    assert response.status_code == 200, response.text
+    placed, reference = response.json()["images"]
+    assert np.allclose([placed["x"], placed["y"]], [reference["x"], reference["y"]], atol=1e-5), (placed, reference)
+
+
+@pytest.fixture(scope="module")
+def guarded_server(service_bundle, tmp_path_factory):
+    """Limits small enough to reach with small files: 8 Mpx an image, 300 Mpx a request, 0.5 s a request."""
+    bundle, _ = service_bundle
+    root = tmp_path_factory.mktemp("guarded-server")
+    args = {
+        "bundle": str(bundle),
+        "max_pixels": "8000000",
+        "max_request_pixels": "300000000",
+        "request_budget_s": "0.5",
+        "decode_concurrency": "1",
+    }
+    running = start_server(root, args, home=root / "bentoml")
+    yield running
+    running.stop()
+    assert "Traceback" not in running.log_text()
+
+
+def test_pixels_of_a_whole_request_are_bounded(guarded_server, cell, tmp_path) -> None:
+    """40 images of 8 Mpx in a 1.2 MB body: each within the per-image limit, 960 MB once decoded together."""
+    big = solid_png(2828, 2828)
+    files = [("images", (f"{i}.png", big)) for i in range(40)]
+    with guarded_server.client() as client:
+        before = client.get("/metrics").text
+        response = client.post("/embed", files=files)
+        after = client.get("/metrics").text
+    assert response.status_code == 413, response.text
+    message = response.json()["error"]
+    assert "hold 319,903,360 pixels together, over the limit of 300,000,000 pixels per request" in message
+    rejected = metric_value(after, "tsimcne_rejected_requests_total", reason="too_many_pixels")
+    assert rejected - metric_value(before, "tsimcne_rejected_requests_total", reason="too_many_pixels") == 1
+    _still_serving(guarded_server, cell, tmp_path)
+
+
+def test_a_request_stops_when_its_time_budget_runs_out(guarded_server, cell, tmp_path) -> None:
+    """64 images of 4 Mpx (256 Mpx to decode, seconds of work) against a 0.5 s budget: 503 naming the budget,
+    soon after the budget, and the decoding slot is free again for the next request."""
+    big = solid_png(2000, 2000)
+    files = [("images", (f"{i}.png", big)) for i in range(64)]
+    with guarded_server.client() as client:
+        started = time.perf_counter()
+        response = client.post("/embed", files=files)
+        elapsed = time.perf_counter() - started
+    assert response.status_code == 503, response.text
+    assert "time budget of 0.5 s (setting request_budget_s)" in response.json()["error"]
+    assert response.headers["retry-after"] == "5"
+    assert elapsed < 5, elapsed
+    _still_serving(guarded_server, cell, tmp_path)
+
+
+def test_info_shows_no_local_paths(service_bundle, tmp_path) -> None:
+    """A bundle records where its calibration images and evaluated data were (bundle.json keeps that
+    provenance); /info names the data, never the path."""
+    import shutil
+
+    bundle, data = service_bundle
+    run = tmp_path / "lab-share" / "runs" / "cells"
+    shutil.copytree(bundle.parent.parent / "runs" / "cells", run)
+    assert run_cli("evaluate", str(run)).returncode == 0  # metrics.json records the training data's path
+    calibrated = tmp_path / "calibrated"
+    result = run_cli("export", str(run), "--out", str(calibrated), "--calibration-data", str(data))
+    assert result.returncode == 0, result.stderr
+    assert str(data) in (calibrated / "bundle.json").read_text()
+    running = start_server(tmp_path, {"bundle": str(calibrated)}, home=tmp_path / "bentoml")
+    try:
+        with running.client() as client:
+            info = client.get("/info")
+    finally:
+        running.stop()
+    assert info.status_code == 200
+    assert info.json()["calibration"]["source"] == f"held-out images never trained on: {data.name} (120)"
+    assert info.json()["evaluation"]["data"] == data.name
+    for private in (str(data.parent), str(tmp_path), str(bundle.parent)):
+        assert private not in info.text, private

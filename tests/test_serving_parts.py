@@ -81,8 +81,19 @@ def test_settings_arguments_win_over_environment_and_errors_name_the_source() ->
         load_settings({"provider": "tpu"}, {})
     with pytest.raises(SettingsError, match=r"--arg api_token: .*at least 16"):
         load_settings({"api_token": "short"}, {})
+    with pytest.raises(SettingsError, match=r"TSIMCNE_API_TOKEN: .*at least 16"):
+        load_settings({}, {"TSIMCNE_API_TOKEN": "  short-token  \n"})  # 17 characters, 11 of them the token
+    # A trailing newline from a secret file or `echo` is not part of the token (else it could never match).
+    assert load_settings({}, {"TSIMCNE_API_TOKEN": " 0123456789abcdef0123\n"}).api_token == "0123456789abcdef0123"
     with pytest.raises(SettingsError, match="unknown setting"):
         load_settings({"bundel": "x"}, {})
+
+
+def _parts(boundary: str, count: int) -> bytes:
+    """A multipart body of `count` file parts in the field 'images' (a quoted boundary may hold spaces)."""
+    delimiter = b"--" + boundary.strip('"').encode()
+    part = b'Content-Disposition: form-data; name="images"; filename="a.png"\r\n\r\nx\r\n'
+    return b"".join(delimiter + b"\r\n" + part for _ in range(count)) + delimiter + b"--\r\n"
 
 
 def _guarded_app(token: str | None = None, max_bytes: int = 10_000, max_files: int = 2) -> Starlette:
@@ -125,6 +136,16 @@ def test_upload_guard_passes_good_uploads_with_their_names() -> None:
     [
         ({"files": [("image", ("a.png", b"x"))]}, 400, "unexpected multipart field 'image'"),
         ({"files": [("images", ("a.png", b"x"))] * 3}, 413, "more than 2 images"),
+        ({"files": [("images", ("a.png", b"x"))] * 4}, 413, "more than 2 images"),  # was 400 past max + 1
+        ({"files": [("images", ("a.png", b"x"))] * 40}, 413, "more than 2 images"),
+        (
+            {
+                "content": _parts('"b o"', 5),
+                "headers": {"content-type": 'multipart/form-data; boundary="b o"'},
+            },
+            413,
+            "more than 2 images",
+        ),
         ({"content": b"{}", "headers": {"content-type": "application/json"}}, 415, "multipart/form-data"),
         ({"content": b"x" * 10_001, "headers": {"content-type": "multipart/form-data; boundary=z"}}, 413, "10,000"),
         (
@@ -156,3 +177,25 @@ def test_bearer_token() -> None:
     assert _request(app, "GET", "/info", headers={"Authorization": "Basic abc"}).status_code == 401
     assert _request(app, "GET", "/info", headers={"Authorization": f"Bearer {token}"}).status_code == 200
     assert _request(app, "GET", "/readyz").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("source", "shown"),
+    [
+        ("held-out images never trained on: /home/lab/share/held out.npz (150)", "... held out.npz (150)"),
+        ("held-out images never trained on: data/heldout/ (120)", "... heldout (120)"),
+        ("held-out images never trained on: C:\\lab\\heldout.csv (101)", "... heldout.csv (101)"),
+        ("held-out images never trained on: synthetic:200 (200)", "... synthetic:200 (200)"),
+        (
+            "training images, 10 % left out of the reference (12; in-sample: the network saw them)",
+            "training images, 10 % left out of the reference (12; in-sample: the network saw them)",
+        ),
+        ("made from /srv/a/b.npz and more", "made from b.npz and more"),
+    ],
+)
+def test_public_calibration_source_has_no_folders(source: str, shown: str) -> None:
+    from serving.public import public_calibration
+
+    public = public_calibration({"source": source, "pixels": {"scale": 1.0, "mean": [0.0], "precision": [[1.0]]}})
+    assert public["source"] == shown.replace("... ", "held-out images never trained on: ")
+    assert public["pixels"] == {"scale": 1.0}
