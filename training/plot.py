@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.files import atomic_write
+from training.files import atomic_write
 
 
 def plot_map(
@@ -55,3 +55,35 @@ def plot_map(
     fig.tight_layout()
     atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))
     plt.close(fig)
+
+
+def plot_run(run_dir: Path, out: Path | None = None) -> Path:
+    """Draw a finished run's map (embedding.npz) to `out` (default RUN_DIR/map.png), with the kNN accuracy
+    and silhouette in the subtitle once `evaluate` wrote metrics.json; returns the PNG's path."""
+    import json
+
+    from training.errors import UserError
+    from training.runs import read_embedding, require_run_dir
+
+    run_dir = require_run_dir(run_dir)
+    saved = read_embedding(run_dir)
+    if saved is None:
+        raise UserError(f"{run_dir}: no embedding.npz yet; it is written when training finishes")
+    coords = saved["coords"]
+    if coords.shape[1] < 2:
+        raise UserError(f"{run_dir}: the map is {coords.shape[1]}-D; plotting needs 2-D")
+    metrics_file = run_dir / "metrics.json"
+    subtitle = ""
+    if metrics_file.is_file():
+        metrics = json.loads(metrics_file.read_text())
+        subtitle = f"kNN accuracy {metrics['knn_accuracy']:.3f}, silhouette {metrics['silhouette']:.3f}"
+    target = Path(out) if out is not None else run_dir / "map.png"
+    plot_map(
+        coords[:, :2],
+        saved.get("labels"),
+        [str(c) for c in saved["class_names"]],
+        target,
+        title=f"t-SimCNE map of {run_dir.name} ({len(coords):,} images)",
+        subtitle=subtitle,
+    )
+    return target
