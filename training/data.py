@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from serving.images import IMAGE_SUFFIXES, ImageDecodeError, read_image, resize_rgb, to_uint8
 from training.errors import DataError
-from training.files import atomic_write
+from training.files import atomic_savez
 from training.synthetic import make_synthetic_cells
 
 MIN_SIDE = 8
@@ -315,12 +315,7 @@ def save_dataset(dataset: ImageDataset, path: Path) -> None:
     }
     if dataset.labels is not None:
         arrays["labels"] = dataset.labels
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as handle:
-            np.savez_compressed(handle, **arrays)
-
-    atomic_write(path, write)
+    atomic_savez(path, arrays, compressed=True)
 
 
 def _natural_label_order(names: Iterable[str]) -> list[str]:

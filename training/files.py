@@ -40,3 +40,17 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_savez(path: Path, arrays: dict[str, Any], compressed: bool = False) -> None:
+    """Write numpy arrays as an .npz, atomically (numpy is imported here only: this module stays torch-
+    and numpy-free for the serving-only install)."""
+    import numpy as np
+
+    save = np.savez_compressed if compressed else np.savez
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            save(handle, **arrays)
+
+    atomic_write(path, write)

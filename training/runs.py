@@ -11,7 +11,7 @@ import torch
 from training.config import TrainConfig
 from training.data import ImageDataset, load_dataset
 from training.errors import UserError
-from training.files import atomic_write
+from training.files import atomic_savez
 from training.network import TSimCNENet, build_model
 
 EMBEDDING_FILE = "embedding.npz"
@@ -66,12 +66,7 @@ def write_embedding(run_dir: Path, coords: np.ndarray, dataset: ImageDataset, ch
     }
     if dataset.labels is not None:
         arrays["labels"] = dataset.labels
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as handle:
-            np.savez(handle, **arrays)
-
-    atomic_write(path, write)
+    atomic_savez(path, arrays)
     return path
 
 

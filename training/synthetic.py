@@ -149,7 +149,7 @@ def write_synthetic_cells(out: Path, n: int, size: tuple[int, int], seed: int = 
     from PIL import Image
 
     from training.errors import UserError
-    from training.files import atomic_write
+    from training.files import atomic_savez
 
     out = Path(out)
     if n < 1:
@@ -158,12 +158,8 @@ def write_synthetic_cells(out: Path, n: int, size: tuple[int, int], seed: int = 
         raise UserError(f"{out} exists and is not empty; choose another folder")
     images, labels, names = make_synthetic_cells(n, size, seed=seed)
     if out.suffix == ".npz":
-
-        def write(tmp: Path) -> None:
-            with open(tmp, "wb") as handle:
-                np.savez_compressed(handle, images=images, labels=labels, class_names=np.array(names))
-
-        atomic_write(out, write)
+        arrays = {"images": images, "labels": labels, "class_names": np.array(names)}
+        atomic_savez(out, arrays, compressed=True)
         return len(names)
     for index, (image, label) in enumerate(zip(images, labels, strict=True)):
         folder = out / names[label]

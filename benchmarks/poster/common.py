@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from training.evaluate import knn_accuracy  # noqa: E402
-from training.files import atomic_write, atomic_write_json  # noqa: E402
+from training.files import atomic_savez, atomic_write, atomic_write_json  # noqa: E402
 
 PBC = ROOT.parent / "shared" / "data" / "bloodcells" / "pbc_28.npz"
 SCRATCH = Path(os.environ.get("TSIMCNE_POSTER_SCRATCH", ROOT / "benchmarks" / "scratch" / "poster"))
@@ -133,13 +133,7 @@ def cached(key: str, compute: Callable[[], dict]) -> dict:
 
 def save_map(key: str, coords: np.ndarray, labels: np.ndarray) -> None:
     path = SCRATCH / "maps" / f"{key}.npz"
-    path.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as handle:
-            np.savez(handle, coords=coords, labels=labels)
-
-    atomic_write(path, write)
+    atomic_savez(path, {"coords": coords, "labels": labels})
 
 
 def load_map(key: str) -> tuple[np.ndarray, np.ndarray]:

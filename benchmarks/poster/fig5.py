@@ -24,7 +24,7 @@ from common import DOCS, SCRATCH, Setting, arguments, class_names, markdown_tabl
 from methods import tsimcne
 from poster import plot
 
-from training.files import atomic_write
+from training.files import atomic_savez
 
 K = 15
 N_DUPLICATES, N_ARTEFACTS = 100, 50
@@ -48,13 +48,7 @@ def make_collection(data: Path, artefact: str, seed: int = 0) -> Path:
         "class_names": np.array([*names, *groups]),
     }
     path = SCRATCH / f"fig5-{data.stem}-{artefact.replace(' ', '_')}.npz"
-    path.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as handle:
-            np.savez(handle, **collection)
-
-    atomic_write(path, write)
+    atomic_savez(path, collection)
     return path
 
 

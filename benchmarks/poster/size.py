@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import DOCS, SCRATCH, Setting, arguments, load_map, markdown_table, mean_sd, plot_panels, write_report
 from methods import tsimcne
 
-from training.files import atomic_write
+from training.files import atomic_savez
 from training.synthetic import make_red_cell_sizes
 
 PRESETS = ("microscopy", "microscopy-keep-size")
@@ -32,13 +32,7 @@ def red_cells() -> Path:
     path = SCRATCH / f"red-cell-sizes-{N_RED_CELLS}.npz"
     if not path.is_file():
         images, labels, names = make_red_cell_sizes(N_RED_CELLS, (28, 28), seed=0)
-        path.parent.mkdir(parents=True, exist_ok=True)
-
-        def write(tmp: Path) -> None:
-            with open(tmp, "wb") as handle:
-                np.savez(handle, images=images, labels=labels, class_names=np.array(names))
-
-        atomic_write(path, write)
+        atomic_savez(path, {"images": images, "labels": labels, "class_names": np.array(names)})
     return path
 
 
