@@ -184,9 +184,11 @@ def evaluate(
     report = TSimCNE.load(run_dir).evaluate(data, linear=linear, checkpoint=checkpoint, device=device, save=True)
     if report["output_dim"] != 2:
         typer.echo(f"note: {report['checkpoint']} has a {report['output_dim']}-D output, not the 2-D map", err=True)
+    sampled = f" of a {report['silhouette_sample']:,}-image sample" if report.get("silhouette_sample") else ""
     typer.echo(
-        f"kNN accuracy (k=15, 10% hold-out): {report['knn_accuracy']:.3f}   silhouette: {report['silhouette']:.3f}   "
-        f"({report['n_images']:,} images, {report['n_classes']} classes, {report['checkpoint']})"
+        f"kNN accuracy (k=15, 10% hold-out): {report['knn_accuracy']:.3f}   silhouette{sampled}: "
+        f"{report['silhouette']:.3f}   ({report['n_images']:,} images, {report['n_classes']} classes, "
+        f"{report['checkpoint']})"
     )
     if linear:
         probe = report["linear_probe"]
