@@ -35,15 +35,17 @@ import numpy as np
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from pydantic import Field
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse
 
 from serving import metrics
-from serving.api_models import EmbeddedImage, EmbedResponse, ErrorResponse, InfoResponse, Limits, MapResponse, Neighbour
+from serving.api_models import EmbeddedImage, EmbedResponse, ErrorResponse, InfoResponse, Limits, Neighbour
 from serving.batching import MicroBatcher
 from serving.bundle import MANIFEST, REFERENCE_FILE, BundleError, open_bundle, sha256_file
 from serving.decoding import DeadlineExceeded, RequestTooLarge, UploadDecoder
 from serving.embedder import BundleEmbedder, Placement
 from serving.guards import OPEN_PATHS, BearerTokenAuth, BodySizeLimit, UploadGuard
+from serving.map_format import ReferenceMap
+from serving.map_route import map_router
 from serving.preprocess import stack_fitted
 from serving.public import public_calibration, public_evaluation
 from serving.settings import ServiceSettings, SettingsError, load_settings
@@ -138,10 +140,7 @@ web = FastAPI(title="tsimcne map", openapi_url=None, docs_url=None, redoc_url=No
 web.add_exception_handler(RequestValidationError, validation_error)
 
 
-@web.get("/map", response_class=Response, responses={200: {"model": MapResponse, "description": "the reference map"}})
-def reference_map() -> Response:
-    """Coordinates, labels and ids of the bundle's reference (training) images."""
-    return Response(bentoml.get_current_service().map_json, media_type="application/json")
+web.include_router(map_router(reference_map=lambda: bentoml.get_current_service().reference_map))
 
 
 @web.get("/info", response_model=InfoResponse)
@@ -204,7 +203,11 @@ class MapService:
             concurrency=SETTINGS.decode_concurrency,
             on_active=metrics.DECODING_REQUESTS.set,
         )
-        self.map_json = self._map().model_dump_json().encode()
+        embedder = self.embedder
+        self.reference_map = ReferenceMap(
+            manifest.name, manifest.class_names, embedder.ref_coords, embedder.ref_label_indices, embedder.ref_ids
+        )
+        self.reference_map.prepare()  # the page's binary /map, made once per worker before /readyz says yes
         self.thumbnails = Thumbnails(folder / REFERENCE_FILE)
         self.info = self._info()
         # Warm-up: the first onnxruntime run allocates; do it before /readyz says yes.
@@ -219,18 +222,6 @@ class MapService:
             outputs = self.embedder.infer(batch)
         metrics.BATCH_IMAGES.observe(len(batch))
         return outputs
-
-    def _map(self) -> MapResponse:
-        embedder = self.embedder
-        labels = embedder.ref_label_indices
-        return MapResponse(
-            bundle=embedder.manifest.name,
-            class_names=embedder.manifest.class_names,
-            x=embedder.ref_coords[:, 0].tolist(),
-            y=embedder.ref_coords[:, 1].tolist() if embedder.ref_coords.shape[1] > 1 else [0.0] * len(labels),
-            labels=labels.tolist(),
-            ids=[str(i) for i in embedder.ref_ids],
-        )
 
     def _info(self) -> InfoResponse:
         manifest = self.embedder.manifest

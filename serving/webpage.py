@@ -21,7 +21,8 @@ from PIL import Image
 from starlette.responses import JSONResponse, Response
 
 WEB = resources.files("serving") / "web"
-ASSETS = {"map.js": "text/javascript; charset=utf-8", "map.css": "text/css; charset=utf-8"}
+SCRIPT = "text/javascript; charset=utf-8"
+ASSETS = {"map.js": SCRIPT, "map-data.js": SCRIPT, "map-render.js": SCRIPT, "map.css": "text/css; charset=utf-8"}
 # Readable without the bearer token (serving/guards.py): the page and its assets, which carry no data.
 OPEN_PATHS = frozenset({"/", *(f"/ui/{name}" for name in ASSETS)})
 
