@@ -45,6 +45,7 @@ RUN pip install --no-cache-dir --requirement /tmp/requirements/requirements-serv
 COPY pyproject.toml README.md ./
 COPY serving/ serving/
 COPY training/ training/
+COPY tsimcne_map/ tsimcne_map/
 RUN pip install --no-cache-dir --no-deps .
 COPY --from=bundle --chown=10001:10001 /out /models
 USER 10001

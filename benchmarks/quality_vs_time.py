@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from serving.files import atomic_write, atomic_write_json  # noqa: E402
+from training.files import atomic_write, atomic_write_json  # noqa: E402
 
 PBC = ROOT.parent / "shared" / "data" / "bloodcells" / "pbc_28.npz"
 SCRATCH = Path(os.environ.get("TSIMCNE_QVT_SCRATCH", ROOT / "benchmarks" / "scratch" / "quality_vs_time"))

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field
+
+if TYPE_CHECKING:
+    from serving.embedder import Placement
 
 Flag = Literal["in_distribution", "out_of_distribution", "artefact"]
 
@@ -34,6 +37,33 @@ class EmbeddedImage(BaseModel):
     neighbours: list[Neighbour] = Field(description="nearest reference images, nearest first")
     majority_label: str | None = Field(description="most common label among the neighbours")
     majority_share: float | None = Field(description="share of the neighbours that carry the majority label")
+
+    @classmethod
+    def from_placement(cls, filename: str, placement: Placement, duplicate_of: str | None) -> EmbeddedImage:
+        """The answer for one placed image; `duplicate_of` names the other image (placement.duplicate_of
+        is its position in the same call)."""
+        labels = placement.neighbour_labels or [None] * len(placement.neighbour_ids)
+        return cls(
+            filename=filename,
+            x=placement.x,
+            y=placement.y,
+            flag=placement.flag,  # type: ignore[arg-type]
+            score=placement.score,
+            evidence=placement.evidence,
+            duplicate_of=duplicate_of,
+            neighbours=[
+                Neighbour(id=i, index=n, label=label, distance=d)
+                for i, n, label, d in zip(
+                    placement.neighbour_ids,
+                    placement.neighbour_indices,
+                    labels,
+                    placement.neighbour_distances,
+                    strict=True,
+                )
+            ],
+            majority_label=placement.majority_label,
+            majority_share=placement.majority_share,
+        )
 
 
 class EmbedResponse(BaseModel):

@@ -14,7 +14,6 @@ trip of pixel arrays costs more than the model on small images.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,15 +30,9 @@ class _Pending:
 class MicroBatcher:
     """`await batcher.run(inputs)` returns `model(inputs)`, computed together with other callers' inputs."""
 
-    def __init__(
-        self,
-        model: Callable[[np.ndarray], np.ndarray],
-        max_images: int = 256,
-        on_batch: Callable[[int, float], None] | None = None,
-    ) -> None:
+    def __init__(self, model: Callable[[np.ndarray], np.ndarray], max_images: int = 256) -> None:
         self.model = model
         self.max_images = max_images
-        self.on_batch = on_batch  # (images, seconds) after each model run, for metrics
         self._waiting: deque[_Pending] = deque()
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
@@ -77,7 +70,6 @@ class MicroBatcher:
             if not group:
                 continue
             batch = group[0].inputs if len(group) == 1 else np.concatenate([item.inputs for item in group])
-            started = time.perf_counter()
             try:
                 outputs = await asyncio.to_thread(self.model, batch)
             except Exception as exc:  # every caller of this batch learns of it; the worker goes on
@@ -85,8 +77,6 @@ class MicroBatcher:
                     if not item.done.done():
                         item.done.set_exception(exc)
                 continue
-            if self.on_batch is not None:
-                self.on_batch(len(batch), time.perf_counter() - started)
             start = 0
             for item in group:
                 stop = start + len(item.inputs)

@@ -5,8 +5,8 @@ models/<name>/
   reference.npz    the training images' map: coords, labels, ids, class_names, thumbnails, and for the
                    flag their features projected as serving/detector.py FeatureSpace (no pickle)
   map.png          the reference map picture
-  bundle.json      schema version, preprocessing, outputs, classes, provenance, parity, flag calibration,
-                   sha256 of every file
+  bundle.json      schema version, preprocessing, outputs, classes, provenance, parity, flag calibration
+                   (typed: serving/calibration.py), sha256 of every file
 
 `open_bundle` refuses a bundle whose schema version it does not know, whose files do not match their
 checksums, or whose bundle.json names a file outside the folder (an absolute or `..` name, a sub-folder:
@@ -23,6 +23,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
+from serving.calibration import Calibration
+
+# The format version of bundle.json and the files it lists, the flag's calibration included
+# (serving/calibration.py): raised whenever a reader of the previous version could not read the new one.
 SCHEMA_VERSION = 1
 MANIFEST = "bundle.json"
 MODEL_FILE = "model.onnx"
@@ -67,7 +71,8 @@ class BundleManifest(BaseModel):
     training: dict[str, Any]
     evaluation: dict[str, Any] | None = None
     parity: dict[str, Any]
-    calibration: dict[str, Any] | None = None  # out-of-distribution threshold (serving/flagging.py)
+    # The flag's calibration (serving/calibration.py); None in bundles exported before the flag existed.
+    calibration: Calibration | None = None
     # Class names that mean "artefact" (debris, blur, ...): images landing among them are flagged so.
     artefact_labels: list[str] = []
     versions: dict[str, str]

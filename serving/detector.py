@@ -29,10 +29,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from serving.flagging import kth_neighbour_distance, nearest_other, unit_rows
+from serving.calibration import DEFAULT_K, CombinedCalibration, FeatureScale, PixelCalibration, PositionScale
+from serving.neighbours import build_index, nearest_other, unit_rows
 
 METHOD = "features+pixels"
-DEFAULT_K = 15
 
 
 def channel_statistics(batch: np.ndarray) -> np.ndarray:
@@ -68,12 +68,12 @@ class PixelModel:
         centred = statistics - self.mean
         return np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", centred, self.precision, centred), 0.0))
 
-    def to_dict(self) -> dict:
-        return {"mean": self.mean.tolist(), "precision": self.precision.tolist()}
+    def calibration(self, scale: float) -> PixelCalibration:
+        return PixelCalibration(scale=scale, mean=self.mean.tolist(), precision=self.precision.tolist())
 
     @classmethod
-    def from_dict(cls, values: dict) -> PixelModel:
-        return cls(np.asarray(values["mean"], dtype=np.float64), np.asarray(values["precision"], dtype=np.float64))
+    def from_calibration(cls, values: PixelCalibration) -> PixelModel:
+        return cls(np.asarray(values.mean, dtype=np.float64), np.asarray(values.precision, dtype=np.float64))
 
 
 @dataclass
@@ -113,14 +113,16 @@ def calibrate_detector(
     space: FeatureSpace,
     k: int = DEFAULT_K,
     target_rate: float = 0.01,
-) -> dict:
+) -> CombinedCalibration:
     """The calibration stored in bundle.json: every scale and threshold the service needs."""
     if not 0 < target_rate < 1:
         raise ValueError(f"target_rate must be between 0 and 1, got {target_rate}")
     pixels = PixelModel.fit(reference_statistics)
-    feature_distance = kth_neighbour_distance(space.project(calibration_features), space.project(reference_features), k)
+    feature_distance = build_index(space.project(reference_features)).kth_distance(
+        space.project(calibration_features), k
+    )
     pixel_distance = pixels.distance(calibration_statistics)
-    position_distance = kth_neighbour_distance(calibration_coords, reference_coords, k)
+    position_distance = build_index(reference_coords).kth_distance(calibration_coords, k)
     feature_scale, pixel_scale = _quantile(feature_distance, target_rate), _quantile(pixel_distance, target_rate)
     position_scale = _quantile(position_distance, target_rate)
     combined = np.maximum.reduce(
@@ -130,18 +132,17 @@ def calibrate_detector(
     # (At most 2,000 calibration images for this: the pairwise matrix grows with the square.)
     sample = np.random.default_rng(0).permutation(len(calibration_features))[:2000]
     _, nearest_distance = nearest_other(space.project(calibration_features[sample]))
-    return {
-        "method": METHOD,
-        "duplicate_distance": float(np.quantile(nearest_distance, target_rate)),
-        "target_false_flag_rate": float(target_rate),
-        "source": source,
-        "images": len(calibration_features),
-        "k": int(min(k, len(reference_features))),
-        "threshold": _quantile(combined, target_rate),
-        "features": {"scale": feature_scale},
-        "pixels": {"scale": pixel_scale, **pixels.to_dict()},
-        "position": {"k": int(min(k, len(reference_coords))), "threshold": position_scale},
-    }
+    return CombinedCalibration(
+        duplicate_distance=float(np.quantile(nearest_distance, target_rate)),
+        target_false_flag_rate=float(target_rate),
+        source=source,
+        images=len(calibration_features),
+        k=int(min(k, len(reference_features))),
+        threshold=_quantile(combined, target_rate),
+        features=FeatureScale(scale=feature_scale),
+        pixels=pixels.calibration(pixel_scale),
+        position=PositionScale(k=int(min(k, len(reference_coords))), threshold=position_scale),
+    )
 
 
 @dataclass
@@ -155,32 +156,23 @@ class Evidence:
 class Detector:
     """Applies a bundle's calibration to new images."""
 
-    def __init__(self, calibration: dict, reference_projected: np.ndarray, space: FeatureSpace) -> None:
+    def __init__(self, calibration: CombinedCalibration, reference_projected: np.ndarray, space: FeatureSpace) -> None:
         """reference_projected: the reference images' features already in `space` (as reference.npz keeps them)."""
         self.space = space
         self.calibration = calibration
-        self.k = int(calibration["k"])
-        self.reference_projected = np.asarray(reference_projected, dtype=np.float32)
-        self.reference_sq = (self.reference_projected**2).sum(1)
-        self.pixels = PixelModel.from_dict(calibration["pixels"])
-        self.feature_scale = float(calibration["features"]["scale"])
-        self.pixel_scale = float(calibration["pixels"]["scale"])
-        self.threshold = float(calibration["threshold"])
-        self.position_threshold = float(calibration["position"]["threshold"])
+        self.k = calibration.k
+        # float32 and one matrix product per chunk of 256: the reference (17,000 x 128 for PBC) is read
+        # once per batch instead of once per image, which is what makes the flag cheap under load.
+        self.index = build_index(np.asarray(reference_projected, dtype=np.float32), dtype=np.float32, chunk=256)
+        self.pixels = PixelModel.from_calibration(calibration.pixels)
+        self.feature_scale = calibration.features.scale
+        self.pixel_scale = calibration.pixels.scale
+        self.threshold = calibration.threshold
+        self.position_threshold = calibration.position.threshold
 
     def feature_distance(self, features: np.ndarray) -> np.ndarray:
-        """Distance from each image's projected features to its k-th nearest reference image.
-
-        float32 and one matrix product per batch: the reference (17,000 x 128 for PBC) is read once per
-        batch instead of once per image, which is what makes the flag cheap under load."""
-        return kth_neighbour_distance(
-            self.space.project(features),
-            self.reference_projected,
-            self.k,
-            chunk=256,
-            reference_sq=self.reference_sq,
-            dtype=np.float32,
-        )
+        """Distance from each image's projected features to its k-th nearest reference image."""
+        return self.index.kth_distance(self.space.project(features), self.k)
 
     def evidence(self, feature_distance: np.ndarray, statistics: np.ndarray, position_kth: np.ndarray) -> Evidence:
         """The score and its parts from the three raw measurements (see `feature_distance`)."""
@@ -197,7 +189,8 @@ class Detector:
     def duplicates(self, features: np.ndarray) -> np.ndarray:
         """For each image, the index of another image of the same batch that looks the same (closer in
         features than nearly all distinct clean images are to each other), or -1."""
-        if len(features) < 2 or "duplicate_distance" not in self.calibration:
+        limit = self.calibration.duplicate_distance
+        if len(features) < 2 or limit is None:
             return np.full(len(features), -1)
         nearest, distance = nearest_other(self.space.project(features))
-        return np.where(distance < float(self.calibration["duplicate_distance"]), nearest, -1)
+        return np.where(distance < limit, nearest, -1)

@@ -9,10 +9,12 @@ nothing), so a client cannot make the service spool gigabytes to disk.
 from __future__ import annotations
 
 import hmac
-import json
 import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
+
+from serving.errors import send_json_error
+from serving.webpage import PAGE_PATHS
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -20,15 +22,9 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-OPEN_PATHS = frozenset({"/healthz", "/livez", "/readyz"})
-
-
-async def send_json_error(send: Send, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-    body = json.dumps({"error": message}).encode()
-    raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    raw_headers += [(key.lower().encode(), value.encode()) for key, value in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
-    await send({"type": "http.response.body", "body": body})
+HEALTH_PATHS = frozenset({"/healthz", "/livez", "/readyz"})
+# Everything readable without the bearer token: health checks, and the page with its assets (no data).
+OPEN_PATHS = HEALTH_PATHS | PAGE_PATHS
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

@@ -142,6 +142,12 @@ def _channels_to_rgb(array: np.ndarray, source: str) -> np.ndarray:
     raise ImageDecodeError(f"{source}: cannot use an image with {channels} channels")
 
 
+def as_rgb(array: np.ndarray, source: str = "<array>") -> np.ndarray:
+    """An image already in memory ((H, W) gray, (H, W, 1..4), any integer or float pixel type) -> RGB uint8
+    (H, W, 3), by the same rules as a decoded file."""
+    return _channels_to_rgb(to_uint8(np.asarray(array)), source)
+
+
 def apply_orientation(image: np.ndarray, orientation: int | None) -> np.ndarray:
     """Turn (H, W, ...) pixels stored with an EXIF/TIFF orientation (1-8) upright, as Pillow's
     ImageOps.exif_transpose does; other values leave the image as stored."""

@@ -28,17 +28,6 @@ def public_source(source: str) -> str:
     return _FOLDERS.sub("", source)
 
 
-def public_calibration(calibration: dict[str, Any]) -> dict[str, Any]:
-    """The calibration for /info: without the pixel model's mean vector and precision matrix (kept in
-    bundle.json) and without local paths."""
-    summary = dict(calibration)
-    if isinstance(summary.get("pixels"), dict):
-        summary["pixels"] = {k: v for k, v in summary["pixels"].items() if k not in ("mean", "precision")}
-    if isinstance(summary.get("source"), str):
-        summary["source"] = public_source(summary["source"])
-    return summary
-
-
 def public_evaluation(evaluation: dict[str, Any] | None) -> dict[str, Any] | None:
     """The evaluation for /info, with any path (the evaluated data's) reduced to its last component."""
     if evaluation is None:

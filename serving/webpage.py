@@ -20,11 +20,13 @@ from fastapi.exceptions import RequestValidationError
 from PIL import Image
 from starlette.responses import JSONResponse, Response
 
+from serving.errors import json_error
+
 WEB = resources.files("serving") / "web"
 SCRIPT = "text/javascript; charset=utf-8"
 ASSETS = {"map.js": SCRIPT, "map-data.js": SCRIPT, "map-render.js": SCRIPT, "map.css": "text/css; charset=utf-8"}
-# Readable without the bearer token (serving/guards.py): the page and its assets, which carry no data.
-OPEN_PATHS = frozenset({"/", *(f"/ui/{name}" for name in ASSETS)})
+# The page and its assets, which carry no data: part of serving/guards.py OPEN_PATHS.
+PAGE_PATHS = frozenset({"/", *(f"/ui/{name}" for name in ASSETS)})
 
 
 def _asset(name: str) -> bytes:
@@ -66,14 +68,14 @@ class Thumbnails:
 
 
 def _not_found(message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=404)
+    return json_error(404, message)
 
 
 async def validation_error(_request: Request, exc: Exception) -> JSONResponse:
     """FastAPI's parameter errors in the service's error shape: {"error": "...naming the parameter..."}."""
     errors = exc.errors() if isinstance(exc, RequestValidationError) else []
     parts = [f"{' '.join(str(p) for p in e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in errors]
-    return JSONResponse({"error": "; ".join(parts) or "invalid request"}, status_code=422)
+    return json_error(422, "; ".join(parts) or "invalid request")
 
 
 def page_router(thumbnails: Callable[[], Thumbnails]) -> APIRouter:

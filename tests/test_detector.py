@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from serving.detector import METHOD, Detector, FeatureSpace, calibrate_detector, channel_statistics
-from serving.flagging import kth_neighbour_distance
+from serving.neighbours import kth_neighbour_distance
 
 
 def _collection(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -25,14 +25,14 @@ def fitted() -> tuple[Detector, np.random.Generator, np.ndarray]:
     ref, calib = _collection(rng, 3000), _collection(rng, 1000)
     space = FeatureSpace.fit(ref[0], dims=8)
     calibration = calibrate_detector(*calib, *ref, source="test", space=space, target_rate=0.05)
-    assert calibration["method"] == METHOD and calibration["images"] == 1000
+    assert calibration.method == METHOD and calibration.images == 1000
     return Detector(calibration, space.project(ref[0]), space), rng, ref[2]
 
 
 def test_false_flag_rate_on_fresh_clean_images_is_near_target(fitted) -> None:
     detector, rng, ref_coords = fitted
     features, statistics, coords = _collection(rng, 4000)
-    position = kth_neighbour_distance(coords, ref_coords, detector.calibration["position"]["k"])
+    position = kth_neighbour_distance(coords, ref_coords, detector.calibration.position.k)
     flagged = detector.evidence(detector.feature_distance(features), statistics, position).score > 1
     assert 0.02 <= flagged.mean() <= 0.075  # at most 1.5x the 5 % target, and not vacuous
 
@@ -65,7 +65,7 @@ def test_feature_space_keeps_neighbour_distances() -> None:
     features = rng.normal(size=(500, 6)) @ rng.normal(size=(6, 64))  # rank 6 in 64-D
     space = FeatureSpace.fit(features, dims=8)
     projected = space.project(features)
-    from serving.flagging import pairwise_distances, unit_rows
+    from serving.neighbours import pairwise_distances, unit_rows
 
     unit = unit_rows(features)
     assert np.allclose(pairwise_distances(projected[:20], projected), pairwise_distances(unit[:20], unit), atol=1e-4)

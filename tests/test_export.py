@@ -171,7 +171,7 @@ def test_bundle_carries_a_flag_calibration_and_embed_reports_it(run_and_bundle, 
 
     _, bundle = run_and_bundle
     manifest = open_bundle(bundle)
-    assert manifest.calibration["target_false_flag_rate"] == 0.01 and manifest.calibration["threshold"] > 0
+    assert manifest.calibration.target_false_flag_rate == 0.01 and manifest.calibration.threshold > 0
     embedder = BundleEmbedder(bundle, "cpu")
     placed = embedder.place(list(load_dataset("synthetic:96", size=(16, 16)).images[:20]))
     assert all(p.flag in ("in_distribution", "out_of_distribution") and p.score >= 0 for p in placed)
@@ -221,8 +221,8 @@ def test_embed_writes_parquet(run_and_bundle, tmp_path) -> None:
 def test_flag_calibration_on_held_out_images_and_stored_features(run_and_bundle, tmp_path) -> None:
     run, bundle = run_and_bundle
     manifest = open_bundle(bundle)
-    assert manifest.calibration["method"] == "features+pixels"
-    assert "in-sample" in manifest.calibration["source"]  # no --calibration-data: training images left out
+    assert manifest.calibration.method == "features+pixels"
+    assert "in-sample" in manifest.calibration.source  # no --calibration-data: training images left out
     with np.load(bundle / "reference.npz") as reference:
         features, components = reference["features"], reference["feature_components"]
         mean = reference["feature_mean"]
@@ -234,7 +234,7 @@ def test_flag_calibration_on_held_out_images_and_stored_features(run_and_bundle,
     result = run_cli("export", str(run), "--out", str(tmp_path / "held"), "--calibration-data", "synthetic:150")
     assert result.returncode == 0, result.stderr
     calibration = open_bundle(tmp_path / "held").calibration
-    assert calibration["images"] == 150 and calibration["source"].startswith("held-out images")
+    assert calibration.images == 150 and calibration.source.startswith("held-out images")
 
     result = run_cli("export", str(run), "--out", str(tmp_path / "few"), "--calibration-data", "synthetic:20")
     assert result.returncode == 2 and "need at least 100" in result.stderr

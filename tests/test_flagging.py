@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from serving.flagging import calibrate, kth_neighbour_distance, score
+from serving.flagging import calibrate, score
+from serving.neighbours import kth_neighbour_distance
 
 
 def test_kth_neighbour_distance_matches_brute_force() -> None:

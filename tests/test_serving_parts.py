@@ -194,8 +194,18 @@ def test_bearer_token() -> None:
     ],
 )
 def test_public_calibration_source_has_no_folders(source: str, shown: str) -> None:
-    from serving.public import public_calibration
+    from serving.calibration import CombinedCalibration, public_calibration
 
-    public = public_calibration({"source": source, "pixels": {"scale": 1.0, "mean": [0.0], "precision": [[1.0]]}})
+    calibration = CombinedCalibration(
+        target_false_flag_rate=0.01,
+        source=source,
+        images=100,
+        k=15,
+        threshold=1.5,
+        features={"scale": 1.0},
+        pixels={"scale": 1.0, "mean": [0.0], "precision": [[1.0]]},
+        position={"k": 15, "threshold": 2.0},
+    )
+    public = public_calibration(calibration)
     assert public["source"] == shown.replace("... ", "held-out images never trained on: ")
     assert public["pixels"] == {"scale": 1.0}

@@ -30,6 +30,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from training.errors import UnknownNameError
+
 
 @dataclass(frozen=True)
 class AugmentationPreset:
@@ -101,13 +103,15 @@ def get_preset(name: str) -> AugmentationPreset:
     """A preset by name, optionally followed by comma-separated MODIFIERS (e.g. 'microscopy,no-crop')."""
     base, *switches = [part.strip() for part in name.split(",")]
     if base not in PRESETS:
-        raise KeyError(f"unknown augmentation preset {base!r}; available: {', '.join(PRESETS)}")
+        raise UnknownNameError(f"unknown augmentation preset {base!r}; available: {', '.join(PRESETS)}")
     preset = PRESETS[base]
     if not switches:
         return preset
     unknown = [switch for switch in switches if switch not in MODIFIERS]
     if unknown:
-        raise KeyError(f"unknown augmentation switch {unknown[0]!r} in {name!r}; available: {', '.join(MODIFIERS)}")
+        raise UnknownNameError(
+            f"unknown augmentation switch {unknown[0]!r} in {name!r}; available: {', '.join(MODIFIERS)}"
+        )
     values = preset.as_dict()
     for switch in switches:
         values.update(MODIFIERS[switch][1])

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from serving.files import atomic_write
 from training.errors import UserError
+from training.files import atomic_write
 
 CHECKPOINT_FORMAT = "tsimcne-checkpoint"
 CHECKPOINT_VERSION = 1

@@ -1,16 +1,15 @@
-"""`tsimcne` command line: train, evaluate, plot, presets, synth.
+"""`tsimcne` command line: train, evaluate, plot, export, embed, presets, synth.
 
-Thin on purpose: parse, validate, print, and call library functions (which tests call directly).
-Bad input ends with `error: <what and where>` and exit code 2, never a traceback; Ctrl-C during
-training saves a checkpoint and exits with 130.
+A thin shell over the Python API (tsimcne_map: TSimCNE, Bundle): it parses options, prints, and maps
+exceptions to exit codes. Bad input ends with `error: <what and where>` and exit code 2, never a
+traceback; Ctrl-C during training saves a checkpoint and exits with 130. The library's progress messages
+arrive through the "tsimcne" logger: INFO on stdout, warnings on stderr.
 """
 
 from __future__ import annotations
 
 import functools
-import json
-import os
-import shutil
+import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Annotated, Any
 
 import typer
 
-from training.errors import UserError
+from training.errors import TrainingStopped, UserError, invalid_settings
 
 app = typer.Typer(
     name="tsimcne",
@@ -35,23 +34,40 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
 
 
 def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn UserError and config validation errors into one clear line and exit code 2."""
+    """The library's errors as one clear line and exit code 2 (a stopped training run: 130)."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from pydantic import ValidationError
 
+        from serving.bundle import BundleError
+        from serving.images import ImageDecodeError
+
         try:
             return command(*args, **kwargs)
-        except UserError as exc:
+        except TrainingStopped as exc:
+            raise _fail(f"stopped; continue with: tsimcne train --resume {exc.run_dir}", 130) from None
+        except (UserError, BundleError, ImageDecodeError) as exc:
             raise _fail(str(exc)) from None
         except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-            raise _fail(f"invalid settings: {problems}") from None
-        except KeyError as exc:  # unknown preset / recipe names
-            raise _fail(str(exc.args[0]) if exc.args else str(exc)) from None
+            raise _fail(str(invalid_settings(exc))) from None
 
     return wrapper
+
+
+class _EchoHandler(logging.Handler):
+    """The library's messages as plain lines: INFO on stdout, warnings on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        typer.echo(record.getMessage(), err=record.levelno >= logging.WARNING)
+
+
+def _show_library_messages() -> None:
+    library = logging.getLogger("tsimcne")
+    if not any(isinstance(handler, _EchoHandler) for handler in library.handlers):
+        library.addHandler(_EchoHandler())
+    library.setLevel(logging.INFO)
+    library.propagate = False
 
 
 def _parse_triple(text: str | None, what: str, cast: Callable[[str], Any] = int) -> tuple | None:
@@ -105,18 +121,10 @@ def train(
     progress: Annotated[bool | None, typer.Option(help="progress bars (default: when on a terminal)")] = None,
 ) -> None:
     """Train t-SimCNE through its three stages, writing checkpoints to RUNS_DIR/NAME."""
-    from serving.files import atomic_write_json
-    from training.budget import parse_budget
-    from training.checkpoint import load_checkpoint
-    from training.config import TrainConfig, build_config
-    from training.data import load_dataset, parse_size
-    from training.device import resolve_runtime
-    from training.distributed import init_from_env, shutdown
-    from training.embedding import embed_images
-    from training.runs import write_embedding
-    from training.trainer import StagedTrainer, format_seconds
+    from training.trainer import format_seconds
+    from tsimcne_map import TSimCNE
 
-    resume_state = None
+    runtime = {"device": device, "precision": precision, "channels_last": channels_last, "compile": compile}
     if resume is not None:
         fixed = {"data": data, "name": name, "image_size": image_size, "epochs": epochs, "time_budget": time_budget}
         given = [k.replace("_", "-") for k, v in fixed.items() if v]
@@ -124,102 +132,37 @@ def train(
             raise UserError(
                 f"--resume continues a run with its saved settings; drop {', '.join('--' + g for g in given)}"
             )
-        run_dir = Path(resume)
-        if not (run_dir / "last.pt").is_file():
-            raise UserError(f"{run_dir}: nothing to resume (no last.pt); the run stopped before its first checkpoint")
-        resume_state = load_checkpoint(run_dir / "last.pt")
-        settings = dict(resume_state["config"])
-        runtime_options = {"device": device, "precision": precision, "channels_last": channels_last, "compile": compile}
-        for key, value in runtime_options.items():
-            if value is not None:
-                settings[key] = value
-        config = TrainConfig(**settings)
-        if resume_state["position"]["stage"] > 3:
-            typer.echo(f"{run_dir}: training already finished (stage3.pt); nothing to resume")
-            return
+        model = TSimCNE.resume(resume, progress=progress, **runtime)
     else:
         if data is None or name is None:
             raise UserError("give --data and --name for a new run, or --resume RUN_DIR to continue one")
-        run_dir = runs_dir / name
-        if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
-            raise UserError(
-                f"{run_dir} already exists; continue it with --resume {run_dir}, choose another --name, "
-                "or pass --overwrite to replace it"
-            )
-        overrides = {
-            "data": data,
-            "image_size": parse_size(image_size),
+        settings = {
+            **runtime,
+            "image_size": image_size,
             "augmentation": augmentation,
             "width": width,
             "stem_stride": stem_stride,
             "epochs": _parse_triple(epochs, "--epochs"),
-            "time_budget_s": parse_budget(time_budget),
+            "time_budget": time_budget,
             "batch_size": batch_size,
-            "base_lr": lr,
+            "lr": lr,
             "stage3_lr_factor": stage3_lr_factor,
             "metric": metric,
-            "device": device,
-            "precision": precision,
-            "channels_last": channels_last,
-            "compile": compile,
             "seed": seed,
             "sync_bn": sync_bn,
             "checkpoint_every": checkpoint_every,
             "skip_bad": skip_bad or None,
             "allow_upscale": allow_upscale or None,
         }
-        config = build_config(recipe, overrides)
-    from training.augment import get_preset
-    from training.runlock import hold_run_lock
-
-    # Only the main process of a torchrun job holds the lock (the others share its run folder).
-    run_lock = hold_run_lock(run_dir) if os.environ.get("RANK", "0") == "0" else None  # noqa: F841 (held)
-    get_preset(config.augmentation)  # unknown preset: fail before reading any data
-    runtime = resolve_runtime(config.device, config.precision, config.channels_last, compile=config.compile)
-    dist_info = init_from_env(runtime.device.type == "cuda")
-    if dist_info.enabled and runtime.device.type == "cuda":
-        runtime = resolve_runtime(
-            config.device, config.precision, config.channels_last, dist_info.local_rank, config.compile
-        )
-    dataset = load_dataset(config.data, config.image_size, config.resize_method, config.skip_bad, config.allow_upscale)
-    if dataset.skipped:
-        typer.echo(f"skipped {len(dataset.skipped)} unreadable image(s), first: {dataset.skipped[0]}", err=True)
-    if resume_state is None:
-        config = config.model_copy(update={"image_size": dataset.size})
-        if dist_info.is_main:
-            if run_dir.exists() and overwrite:
-                shutil.rmtree(run_dir)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(run_dir / "config.json", config.model_dump(mode="json"))
-            if dataset.skipped:
-                atomic_write_json(run_dir / "skipped.json", dataset.skipped)
-    if dist_info.is_main:
-        labels = f", {len(dataset.class_names)} classes" if dataset.labels is not None else ", no labels"
-        typer.echo(
-            f"data: {len(dataset):,} images of {dataset.size[0]}x{dataset.size[1]} from {dataset.source}{labels}\n"
-            f"device: {runtime.describe()}"
-            + (f", {dist_info.world_size} processes" if dist_info.enabled else "")
-            + (f", BatchNorm {'synchronised' if config.sync_bn else 'per process'}" if dist_info.enabled else "")
-        )
-    trainer = StagedTrainer(config, dataset, run_dir, runtime, dist_info, resume_state, show_progress=progress)
-    if resume_state is None and config.time_budget_s is not None:
-        plan = trainer.plan_time_budget(config.time_budget_s)
-        config = trainer.config
-        if dist_info.is_main:
-            typer.echo(plan.describe())
-            atomic_write_json(run_dir / "config.json", config.model_dump(mode="json"))
-            atomic_write_json(run_dir / "budget.json", plan.as_dict())
-    summary = trainer.run()
-    shutdown(dist_info)
-    if summary.stopped_early:
-        typer.echo(f"stopped; continue with: tsimcne train --resume {run_dir}", err=True)
-        raise typer.Exit(130)
-    if not dist_info.is_main:
+        given_settings = {key: value for key, value in settings.items() if value is not None}
+        model = TSimCNE(recipe, run_dir=runs_dir / name, overwrite=overwrite, progress=progress, **given_settings)
+        model.fit(data)
+    result = model.result_
+    if result is None or not result.is_main:  # nothing was left to train, or another process reports
         return
-    coords, _ = embed_images(trainer.model, dataset.images, runtime.device)
-    write_embedding(run_dir, coords, dataset, "stage3.pt")
-    loss = f", final loss {summary.final_loss:.4f}" if summary.final_loss is not None else ""
-    typer.echo(f"done in {format_seconds(summary.seconds)}{loss}: {run_dir}/stage3.pt, map in {run_dir}/embedding.npz")
+    loss = f", final loss {result.final_loss:.4f}" if result.final_loss is not None else ""
+    where = result.run_dir
+    typer.echo(f"done in {format_seconds(result.seconds)}{loss}: {where}/stage3.pt, map in {where}/embedding.npz")
 
 
 @app.command()
@@ -236,14 +179,11 @@ def evaluate(
     ] = None,
 ) -> None:
     """kNN accuracy (k=15, 10 % stratified hold-out) and silhouette of the 2-D map; writes metrics.json."""
-    from serving.files import atomic_write_json
-    from training.run_evaluation import evaluate_run
+    from tsimcne_map import TSimCNE
 
-    report = evaluate_run(run_dir, data=data, device=device, linear=linear, checkpoint=checkpoint)
+    report = TSimCNE.load(run_dir).evaluate(data, linear=linear, checkpoint=checkpoint, device=device, save=True)
     if report["output_dim"] != 2:
         typer.echo(f"note: {report['checkpoint']} has a {report['output_dim']}-D output, not the 2-D map", err=True)
-    if data is None and checkpoint is None:
-        atomic_write_json(Path(run_dir) / "metrics.json", report)
     typer.echo(
         f"kNN accuracy (k=15, 10% hold-out): {report['knn_accuracy']:.3f}   silhouette: {report['silhouette']:.3f}   "
         f"({report['n_images']:,} images, {report['n_classes']} classes, {report['checkpoint']})"
@@ -263,30 +203,9 @@ def plot(
     out: Annotated[Path | None, typer.Option(help="PNG path (default RUN_DIR/map.png)")] = None,
 ) -> None:
     """Draw the 2-D map of the training images, coloured by label."""
-    from training.plot import plot_map
-    from training.runs import read_embedding, require_run_dir
+    from tsimcne_map import TSimCNE
 
-    require_run_dir(run_dir)
-    saved = read_embedding(run_dir)
-    if saved is None:
-        raise UserError(f"{run_dir}: no embedding.npz yet; it is written when training finishes")
-    coords = saved["coords"]
-    if coords.shape[1] < 2:
-        raise UserError(f"{run_dir}: the map is {coords.shape[1]}-D; plotting needs 2-D")
-    metrics_file = Path(run_dir) / "metrics.json"
-    subtitle = ""
-    if metrics_file.is_file():
-        metrics = json.loads(metrics_file.read_text())
-        subtitle = f"kNN accuracy {metrics['knn_accuracy']:.3f}, silhouette {metrics['silhouette']:.3f}"
-    target = out or Path(run_dir) / "map.png"
-    plot_map(
-        coords[:, :2],
-        saved.get("labels"),
-        [str(c) for c in saved["class_names"]],
-        target,
-        title=f"t-SimCNE map of {Path(run_dir).name} ({len(coords):,} images)",
-        subtitle=subtitle,
-    )
+    target = TSimCNE.load(run_dir).plot(out)
     typer.echo(f"map written to {target}")
 
 
@@ -314,31 +233,24 @@ def export(
     ] = False,
 ) -> None:
     """Turn a run's final checkpoint into a verified model bundle (ONNX + reference map + bundle.json)."""
-    from training.data import parse_size
-    from training.export import export_bundle
+    from tsimcne_map import TSimCNE
 
-    result = export_bundle(
-        run_dir,
+    bundle = TSimCNE.load(run_dir).export(
         out,
-        allow_partial=allow_partial,
-        center_crop=parse_size(center_crop),
+        center_crop=center_crop,
         artefact_labels=artefact_label,
         calibration_data=calibration_data,
         target_rate=target_rate,
+        allow_partial=allow_partial,
     )
-    parity = result.manifest.parity
+    parity = bundle.manifest.parity
     typer.echo(
-        f"bundle written to {result.out}: parity max |onnxruntime - torch| = {parity['max_abs_diff']:.2e} "
+        f"bundle written to {bundle.path}: parity max |onnxruntime - torch| = {parity['max_abs_diff']:.2e} "
         f"(allowed {parity['allowed']:.2e}) on {parity['images']} training images"
-        + (" [partial: stage 3 not finished]" if result.manifest.partial else "")
+        + (" [partial: stage 3 not finished]" if bundle.manifest.partial else "")
     )
     if register:
-        from serving.store import register_bundle
-
-        try:
-            tag = register_bundle(result.out)
-        except Exception as exc:  # the bundle itself is written; say so and why the store refused it
-            raise UserError(f"bundle written to {result.out}, but BentoML's model store refused it: {exc}") from exc
+        tag = bundle.register()
         typer.echo(f"registered in BentoML's model store as {tag} (serve it with --arg model_tag={tag})")
 
 
@@ -354,14 +266,9 @@ def embed(
     batch_size: Annotated[int, typer.Option(help="images per onnxruntime run")] = 64,
 ) -> None:
     """Place images on a bundle's map offline (onnxruntime); unreadable files are reported, not fatal."""
-    import dataclasses
-
-    from tqdm import tqdm
-
-    from serving.bundle import BundleError
-    from serving.embedder import BundleEmbedder
-    from serving.images import IMAGE_SUFFIXES, ImageDecodeError, read_image
+    from serving.images import IMAGE_SUFFIXES
     from training.table import write_table
+    from tsimcne_map import Bundle
 
     files = list(images or [])
     if data is not None:
@@ -372,35 +279,17 @@ def embed(
         raise UserError("no images given: pass image files or --data FOLDER")
     if out.suffix.lower() not in (".csv", ".parquet"):
         raise UserError(f"{out}: the output must end in .csv or .parquet")
-    try:
-        embedder = BundleEmbedder(bundle, provider, neighbours)
-    except BundleError as exc:
-        raise UserError(str(exc)) from None
-    rows: list[dict] = []
-    failures = 0
-    for start in tqdm(range(0, len(files), batch_size), desc="embedding", unit="batch", disable=None):
-        chunk, decoded = files[start : start + batch_size], []
-        for path in chunk:
-            try:
-                decoded.append((path, read_image(path)))
-            except ImageDecodeError as exc:
-                failures += 1
-                typer.echo(f"skipped: {exc}", err=True)
-                rows.append({"id": str(path), "error": str(exc)})
-        if decoded:
-            for (path, _), placed in zip(decoded, embedder.place([image for _, image in decoded]), strict=True):
-                fields = dataclasses.asdict(placed)
-                evidence = {f"evidence_{name}": value for name, value in fields.pop("evidence").items()}
-                twin = fields.pop("duplicate_of")
-                duplicate_of = str(decoded[twin][0]) if twin is not None else ""
-                rows.append({"id": str(path), **fields, **evidence, "duplicate_of": duplicate_of, "error": ""})
+    opened = Bundle.open(bundle, provider, neighbours)
+    placed = opened.place(files, batch_size=batch_size, skip_unreadable=True, progress=None)
+    for skipped in placed.skipped:
+        typer.echo(f"skipped: {skipped.error}", err=True)
     first = ["id", "x", "y", "flag", "score", "majority_label", "majority_share", "neighbour_ids", "neighbour_labels"]
-    write_table(rows, out, columns=[*first, "neighbour_distances", "error"])
+    write_table(placed.rows(), out, columns=[*first, "neighbour_distances", "error"])
     typer.echo(
-        f"placed {len(files) - failures} of {len(files)} image(s) on {bundle} ({embedder.provider}); "
-        f"{failures} unreadable; table written to {out}"
+        f"placed {len(placed)} of {len(files)} image(s) on {bundle} ({opened.provider}); "
+        f"{len(placed.skipped)} unreadable; table written to {out}"
     )
-    if failures == len(files):
+    if not placed:
         raise typer.Exit(2)
 
 
@@ -430,34 +319,15 @@ def synth(
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
 ) -> None:
     """Write the synthetic cell dataset (the project's demo data) as PNG folders or an npz."""
-    import numpy as np
-    from PIL import Image
-
-    from serving.files import atomic_write
     from training.data import parse_size
-    from training.synthetic import make_synthetic_cells
+    from training.synthetic import write_synthetic_cells
 
-    if n < 1:
-        raise UserError(f"--n must be positive, got {n}")
-    images, labels, names = make_synthetic_cells(n, parse_size(size), seed=seed)
-    if out.suffix == ".npz":
-
-        def write(tmp: Path) -> None:
-            with open(tmp, "wb") as handle:
-                np.savez_compressed(handle, images=images, labels=labels, class_names=np.array(names))
-
-        atomic_write(out, write)
-    else:
-        if out.exists() and any(out.iterdir()):
-            raise UserError(f"{out} exists and is not empty; choose another folder")
-        for index, (image, label) in enumerate(zip(images, labels, strict=True)):
-            folder = out / names[label]
-            folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(image).save(folder / f"{index:06d}.png")
-    typer.echo(f"wrote {n} synthetic images ({len(names)} classes) to {out}")
+    classes = write_synthetic_cells(out, n, parse_size(size), seed=seed)
+    typer.echo(f"wrote {n} synthetic images ({classes} classes) to {out}")
 
 
 def main() -> None:
+    _show_library_messages()
     app()
 
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from training.errors import UserError
+from training.errors import UnknownNameError, UserError, invalid_settings
 
 REFERENCE_LR_PER_256 = 0.03
 
@@ -118,7 +118,7 @@ RECIPE_NOTES = {
 def build_config(recipe: str, overrides: dict[str, Any]) -> TrainConfig:
     """Recipe defaults, then every override that is not None."""
     if recipe not in RECIPES:
-        raise KeyError(f"unknown recipe {recipe!r}; available: {', '.join(RECIPES)}")
+        raise UnknownNameError(f"unknown recipe {recipe!r}; available: {', '.join(RECIPES)}")
     values = dict(RECIPES[recipe])
     given = {k: v for k, v in overrides.items() if v is not None}
     if "epochs" in given and "time_budget_s" in given:
@@ -126,4 +126,12 @@ def build_config(recipe: str, overrides: dict[str, Any]) -> TrainConfig:
     if "epochs" in given:
         values["time_budget_s"] = None  # explicit epochs replace a recipe's budget
     values.update(given)
-    return TrainConfig(**values)
+    return config_from(values)
+
+
+def config_from(values: dict[str, Any]) -> TrainConfig:
+    """TrainConfig(**values), a bad value raised as a UserError naming the setting and the rule."""
+    try:
+        return TrainConfig(**values)
+    except ValidationError as exc:
+        raise invalid_settings(exc) from None

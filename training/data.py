@@ -7,6 +7,10 @@ Sources (`load_dataset(spec, ...)`):
 - a CSV manifest with a header: a `path` column (relative to the CSV's folder) and an optional `label`;
 - `synthetic` or `synthetic:N`: the project's own synthetic cells (training/synthetic.py).
 
+From Python (tsimcne_map.TSimCNE.fit) also: arrays (`dataset_from_arrays`) and lists of files
+(`dataset_from_files`); such a dataset is kept in the run folder with `save_dataset` (an .npz this
+module reads back), so the run resumes, evaluates and exports like any other.
+
 Files are decoded by serving/images.py, the same code the service uses, so training and serving see the
 same pixels. Holding the set in memory as uint8 is what lets augmentation run batched on the device
 (17,092 images at 28 px are 40 MB; 100,000 at 64 px are 1.2 GB).
@@ -16,16 +20,18 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from serving.images import IMAGE_SUFFIXES, ImageDecodeError, read_image, resize_rgb, to_uint8
 from training.errors import DataError
+from training.files import atomic_write
 from training.synthetic import make_synthetic_cells
 
 MIN_SIDE = 8
@@ -235,6 +241,88 @@ def _read_folder(root: Path, size, method: str, skip_bad: bool, allow_upscale: b
     return _assemble(paths, None, root, size, method, skip_bad, allow_upscale, str(root))
 
 
+def _label_indices(labels: Iterable[object], n: int, source: str) -> tuple[np.ndarray, list[str]]:
+    """Labels given with arrays or files (ints, or names) -> int64 indices and the class names."""
+    values = np.asarray(list(labels))
+    if values.ndim != 1 or len(values) != n:
+        raise DataError(f"{source}: {n} images but {values.size} labels; give one label per image")
+    if np.issubdtype(values.dtype, np.integer) and (n == 0 or values.min() >= 0):
+        return values.astype(np.int64), [str(i) for i in range(int(values.max()) + 1 if n else 0)]
+    names = _natural_label_order({str(v) for v in values})
+    index = {name: i for i, name in enumerate(names)}
+    return np.array([index[str(v)] for v in values], dtype=np.int64), names
+
+
+def dataset_from_arrays(
+    images: np.ndarray,
+    labels: Iterable[object] | None = None,
+    ids: Iterable[str] | None = None,
+    size: tuple[int, int] | None = None,
+    resize_method: str = "bicubic",
+    allow_upscale: bool = False,
+) -> ImageDataset:
+    """Images in memory: (N, H, W) grayscale or (N, H, W, 1|3|4), uint8 (16-bit and float in [0, 1] are
+    scaled as the .npz reader does); labels: ints or class names; ids: one name per image (default: the
+    index). Resized to `size` when given."""
+    source = f"an array of {len(images)} images"
+    images = np.asarray(images)
+    if not (np.issubdtype(images.dtype, np.number) or images.dtype == np.bool_):
+        raise DataError(f"{source}: pixel type {images.dtype} is not numeric; give uint8 images (N, H, W, 3)")
+    rgb = _as_rgb_array(images, source)
+    if len(rgb) == 0:
+        raise DataError(f"{source}: the dataset is empty")
+    ids_list = [str(i) for i in ids] if ids is not None else [str(i) for i in range(len(rgb))]
+    if len(ids_list) != len(rgb):
+        raise DataError(f"{source}: {len(rgb)} images but {len(ids_list)} ids")
+    label_array, names = _label_indices(labels, len(rgb), source) if labels is not None else (None, [])
+    rgb = _resize_all(rgb, size, resize_method, source, allow_upscale)
+    return _checked(ImageDataset(rgb, label_array, names, ids_list, source))
+
+
+def dataset_from_files(
+    paths: Iterable[str | Path],
+    labels: Iterable[object] | None = None,
+    size: tuple[int, int] | None = None,
+    resize_method: str = "bicubic",
+    skip_bad: bool = False,
+    allow_upscale: bool = False,
+) -> ImageDataset:
+    """Image files given one by one (any format serving/images.py reads); labels: one per file. Ids are
+    the paths relative to the files' common folder."""
+    files = [Path(p).expanduser() for p in paths]
+    source = f"a list of {len(files)} files"
+    missing = [str(p) for p in files if not p.is_file()]
+    if missing and not skip_bad:
+        raise DataError(f"{source}: {len(missing)} file(s) do not exist, first: {missing[0]}")
+    raw = None
+    if labels is not None:
+        raw = [str(v) for v in labels]
+        if len(raw) != len(files):
+            raise DataError(f"{source}: {len(files)} files but {len(raw)} labels; give one label per file")
+    root = Path(os.path.commonpath([str(p.resolve().parent) for p in files])) if files else Path()
+    files = [p.resolve() for p in files]
+    return _checked(
+        _assemble(files, raw, root, size, resize_method, skip_bad, allow_upscale, source, _natural_label_order)
+    )
+
+
+def save_dataset(dataset: ImageDataset, path: Path) -> None:
+    """Write `dataset` as an .npz that load_dataset reads back identically (same fingerprint)."""
+    arrays = {
+        "images": dataset.images,
+        "class_names": np.array(dataset.class_names, dtype=str),
+        "filenames": np.array(dataset.ids, dtype=str),
+    }
+    if dataset.labels is not None:
+        arrays["labels"] = dataset.labels
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            np.savez_compressed(handle, **arrays)
+
+    atomic_write(path, write)
+
+
 def _natural_label_order(names: Iterable[str]) -> list[str]:
     """Integer labels sort numerically (so '10' follows '9'), others alphabetically."""
     names = list(names)
@@ -319,6 +407,10 @@ def load_dataset(
             dataset = _read_csv(path, size, resize_method, skip_bad, allow_upscale)
         else:
             raise DataError(f"{path}: unsupported data source; give a folder, a .npz, a .csv manifest or 'synthetic'")
+    return _checked(dataset)
+
+
+def _checked(dataset: ImageDataset) -> ImageDataset:
     if len(dataset) == 0:
         raise DataError(f"{dataset.source}: the dataset is empty")
     if min(dataset.size) < MIN_SIDE:

@@ -16,7 +16,6 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
@@ -32,9 +31,11 @@ from serving.bundle import (
     Preprocessing,
     sha256_file,
 )
+from serving.calibration import CombinedCalibration
 from serving.detector import FeatureSpace, calibrate_detector, channel_statistics
 from serving.images import resize_rgb
 from serving.preprocess import to_model_input
+from serving.versions import package_version
 from training.checkpoint import load_checkpoint
 from training.data import load_dataset
 from training.embedding import embed_images
@@ -52,13 +53,6 @@ MAX_BATCH = 4096
 class ExportResult:
     out: Path
     manifest: BundleManifest
-
-
-def _package_version(name: str) -> str:
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "not installed"
 
 
 def _export_onnx(model: torch.nn.Module, size: tuple[int, int], path: Path) -> None:
@@ -112,7 +106,7 @@ def _calibrate_flag(
     prep: Preprocessing,
     calibration_data: str | Path | None,
     target_rate: float,
-) -> tuple[dict, FeatureSpace]:
+) -> tuple[CombinedCalibration, FeatureSpace]:
     statistics = _statistics(dataset.images, prep)
     space = FeatureSpace.fit(features)
     if calibration_data is not None:
@@ -150,56 +144,22 @@ def export_bundle(
     out = Path(out)
     if out.exists():
         raise UserError(f"{out} already exists; choose another --out or remove it first")
-    checkpoint = final_checkpoint_path(run_dir)
-    state = load_checkpoint(checkpoint)
-    finished = int(state["finished_stage"])
-    if finished < 3 and not allow_partial:
-        raise UserError(
-            f"{checkpoint}: training finished only stage {finished} of 3; finish it with "
-            f"`tsimcne train --resume {run_dir}` or export anyway with --allow-partial"
-        )
+    checkpoint, state = _exportable_checkpoint(Path(run_dir), allow_partial)
     model = model_from_state(state).float().eval()
     dataset = dataset_for_state(state)
     coords, features = embed_images(model, dataset.images, torch.device("cpu"))
-    config = state["config"]
-    unknown = sorted(set(artefact_labels or []) - set(dataset.class_names))
-    if unknown:
-        raise UserError(
-            f"--artefact-label {', '.join(unknown)}: not a class of this run "
-            f"(classes: {', '.join(dataset.class_names)})"
-        )
+    _check_artefact_labels(artefact_labels or [], dataset.class_names)
     prep = Preprocessing(
-        height=dataset.size[0], width=dataset.size[1], resize_method=config["resize_method"], center_crop=center_crop
+        height=dataset.size[0],
+        width=dataset.size[1],
+        resize_method=state["config"]["resize_method"],
+        center_crop=center_crop,
     )
-
     calibration, space = _calibrate_flag(model, dataset, coords, features, prep, calibration_data, target_rate)
-
-    parent = out.parent
+    staging = _staging_folder(out)
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
-    except OSError as exc:
-        raise UserError(f"{parent}: cannot write there ({exc.strerror or exc})") from exc
-    try:
-        _export_onnx(model, dataset.size, staging / MODEL_FILE)
-        parity = _parity(staging / MODEL_FILE, dataset.images, coords, prep)
-        if not parity["passed"]:
-            raise UserError(
-                f"ONNX parity check failed: max |onnxruntime - torch| = {parity['max_abs_diff']:.3g} > "
-                f"{parity['allowed']:.3g} on {parity['images']} training images; bundle not written"
-            )
-        reference = {
-            "coords": coords.astype(np.float32),
-            "ids": np.array(dataset.ids, dtype=str),
-            "class_names": np.array(dataset.class_names, dtype=str),
-            "thumbnails": _thumbnails(dataset.images),
-        }
-        if dataset.labels is not None:
-            reference["labels"] = dataset.labels
-        reference["features"] = space.project(features)  # serving/detector.py FeatureSpace
-        reference["feature_mean"], reference["feature_components"] = space.mean, space.components
-        with open(staging / REFERENCE_FILE, "wb") as handle:
-            np.savez_compressed(handle, **reference)
+        parity = _write_model(model, dataset, coords, prep, staging)
+        _write_reference(dataset, coords, features, space, staging)
         plot_map(
             coords[:, :2],
             dataset.labels,
@@ -207,7 +167,6 @@ def export_bundle(
             staging / MAP_FILE,
             title=f"{out.name} reference map",
         )
-        metrics_file = Path(run_dir) / "metrics.json"
         manifest = BundleManifest(
             schema_version=SCHEMA_VERSION,
             name=out.name,
@@ -217,26 +176,14 @@ def export_bundle(
             out_dim=int(coords.shape[1]),
             feature_dim=int(features.shape[1]),
             class_names=list(dataset.class_names),
-            partial=finished < 3,
-            finished_stage=finished,
-            training={
-                "config": config,
-                "checkpoint": checkpoint.name,
-                "checkpoint_sha256": sha256_file(checkpoint),
-                "dataset_fingerprint": state["dataset"]["fingerprint"],
-                "n_images": len(dataset),
-            },
-            evaluation=json.loads(metrics_file.read_text()) if metrics_file.is_file() else None,
+            partial=int(state["finished_stage"]) < 3,
+            finished_stage=int(state["finished_stage"]),
+            training=_provenance(checkpoint, state, len(dataset)),
+            evaluation=_evaluation(Path(run_dir)),
             parity={**parity, "rule": f"max abs diff <= {PARITY_TOLERANCE} * max(1, max |torch coords|)"},
             calibration=calibration,
             artefact_labels=list(artefact_labels or []),
-            versions={
-                "python": platform.python_version(),
-                "torch": str(torch.__version__),
-                "onnx": _package_version("onnx"),
-                "onnxruntime": _package_version("onnxruntime"),
-                "tsimcne-map": _package_version("tsimcne-map"),
-            },
+            versions=_versions(),
             files={name: sha256_file(staging / name) for name in (MODEL_FILE, REFERENCE_FILE, MAP_FILE)},
         )
         (staging / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
@@ -246,3 +193,87 @@ def export_bundle(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return ExportResult(out, manifest)
+
+
+def _exportable_checkpoint(run_dir: Path, allow_partial: bool) -> tuple[Path, dict]:
+    """The run's final checkpoint; an unfinished run only with allow_partial."""
+    checkpoint = final_checkpoint_path(run_dir)
+    state = load_checkpoint(checkpoint)
+    finished = int(state["finished_stage"])
+    if finished < 3 and not allow_partial:
+        raise UserError(
+            f"{checkpoint}: training finished only stage {finished} of 3; finish it with "
+            f"`tsimcne train --resume {run_dir}` or export anyway with --allow-partial"
+        )
+    return checkpoint, state
+
+
+def _check_artefact_labels(artefact_labels: list[str], class_names: list[str]) -> None:
+    unknown = sorted(set(artefact_labels) - set(class_names))
+    if unknown:
+        raise UserError(
+            f"--artefact-label {', '.join(unknown)}: not a class of this run (classes: {', '.join(class_names)})"
+        )
+
+
+def _staging_folder(out: Path) -> Path:
+    """A temporary folder beside `out`, renamed into place when the bundle is complete."""
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
+    except OSError as exc:
+        raise UserError(f"{parent}: cannot write there ({exc.strerror or exc})") from exc
+
+
+def _write_model(model: torch.nn.Module, dataset, coords: np.ndarray, prep: Preprocessing, staging: Path) -> dict:
+    """model.onnx, refused unless onnxruntime reproduces torch on the training images; the parity figures."""
+    _export_onnx(model, dataset.size, staging / MODEL_FILE)
+    parity = _parity(staging / MODEL_FILE, dataset.images, coords, prep)
+    if not parity["passed"]:
+        raise UserError(
+            f"ONNX parity check failed: max |onnxruntime - torch| = {parity['max_abs_diff']:.3g} > "
+            f"{parity['allowed']:.3g} on {parity['images']} training images; bundle not written"
+        )
+    return parity
+
+
+def _write_reference(dataset, coords: np.ndarray, features: np.ndarray, space: FeatureSpace, staging: Path) -> None:
+    """reference.npz: the training images' map, ids, labels, thumbnails and projected features."""
+    reference = {
+        "coords": coords.astype(np.float32),
+        "ids": np.array(dataset.ids, dtype=str),
+        "class_names": np.array(dataset.class_names, dtype=str),
+        "thumbnails": _thumbnails(dataset.images),
+    }
+    if dataset.labels is not None:
+        reference["labels"] = dataset.labels
+    reference["features"] = space.project(features)  # serving/detector.py FeatureSpace
+    reference["feature_mean"], reference["feature_components"] = space.mean, space.components
+    with open(staging / REFERENCE_FILE, "wb") as handle:
+        np.savez_compressed(handle, **reference)
+
+
+def _provenance(checkpoint: Path, state: dict, n_images: int) -> dict:
+    return {
+        "config": state["config"],
+        "checkpoint": checkpoint.name,
+        "checkpoint_sha256": sha256_file(checkpoint),
+        "dataset_fingerprint": state["dataset"]["fingerprint"],
+        "n_images": n_images,
+    }
+
+
+def _evaluation(run_dir: Path) -> dict | None:
+    metrics_file = run_dir / "metrics.json"
+    return json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
+
+
+def _versions() -> dict[str, str]:
+    return {
+        "python": platform.python_version(),
+        "torch": str(torch.__version__),
+        "onnx": package_version("onnx"),
+        "onnxruntime": package_version("onnxruntime"),
+        "tsimcne-map": package_version("tsimcne-map"),
+    }

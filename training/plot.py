@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.files import atomic_write
+from training.files import atomic_write
 
 
 def plot_map(
@@ -17,19 +17,22 @@ def plot_map(
     title: str = "",
     subtitle: str = "",
 ) -> None:
-    """Write a PNG scatter of the map; dot size adapts to the number of points."""
-    import matplotlib
+    """Write a PNG scatter of the map; dot size adapts to the number of points.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Drawn on a Figure of its own, not through pyplot: the caller's matplotlib backend (a notebook's
+    inline plots) is left as it was."""
+    import matplotlib
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
     n = len(coords)
     size = float(np.clip(3000 / max(n, 1), 0.5, 20))
-    fig, ax = plt.subplots(figsize=(8, 7), dpi=120)
+    fig = Figure(figsize=(8, 7), dpi=120)
+    ax = fig.subplots()
     if labels is None:
         ax.scatter(coords[:, 0], coords[:, 1], s=size, c="#444444", alpha=0.6, linewidths=0, rasterized=True)
     else:
-        cmap = plt.get_cmap("tab10" if len(class_names) <= 10 else "tab20")
+        cmap = matplotlib.colormaps["tab10" if len(class_names) <= 10 else "tab20"]
         order = np.random.default_rng(0).permutation(n)  # no class hides under another
         colours = np.array([cmap(i % cmap.N) for i in range(max(len(class_names), int(labels.max()) + 1))])
         ax.scatter(
@@ -42,8 +45,7 @@ def plot_map(
             rasterized=True,
         )
         handles = [
-            plt.Line2D([], [], marker="o", linestyle="", color=colours[i], label=name)
-            for i, name in enumerate(class_names)
+            Line2D([], [], marker="o", linestyle="", color=colours[i], label=name) for i, name in enumerate(class_names)
         ]
         ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False, markerscale=1.5)
     ax.set_aspect("equal", adjustable="datalim")
@@ -54,4 +56,35 @@ def plot_map(
     ax.set_title(title + (f"\n{subtitle}" if subtitle else ""), fontsize=10)
     fig.tight_layout()
     atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", bbox_inches="tight"))
-    plt.close(fig)
+
+
+def plot_run(run_dir: Path, out: Path | None = None) -> Path:
+    """Draw a finished run's map (embedding.npz) to `out` (default RUN_DIR/map.png), with the kNN accuracy
+    and silhouette in the subtitle once `evaluate` wrote metrics.json; returns the PNG's path."""
+    import json
+
+    from training.errors import UserError
+    from training.runs import read_embedding, require_run_dir
+
+    run_dir = require_run_dir(run_dir)
+    saved = read_embedding(run_dir)
+    if saved is None:
+        raise UserError(f"{run_dir}: no embedding.npz yet; it is written when training finishes")
+    coords = saved["coords"]
+    if coords.shape[1] < 2:
+        raise UserError(f"{run_dir}: the map is {coords.shape[1]}-D; plotting needs 2-D")
+    metrics_file = run_dir / "metrics.json"
+    subtitle = ""
+    if metrics_file.is_file():
+        metrics = json.loads(metrics_file.read_text())
+        subtitle = f"kNN accuracy {metrics['knn_accuracy']:.3f}, silhouette {metrics['silhouette']:.3f}"
+    target = Path(out) if out is not None else run_dir / "map.png"
+    plot_map(
+        coords[:, :2],
+        saved.get("labels"),
+        [str(c) for c in saved["class_names"]],
+        target,
+        title=f"t-SimCNE map of {run_dir.name} ({len(coords):,} images)",
+        subtitle=subtitle,
+    )
+    return target

@@ -13,6 +13,7 @@ import numpy as np
 from training.checkpoint import load_checkpoint
 from training.errors import UserError
 from training.evaluate import map_quality
+from training.files import atomic_write_json
 from training.runs import dataset_for_state, final_checkpoint_path, model_from_state, read_embedding, require_run_dir
 
 CHECKPOINT_NAMES = ("stage1", "stage2", "stage3", "last")
@@ -36,11 +37,14 @@ def evaluate_run(
     device: str = "auto",
     linear: bool = False,
     checkpoint: str | None = None,
+    save: bool = False,
 ) -> dict[str, Any]:
     """kNN accuracy (k = 15, 10 % hold-out) and silhouette of the network's output for every image.
 
     With `linear`, also a logistic-regression probe and k-NN on the frozen backbone features
     (training/probe.py). The output is the 2-D map for a finished run, the 128-D output for stage1.
+    save: write the report to RUN_DIR/metrics.json when it is about the run's own map (its final
+    checkpoint on its training data), where `plot` and `export` find it.
     """
     import torch
 
@@ -72,4 +76,6 @@ def evaluate_run(
 
         assert dataset is not None and features is not None
         report["linear_probe"] = linear_probe(features, np.asarray(labels), dataset.ids).as_dict()
+    if save and data is None and checkpoint is None:
+        atomic_write_json(Path(run_dir) / "metrics.json", report)
     return report

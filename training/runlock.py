@@ -2,8 +2,9 @@
 
 Two processes training the same run (a `--resume` started while the first still runs, or an
 `--overwrite` of a live run) would write over each other's checkpoints. An advisory lock beside the
-folder (not in it, so `--overwrite` cannot delete it) refuses the second one; the kernel drops the lock
-when its holder exits, however it exits, so a crashed run never leaves a stale lock behind.
+folder (not in it, so `--overwrite` cannot delete it) refuses the second one. training/run_training.py
+closes the lock when training ends, however it ends (so one Python process can stop and resume a run),
+and the kernel drops it when its holder exits, so a crashed run never leaves a stale lock behind.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ def lock_path(run_dir: Path) -> Path:
 
 
 def hold_run_lock(run_dir: Path) -> IO[str]:
-    """Take the run's lock for the life of this process (keep the returned file open)."""
+    """Take the run's lock; it is held until the returned file is closed (or the process exits)."""
     path = lock_path(run_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle = path.open("a+")

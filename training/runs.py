@@ -8,10 +8,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from serving.files import atomic_write
 from training.config import TrainConfig
 from training.data import ImageDataset, load_dataset
 from training.errors import UserError
+from training.files import atomic_write
 from training.network import TSimCNENet, build_model
 
 EMBEDDING_FILE = "embedding.npz"

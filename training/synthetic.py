@@ -9,6 +9,8 @@ Numpy only: serving tests may use it too.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 CLASS_NAMES = ("lymphoid", "neutroid", "eosinoid", "monoid", "erythroid", "thromboid")
@@ -138,3 +140,33 @@ def make_red_cell_sizes(
     for i, label in enumerate(labels):
         images[i] = render_cell("erythroid", size[0], size[1], rng, radius=RED_CELL_SIZES[names[label]])
     return images, labels, names
+
+
+def write_synthetic_cells(out: Path, n: int, size: tuple[int, int], seed: int = 0) -> int:
+    """Write `n` synthetic cells to `out`: an .npz (images, labels, class_names), or a new folder with one
+    sub-folder of PNGs per class; returns the number of classes. UserError for a bad count or a folder
+    that already holds files."""
+    from PIL import Image
+
+    from training.errors import UserError
+    from training.files import atomic_write
+
+    out = Path(out)
+    if n < 1:
+        raise UserError(f"--n must be positive, got {n}")
+    if out.suffix != ".npz" and out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} exists and is not empty; choose another folder")
+    images, labels, names = make_synthetic_cells(n, size, seed=seed)
+    if out.suffix == ".npz":
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as handle:
+                np.savez_compressed(handle, images=images, labels=labels, class_names=np.array(names))
+
+        atomic_write(out, write)
+        return len(names)
+    for index, (image, label) in enumerate(zip(images, labels, strict=True)):
+        folder = out / names[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"{index:06d}.png")
+    return len(names)

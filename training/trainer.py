@@ -11,9 +11,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import signal
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,9 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.profiler import record_function
-from tqdm import tqdm
+from tqdm.auto import tqdm  # a notebook-aware bar in Jupyter, the usual one in a terminal
 
-from serving.files import atomic_write_text
 from training.augment import BatchAugmenter, get_preset, mean_border_colour
 from training.budget import BudgetPlan, epochs_for_budget, measure_step_seconds
 from training.checkpoint import save_checkpoint
@@ -35,6 +34,7 @@ from training.data import ImageDataset
 from training.device import Runtime
 from training.distributed import DistInfo, all_reduce_mean, barrier
 from training.errors import UserError
+from training.files import atomic_write_text
 from training.flops import forward_flops_per_image, training_flops_per_image
 from training.global_batchnorm import use_global_batchnorm
 from training.loss import InfoNCELoss
@@ -43,6 +43,9 @@ from training.schedule import effective_warmup_epochs, learning_rate
 
 STAGE_NAMES = {1: "pre-train (128-D)", 2: "2-D output layer", 3: "fine-tune all"}
 STOP_CHECK_STEPS = 10
+# Progress messages (stage starts, epoch lines): the CLI shows INFO on stdout and WARNING on stderr; a
+# Python caller sees them through logging or passes its own `echo`.
+logger = logging.getLogger("tsimcne")
 
 
 def derived_seed(*parts: object) -> int:
@@ -88,7 +91,7 @@ class _SignalGuard:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nstop requested: finishing this step and saving a checkpoint (press again to abort)", file=sys.stderr)
+        logger.warning("stop requested: finishing this step and saving a checkpoint (press again to abort)")
 
     def __enter__(self) -> _SignalGuard:
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -110,6 +113,31 @@ class TrainSummary:
     stopped_early: bool
 
 
+@dataclass
+class _Stage:
+    """What every epoch of a stage uses: the module a step calls, the optimiser and the step schedule."""
+
+    stage: int
+    epochs: int
+    batch_local: int
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    trainable: list[torch.nn.Parameter]
+    base_lr: float
+    steps_per_epoch: int
+    warmup_steps: int
+    flops_per_image: float
+
+
+@dataclass
+class _EpochDone:
+    mean_loss: torch.Tensor  # this process's mean step loss (averaged over processes when finishing)
+    images_seen: int
+    lr: float  # the last step's learning rate
+    seconds: float
+    stop: bool  # a stop was requested at the epoch's last step
+
+
 def _steps_per_epoch(n_local: int, batch_local: int) -> int:
     full, rest = divmod(n_local, batch_local)
     return full + (1 if rest >= 2 else 0)  # a last batch needs 2 images to have negatives
@@ -125,15 +153,19 @@ class StagedTrainer:
         dist_info: DistInfo | None = None,
         resume_state: dict[str, Any] | None = None,
         show_progress: bool | None = None,
-        echo: Callable[[str], None] = print,
+        echo: Callable[[str], None] | None = None,
+        on_epoch: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
+        """show_progress: progress bars (None: when on a terminal); echo: where progress messages go
+        (default: the "tsimcne" logger at INFO); on_epoch: called with each finished epoch's log record."""
         self.config = config
         self.dataset = dataset
         self.run_dir = Path(run_dir)
         self.runtime = runtime
         dist_info = dist_info or DistInfo()
         self.dist = dist_info
-        self.echo = echo if dist_info.is_main else (lambda _msg: None)
+        self.echo = (echo or logger.info) if dist_info.is_main else (lambda _msg: None)
+        self.on_epoch = on_epoch if dist_info.is_main else None
         self.show_progress = show_progress if dist_info.is_main else False
         device = runtime.device
         self.images = torch.from_numpy(dataset.images).permute(0, 3, 1, 2).contiguous().to(device)
@@ -208,6 +240,8 @@ class StagedTrainer:
         if self.dist.is_main:
             with open(self.run_dir / "log.jsonl", "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(record) + "\n")
+        if self.on_epoch is not None:
+            self.on_epoch(record)
 
     def _trim_log(self) -> None:
         """On resume, drop epochs logged after the checkpoint (the killed run may have logged more)."""
@@ -336,10 +370,8 @@ class StagedTrainer:
         stopped = guard.requested and self.position.stage <= 3
         return TrainSummary(self.run_dir, seconds, last_loss, self.position, stopped_early=stopped)
 
-    def _run_stage(
-        self, stage: int, epochs: int, global_batch: int, batch_local: int, guard: _SignalGuard
-    ) -> tuple[bool, float | None]:
-        """Train one stage from the current position; (False, None) when stopped by a signal."""
+    def _start_stage(self, stage: int, epochs: int, global_batch: int, batch_local: int) -> _Stage:
+        """The optimiser (restored mid-stage) and the step schedule of a stage; announces it."""
         config, device = self.config, self.runtime.device
         model = self.wrap_model(self.model)
         trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -351,90 +383,120 @@ class StagedTrainer:
             weight_decay=config.weight_decay,
             fused=True if device.type == "cuda" else None,  # one kernel for all parameters on a GPU
         )
-        flops_per_image = training_flops_per_image(self.forward_flops, stage)
         if self._optimizer_state is not None and (self.position.epoch or self.position.step):
             optimizer.load_state_dict(self._optimizer_state)
         steps_per_epoch = _steps_per_epoch(len(self.dataset) // self.dist.world_size, batch_local)
-        total_steps = epochs * steps_per_epoch
-        warmup_steps = effective_warmup_epochs(config.warmup_epochs[stage - 1], epochs) * steps_per_epoch
         self.echo(
             f"stage {stage}/3 ({STAGE_NAMES[stage]}): {epochs} epochs x {steps_per_epoch} steps, batch {global_batch}, "
             f"lr {base_lr:.3g}, {sum(p.numel() for p in trainable):,} trainable parameters"
         )
+        return _Stage(
+            stage=stage,
+            epochs=epochs,
+            batch_local=batch_local,
+            model=model,
+            optimizer=optimizer,
+            trainable=trainable,
+            base_lr=base_lr,
+            steps_per_epoch=steps_per_epoch,
+            warmup_steps=effective_warmup_epochs(config.warmup_epochs[stage - 1], epochs) * steps_per_epoch,
+            flops_per_image=training_flops_per_image(self.forward_flops, stage),
+        )
+
+    def _run_stage(
+        self, stage: int, epochs: int, global_batch: int, batch_local: int, guard: _SignalGuard
+    ) -> tuple[bool, float | None]:
+        """Train one stage from the current position; (False, None) when stopped by a signal."""
+        run = self._start_stage(stage, epochs, global_batch, batch_local)
         epoch_times: list[float] = []
         epoch_loss: float | None = None
         for epoch in range(self.position.epoch, epochs):
-            batches = self._epoch_batches(stage, epoch, batch_local)
-            first_step = self.position.step if epoch == self.position.epoch else 0
-            started = time.perf_counter()
-            loss_sum = torch.zeros((), device=device)
-            if first_step and self._partial_loss is not None:  # mid-epoch resume: keep the epoch's mean exact
-                loss_sum += self._partial_loss
-            self._partial_loss = None
-            images_seen = 0
-            bar = tqdm(
-                total=len(batches),
-                initial=first_step,
-                desc=f"stage {stage} epoch {epoch + 1}/{epochs}",
-                leave=False,
-                disable=not self.show_progress if self.show_progress is not None else None,
-                dynamic_ncols=True,
-            )
-            lr, stop = base_lr, False
-            for step in range(first_step, len(batches)):
-                lr = learning_rate(epoch * steps_per_epoch + step, total_steps, warmup_steps, base_lr)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                loss = self.train_step(model, optimizer, trainable, batches[step], stage, epoch, step)
-                loss_sum += loss.detach()
-                images_seen += len(batches[step]) * self.dist.world_size
-                if not bar.disable and (bar.n % 5 == 0 or step == len(batches) - 1):  # .item() waits for a GPU
-                    rate = images_seen / max(1e-9, time.perf_counter() - started)
-                    bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}", refresh=False)
-                bar.update(1)
-                stop = self._stop_requested(guard, last_step=step == len(batches) - 1)
-                if stop and step + 1 < len(batches):
-                    bar.close()
-                    self.position = Position(stage, epoch, step + 1)
-                    self._partial_loss = float(loss_sum)
-                    self._save(optimizer)
-                    self.echo(f"checkpoint saved at stage {stage}, epoch {epoch + 1}, step {step + 1}: {self.run_dir}")
-                    return False, None
-            bar.close()
-            seconds = time.perf_counter() - started
-            epoch_loss = float(all_reduce_mean(loss_sum / len(batches), self.dist))
-            if not math.isfinite(epoch_loss):
-                raise UserError(
-                    f"training diverged at stage {stage}, epoch {epoch + 1} (loss {epoch_loss}); "
-                    f"lower the learning rate (--lr) or resume from {self.run_dir / 'last.pt'}"
-                )
-            epoch_times.append(seconds)
-            rate = images_seen / max(seconds, 1e-9)
-            eta = sum(epoch_times[-5:]) / len(epoch_times[-5:]) * (epochs - epoch - 1)
-            self._log_epoch(
-                {
-                    "stage": stage,
-                    "epoch": epoch + 1,
-                    "loss": round(epoch_loss, 6),
-                    "lr": lr,
-                    "images_per_s": round(rate, 1),
-                    "model_tflop_s": round(rate * flops_per_image / 1e12, 4),
-                    "seconds": round(seconds, 3),
-                    "time": datetime.now(UTC).isoformat(timespec="seconds"),
-                }
-            )
-            self.echo(
-                f"stage {stage} epoch {epoch + 1:>4}/{epochs}  loss {epoch_loss:.4f}  lr {lr:.3g}  "
-                f"{rate:,.0f} img/s  {seconds:.1f}s  stage ETA {format_seconds(eta)}"
-            )
-            self.position = Position(stage, epoch + 1, 0)
-            if stop and epoch + 1 < epochs:
-                self._save(optimizer)
+            done = self._run_epoch(run, epoch, guard)
+            if done is None:  # stopped mid-epoch; the checkpoint is saved
+                return False, None
+            epoch_loss = self._finish_epoch(run, epoch, done, epoch_times)
+            if done.stop and epoch + 1 < epochs:
+                self._save(run.optimizer)
                 self.echo(f"checkpoint saved after stage {stage}, epoch {epoch + 1}: {self.run_dir}")
                 return False, None
-            if (epoch + 1) % config.checkpoint_every == 0 and epoch + 1 < epochs:
-                self._save(optimizer)
+            if (epoch + 1) % self.config.checkpoint_every == 0 and epoch + 1 < epochs:
+                self._save(run.optimizer)
         return True, epoch_loss
+
+    def _run_epoch(self, run: _Stage, epoch: int, guard: _SignalGuard) -> _EpochDone | None:
+        """The steps of one epoch from the current position; None when a signal stopped it mid-epoch
+        (after saving the position, the optimiser and the epoch's loss so far)."""
+        stage, device = run.stage, self.runtime.device
+        batches = self._epoch_batches(stage, epoch, run.batch_local)
+        first_step = self.position.step if epoch == self.position.epoch else 0
+        started = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        if first_step and self._partial_loss is not None:  # mid-epoch resume: keep the epoch's mean exact
+            loss_sum += self._partial_loss
+        self._partial_loss = None
+        images_seen = 0
+        bar = tqdm(
+            total=len(batches),
+            initial=first_step,
+            desc=f"stage {stage} epoch {epoch + 1}/{run.epochs}",
+            leave=False,
+            disable=not self.show_progress if self.show_progress is not None else None,
+            dynamic_ncols=True,
+        )
+        lr, stop = run.base_lr, False
+        total_steps = run.epochs * run.steps_per_epoch
+        for step in range(first_step, len(batches)):
+            lr = learning_rate(epoch * run.steps_per_epoch + step, total_steps, run.warmup_steps, run.base_lr)
+            for group in run.optimizer.param_groups:
+                group["lr"] = lr
+            loss = self.train_step(run.model, run.optimizer, run.trainable, batches[step], stage, epoch, step)
+            loss_sum += loss.detach()
+            images_seen += len(batches[step]) * self.dist.world_size
+            if not bar.disable and (bar.n % 5 == 0 or step == len(batches) - 1):  # .item() waits for a GPU
+                rate = images_seen / max(1e-9, time.perf_counter() - started)
+                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}", refresh=False)
+            bar.update(1)
+            stop = self._stop_requested(guard, last_step=step == len(batches) - 1)
+            if stop and step + 1 < len(batches):
+                bar.close()
+                self.position = Position(stage, epoch, step + 1)
+                self._partial_loss = float(loss_sum)
+                self._save(run.optimizer)
+                self.echo(f"checkpoint saved at stage {stage}, epoch {epoch + 1}, step {step + 1}: {self.run_dir}")
+                return None
+        bar.close()
+        return _EpochDone(loss_sum / len(batches), images_seen, lr, time.perf_counter() - started, stop)
+
+    def _finish_epoch(self, run: _Stage, epoch: int, done: _EpochDone, epoch_times: list[float]) -> float:
+        """The epoch's mean loss (refused when not finite), its log line and message; the new position."""
+        stage, epochs = run.stage, run.epochs
+        epoch_loss = float(all_reduce_mean(done.mean_loss, self.dist))
+        if not math.isfinite(epoch_loss):
+            raise UserError(
+                f"training diverged at stage {stage}, epoch {epoch + 1} (loss {epoch_loss}); "
+                f"lower the learning rate (--lr) or resume from {self.run_dir / 'last.pt'}"
+            )
+        epoch_times.append(done.seconds)
+        rate = done.images_seen / max(done.seconds, 1e-9)
+        eta = sum(epoch_times[-5:]) / len(epoch_times[-5:]) * (epochs - epoch - 1)
+        self._log_epoch(
+            {
+                "stage": stage,
+                "epoch": epoch + 1,
+                "loss": round(epoch_loss, 6),
+                "lr": done.lr,
+                "images_per_s": round(rate, 1),
+                "model_tflop_s": round(rate * run.flops_per_image / 1e12, 4),
+                "seconds": round(done.seconds, 3),
+                "time": datetime.now(UTC).isoformat(timespec="seconds"),
+            }
+        )
+        self.echo(
+            f"stage {stage} epoch {epoch + 1:>4}/{epochs}  loss {epoch_loss:.4f}  lr {done.lr:.3g}  "
+            f"{rate:,.0f} img/s  {done.seconds:.1f}s  stage ETA {format_seconds(eta)}"
+        )
+        self.position = Position(stage, epoch + 1, 0)
+        return epoch_loss
 
     def train_step(
         self,

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import artefacts  # noqa: E402
 
-from serving.flagging import pairwise_distances  # noqa: E402
+from serving.neighbours import pairwise_distances  # noqa: E402
 from training.synthetic import make_synthetic_cells  # noqa: E402
 
 SCRATCH = ROOT / "benchmarks" / "scratch" / "poster"
@@ -86,7 +86,7 @@ def plot(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from serving.files import atomic_write
+    from training.files import atomic_write
 
     fig, ax = plt.subplots(figsize=(8, 7), dpi=120)
     cmap = plt.get_cmap("tab10")

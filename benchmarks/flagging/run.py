@@ -38,10 +38,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 import artefacts  # noqa: E402
 
 from serving.bundle import open_bundle  # noqa: E402
+from serving.calibration import CombinedCalibration  # noqa: E402
 from serving.detector import METHOD as DETECTOR_METHOD  # noqa: E402
 from serving.detector import Detector, FeatureSpace, calibrate_detector, channel_statistics  # noqa: E402
-from serving.flagging import kth_neighbour_distance, unit_rows  # noqa: E402
 from serving.images import resize_rgb  # noqa: E402
+from serving.neighbours import kth_neighbour_distance, unit_rows  # noqa: E402
 from serving.preprocess import to_model_input  # noqa: E402
 
 PER_KIND = 200
@@ -143,8 +144,8 @@ def main() -> None:
 
     ref_coords, ref_features, ref_statistics = model.run(train)
     ref_unit = unit_rows(ref_features)
-    shipped_calibration = model.manifest.calibration or {}
-    if shipped_calibration.get("method") != DETECTOR_METHOD:
+    shipped_calibration = model.manifest.calibration
+    if not isinstance(shipped_calibration, CombinedCalibration):
         sys.exit(f"{args.bundle}: its calibration is not '{DETECTOR_METHOD}'; export it again with this version")
     with np.load(args.bundle / "reference.npz") as reference:
         space = FeatureSpace(reference["feature_mean"], reference["feature_components"])
@@ -232,7 +233,7 @@ def main() -> None:
         "bundle": str(args.bundle),
         "reference_images": len(train),
         "held_out": {"calibration": len(calib), "clean_test": len(clean)},
-        "bundle_calibration": {k: v for k, v in shipped_calibration.items() if k in ("source", "images", "k")},
+        "bundle_calibration": shipped_calibration.model_dump(include={"source", "images", "k"}),
         "target_false_flag_rate": args.target_rate,
         "false_flag_rate_on_clean_test": {m: float((clean_scores[m] > thresholds[m]).mean()) for m in methods},
         "in_sample_calibration": in_sample,

@@ -28,8 +28,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from serving.files import atomic_write, atomic_write_json  # noqa: E402
 from training.evaluate import knn_accuracy  # noqa: E402
+from training.files import atomic_write, atomic_write_json  # noqa: E402
 
 PBC = ROOT.parent / "shared" / "data" / "bloodcells" / "pbc_28.npz"
 SCRATCH = Path(os.environ.get("TSIMCNE_POSTER_SCRATCH", ROOT / "benchmarks" / "scratch" / "poster"))

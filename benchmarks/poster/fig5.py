@@ -24,7 +24,7 @@ from common import DOCS, SCRATCH, Setting, arguments, class_names, markdown_tabl
 from methods import tsimcne
 from poster import plot
 
-from serving.files import atomic_write
+from training.files import atomic_write
 
 K = 15
 N_DUPLICATES, N_ARTEFACTS = 100, 50

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import DOCS, SCRATCH, Setting, arguments, load_map, markdown_table, mean_sd, plot_panels, write_report
 from methods import tsimcne
 
-from serving.files import atomic_write
+from training.files import atomic_write
 from training.synthetic import make_red_cell_sizes
 
 PRESETS = ("microscopy", "microscopy-keep-size")

@@ -1,6 +1,6 @@
 """Atomic file writes (temporary file in the same folder, fsync, rename): no half-written outputs.
 
-Torch-free so that both training and serving-side tools (e.g. `tsimcne embed`) can use it.
+Torch-free (numpy is not needed either): `tsimcne embed` writes its tables with it in a serving-only install.
 """
 
 from __future__ import annotations

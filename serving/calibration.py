@@ -1,0 +1,95 @@
+"""The flag's calibration: one typed model, written by `tsimcne export` into bundle.json and read by serving.
+
+It is part of the bundle schema (serving/bundle.py SCHEMA_VERSION): a change to these models that old
+readers cannot read, or that old bundles do not satisfy, raises the schema version. Schema 1 bundles
+carry one of two calibrations, told apart by `method`:
+
+- `CombinedCalibration` ("features+pixels", serving/detector.py): the shipped flag, three measurements
+  (network features, pixel statistics, map position) each scaled by its own threshold, and a joint one;
+- `PositionCalibration` ("kth-neighbour-distance-2d", serving/flagging.py): the first flag, the map
+  position alone. Bundles exported before any flag have no calibration; serving then computes this one
+  from the reference map when it opens the bundle.
+
+numpy-free and torch-free: pydantic only.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from serving.public import public_source
+
+DEFAULT_K = 15  # the k-th nearest neighbour whose distance the flag measures
+DEFAULT_TARGET_RATE = 0.01  # share of clean calibration images flagged
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PositionCalibration(_Frozen):
+    """Threshold on the distance to the k-th nearest reference point on the map."""
+
+    method: Literal["kth-neighbour-distance-2d"] = "kth-neighbour-distance-2d"
+    k: int = Field(ge=1)
+    target_false_flag_rate: float = Field(gt=0, lt=1)
+    threshold: float = Field(gt=0)
+    holdout_images: int = Field(ge=1, description="reference points held out to set the threshold")
+    seed: int = 0
+
+
+class FeatureScale(_Frozen):
+    scale: float = Field(gt=0, description="(1 - target) quantile of the k-th feature-neighbour distance")
+
+
+class PixelCalibration(_Frozen):
+    scale: float = Field(gt=0, description="(1 - target) quantile of the pixel statistics' Mahalanobis distance")
+    mean: list[float] = Field(description="mean of the reference images' channel statistics")
+    precision: list[list[float]] = Field(description="inverse covariance of those statistics")
+
+
+class PositionScale(_Frozen):
+    k: int = Field(ge=1)
+    threshold: float = Field(gt=0, description="(1 - target) quantile of the k-th map-neighbour distance")
+
+
+class CombinedCalibration(_Frozen):
+    """Features, pixels and position, each over its own scale; flagged when the largest, divided by
+    `threshold`, exceeds 1 (serving/detector.py)."""
+
+    method: Literal["features+pixels"] = "features+pixels"
+    duplicate_distance: float | None = Field(
+        None, description="feature distance under which two images of one request are near-duplicates"
+    )
+    target_false_flag_rate: float = Field(gt=0, lt=1)
+    source: str = Field(description="which images set the thresholds (held-out images, or in-sample)")
+    images: int = Field(ge=1, description="number of calibration images")
+    k: int = Field(ge=1)
+    threshold: float = Field(gt=0)
+    features: FeatureScale
+    pixels: PixelCalibration
+    position: PositionScale
+
+    def position_only(self) -> PositionCalibration:
+        """The position part as a position-only flag: for a bundle whose reference has no usable features."""
+        return PositionCalibration(
+            k=self.position.k,
+            target_false_flag_rate=self.target_false_flag_rate,
+            threshold=self.position.threshold,
+            holdout_images=self.images,
+        )
+
+
+Calibration = Annotated[CombinedCalibration | PositionCalibration, Field(discriminator="method")]
+
+
+def public_calibration(calibration: CombinedCalibration | PositionCalibration) -> dict[str, Any]:
+    """The calibration as GET /info shows it: without the pixel model's mean vector and precision
+    matrix (kept in bundle.json) and with any local path in `source` reduced to its last component."""
+    if isinstance(calibration, PositionCalibration):
+        return calibration.model_dump(mode="json")
+    summary = calibration.model_dump(mode="json", exclude={"pixels": {"mean", "precision"}})
+    summary["source"] = public_source(calibration.source)
+    return summary

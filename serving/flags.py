@@ -1,0 +1,100 @@
+"""Which flag a bundle uses, and applying it to a batch of placed images. numpy only.
+
+- `CombinedFlag`: the shipped flag (serving/detector.py): features, pixels and position. Needs the
+  bundle's typed `CombinedCalibration` and the reference images' projected features.
+- `PositionFlag`: the map position alone (serving/flagging.py), for bundles exported before the
+  combined flag, without a calibration (computed from the map when opened), or whose reference has no
+  usable features (exported between the combined flag and the feature projection).
+
+An image is flagged `artefact` when most of its neighbours carry a label the bundle names as an
+artefact label, else `out_of_distribution` when its score exceeds 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from serving.calibration import CombinedCalibration, PositionCalibration
+from serving.detector import Detector, channel_statistics
+from serving.flagging import calibrate, score_from_kth_distance
+from serving.reference import ReferenceSet
+
+IN_DISTRIBUTION, OUT_OF_DISTRIBUTION, ARTEFACT = "in_distribution", "out_of_distribution", "artefact"
+FLAGS = (IN_DISTRIBUTION, OUT_OF_DISTRIBUTION, ARTEFACT)
+
+
+@dataclass
+class Assessment:
+    scores: np.ndarray  # (N,) float64: above 1 is flagged
+    evidence: list[dict[str, float]]  # per image: each measurement over its own threshold
+    duplicates: np.ndarray  # (N,) int: another image of the batch that looks the same, or -1
+
+
+class PositionFlag:
+    uses_features = False
+
+    def __init__(self, calibration: PositionCalibration) -> None:
+        self.calibration = calibration
+        self.k = calibration.k
+
+    def assess(
+        self,
+        features: np.ndarray | None,
+        feature_distance: np.ndarray | None,
+        batch: np.ndarray | None,
+        kth: np.ndarray,
+    ) -> Assessment:
+        """Scores, evidence and duplicates from the features, their k-th neighbour distance, the model
+        input batch and the k-th map-neighbour distance (what the position-only flag ignores is None)."""
+        scores, _ = score_from_kth_distance(kth, self.calibration)
+        return Assessment(scores, [{"position": float(q)} for q in scores], np.full(len(scores), -1))
+
+
+class CombinedFlag:
+    uses_features = True
+
+    def __init__(self, calibration: CombinedCalibration, reference: ReferenceSet) -> None:
+        assert reference.features is not None and reference.space is not None
+        self.calibration = calibration
+        self.detector = Detector(calibration, reference.features, reference.space)
+        self.k = calibration.position.k
+
+    def feature_distance(self, features: np.ndarray) -> np.ndarray:
+        return self.detector.feature_distance(features)
+
+    def assess(
+        self,
+        features: np.ndarray | None,
+        feature_distance: np.ndarray | None,
+        batch: np.ndarray | None,
+        kth: np.ndarray,
+    ) -> Assessment:
+        """Scores, evidence and duplicates from the features, their k-th neighbour distance, the model
+        input batch and the k-th map-neighbour distance (what the position-only flag ignores is None)."""
+        if features is None or feature_distance is None or batch is None:
+            raise ValueError("the model input batch and its features are needed for the combined flag")
+        found = self.detector.evidence(feature_distance, channel_statistics(batch), kth)
+        evidence = [
+            {"features": float(f), "pixels": float(p), "position": float(q)}
+            for f, p, q in zip(found.features, found.pixels, found.position, strict=True)
+        ]
+        return Assessment(found.score, evidence, self.detector.duplicates(features))
+
+
+def choose_flag(
+    calibration: CombinedCalibration | PositionCalibration | None, reference: ReferenceSet
+) -> CombinedFlag | PositionFlag:
+    """The flag a bundle supports: combined when it has that calibration and the features it needs."""
+    if isinstance(calibration, CombinedCalibration):
+        if reference.has_features:
+            return CombinedFlag(calibration, reference)
+        return PositionFlag(calibration.position_only())
+    return PositionFlag(calibration if calibration is not None else calibrate(reference.coords))
+
+
+def flag_name(majority_label: str | None, beyond_threshold: bool, artefact_labels: set[str]) -> str:
+    if majority_label is not None and majority_label in artefact_labels:
+        return ARTEFACT
+    return OUT_OF_DISTRIBUTION if beyond_threshold else IN_DISTRIBUTION
