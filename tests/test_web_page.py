@@ -23,6 +23,7 @@ from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.actions.wheel_input import ScrollOrigin
 from selenium.webdriver.common.by import By
 
+from serving.map_format import MEDIA_TYPE, decode_binary
 from tests.browser import (
     NEIGHBOUR_THUMBNAILS_LOADED,
     find_chromium,
@@ -297,6 +298,27 @@ def test_without_webgl_the_page_draws_on_a_2d_canvas_and_says_why(browser, serve
         wait_for(browser, "!document.getElementById('tooltip').hidden", what="the tooltip without WebGL")
     finally:
         browser.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", {"identifier": added["identifier"]})
+
+
+def test_map_comes_as_json_or_as_the_binary_block_compressed_when_accepted(server, reference) -> None:
+    """The page's form of GET /map (binary, gzip) holds exactly what the JSON form holds."""
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        plain = client.get("/map", headers={"Accept-Encoding": "identity"})
+        assert plain.headers["content-type"] == "application/json" and "content-encoding" not in plain.headers
+        assert plain.json() == reference
+        binary = client.get("/map?format=binary", headers={"Accept-Encoding": "gzip, deflate"})
+        assert binary.status_code == 200 and binary.headers["content-type"] == MEDIA_TYPE
+        assert binary.headers["content-encoding"] == "gzip" and "Accept-Encoding" in binary.headers["vary"]
+        back = decode_binary(binary.content)  # httpx has undone the gzip
+        assert back["bundle"] == reference["bundle"] and back["class_names"] == reference["class_names"]
+        assert back["x"].tolist() == reference["x"] and back["y"].tolist() == reference["y"]  # float32 both
+        assert back["ids"] == reference["ids"]
+        assert back["labels"].tolist() == reference["labels"]
+        raw = client.get("/map?format=binary", headers={"Accept-Encoding": "identity"})
+        assert "content-encoding" not in raw.headers and raw.content == binary.content
+        assert len(raw.content) < len(plain.content)
+        wrong = client.get("/map?format=xml")
+        assert wrong.status_code == 422 and wrong.json()["error"].startswith("query format:")
 
 
 def test_page_routes_over_http(server, reference) -> None:
