@@ -40,8 +40,26 @@ class PositionCalibration(_Frozen):
     seed: int = 0
 
 
+class FeatureIndex(_Frozen):
+    """The neighbour index the feature distance is searched with: the same at export (calibration) and in
+    serving (serving/detector.py `feature_index`), with its recall against exact search measured at export."""
+
+    kind: Literal["exact", "faiss-flat", "faiss-ivf"] = Field(
+        description="exact: numpy brute force; faiss-flat: FAISS, exact; faiss-ivf: FAISS IVF, re-ranked exactly"
+    )
+    nlist: int | None = Field(None, ge=1, description="IVF cells")
+    nprobe: int | None = Field(None, ge=1, description="IVF cells searched per query")
+    refine: int | None = Field(None, ge=1, description="candidates re-ranked exactly, as a multiple of k")
+    reference_size: int = Field(ge=1, description="reference vectors the index held at export")
+    recall: float = Field(ge=0, le=1, description="recall@k against exact search on the calibration images")
+    recall_k: int = Field(ge=1)
+    recall_queries: int = Field(ge=1, description="calibration images the recall was measured on")
+
+
 class FeatureScale(_Frozen):
     scale: float = Field(gt=0, description="(1 - target) quantile of the k-th feature-neighbour distance")
+    # None in bundles exported before FAISS (issue 14): searched exactly with numpy.
+    index: FeatureIndex | None = None
 
 
 class PixelCalibration(_Frozen):

@@ -20,19 +20,39 @@ calibration images, so a score above 1 is flagged and exactly `target_rate` of t
 are. Calibration images are ideally held-out images the network never saw (`tsimcne export
 --calibration-data`); without them 10 % of the training images are left out of the reference instead
 (in-sample: the network has seen them; the bundle records which was used). Near-duplicates within one
-request are those closer in features than all but `target_rate` of distinct clean images. numpy only.
+request are those closer in features than all but `target_rate` of distinct clean images. numpy, and
+faiss-cpu for the feature index where it is installed (`plan_feature_index`).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 
-from serving.calibration import DEFAULT_K, CombinedCalibration, FeatureScale, PixelCalibration, PositionScale
-from serving.neighbours import build_index, nearest_other, unit_rows
+from serving.calibration import (
+    DEFAULT_K,
+    CombinedCalibration,
+    FeatureIndex,
+    FeatureScale,
+    PixelCalibration,
+    PositionScale,
+)
+from serving.neighbours import (
+    EXACT_LIMIT,
+    NeighbourIndex,
+    build_faiss_index,
+    build_index,
+    faiss_available,
+    nearest_other,
+    recall_at_k,
+    unit_rows,
+)
 
 METHOD = "features+pixels"
+RECALL_TARGET = 0.99  # recall@k against exact search that an approximate feature index must reach
+logger = logging.getLogger("tsimcne")
 
 
 def channel_statistics(batch: np.ndarray) -> np.ndarray:
@@ -98,6 +118,60 @@ class FeatureSpace:
         return ((unit_rows(features) - self.mean) @ self.components.T).astype(np.float32)
 
 
+def feature_index(reference_projected: np.ndarray, record: FeatureIndex | None) -> NeighbourIndex:
+    """The index over the reference features that `record` (bundle.json) describes, as export built it.
+
+    float32; exact numpy search one matrix product per chunk of 256 queries: the reference (17,000 x 128
+    for PBC) is read once per batch instead of once per image, which is what makes the flag cheap under
+    load. A FAISS index in a bundle opened where faiss-cpu is missing is searched exactly instead (the
+    same neighbours, or better than IVF's), with a warning."""
+    vectors = np.asarray(reference_projected, dtype=np.float32)
+    if record is None or record.kind == "exact":
+        return build_index(vectors, dtype=np.float32, chunk=256)
+    if not faiss_available():
+        logger.warning("the bundle's %s feature index needs faiss-cpu (not installed): searching exactly", record.kind)
+        return build_index(vectors, dtype=np.float32, chunk=256)
+    if record.kind == "faiss-flat":
+        return build_faiss_index(vectors, "flat")
+    return build_faiss_index(vectors, "ivf", nlist=record.nlist, nprobe=record.nprobe or 1, refine=record.refine or 4)
+
+
+def plan_feature_index(
+    reference_projected: np.ndarray,
+    queries: np.ndarray,
+    k: int,
+    exact_limit: int = EXACT_LIMIT,
+    target_recall: float = RECALL_TARGET,
+    sample: int = 1000,
+) -> tuple[NeighbourIndex, FeatureIndex]:
+    """The feature index export calibrates with and serving will rebuild, and its record for bundle.json.
+
+    With faiss-cpu: exact (flat) up to `exact_limit` reference vectors, else IVF, whose nprobe is doubled
+    from 8 until its recall@k against exact search on (up to `sample` of) `queries` reaches `target_recall`
+    (or every cell is searched). Without faiss-cpu: exact numpy search."""
+    vectors = np.asarray(reference_projected, dtype=np.float32)
+    exact = build_index(vectors, dtype=np.float32, chunk=256)
+    k = int(min(k, len(vectors)))
+    picked = np.random.default_rng(0).permutation(len(queries))[:sample]
+    probe = np.asarray(queries, dtype=np.float32)[np.sort(picked)]
+    fields = {"reference_size": len(vectors), "recall_k": k, "recall_queries": len(probe)}
+    if not faiss_available():
+        return exact, FeatureIndex(kind="exact", recall=1.0, **fields)
+    if len(vectors) <= exact_limit:
+        index = build_faiss_index(vectors, "flat")
+        return index, FeatureIndex(kind="faiss-flat", recall=recall_at_k(index, exact, probe, k), **fields)
+    index = build_faiss_index(vectors, "ivf", nprobe=8)
+    while True:
+        recall = recall_at_k(index, exact, probe, k)
+        if recall >= target_recall or index.nprobe >= index.nlist:
+            break
+        index.nprobe = index.nprobe * 2
+    record = FeatureIndex(
+        kind="faiss-ivf", nlist=index.nlist, nprobe=index.nprobe, refine=index.refine, recall=recall, **fields
+    )
+    return index, record
+
+
 def _quantile(values: np.ndarray, target_rate: float) -> float:
     return max(float(np.quantile(values, 1 - target_rate)), 1e-12)
 
@@ -113,14 +187,18 @@ def calibrate_detector(
     space: FeatureSpace,
     k: int = DEFAULT_K,
     target_rate: float = 0.01,
+    index_exact_limit: int = EXACT_LIMIT,
 ) -> CombinedCalibration:
-    """The calibration stored in bundle.json: every scale and threshold the service needs."""
+    """The calibration stored in bundle.json: every scale and threshold the service needs, and the
+    feature index (with its recall) that the feature distances were measured with and are served with."""
     if not 0 < target_rate < 1:
         raise ValueError(f"target_rate must be between 0 and 1, got {target_rate}")
     pixels = PixelModel.fit(reference_statistics)
-    feature_distance = build_index(space.project(reference_features)).kth_distance(
-        space.project(calibration_features), k
+    calibration_projected = space.project(calibration_features)
+    index, index_record = plan_feature_index(
+        space.project(reference_features), calibration_projected, k, exact_limit=index_exact_limit
     )
+    feature_distance = index.kth_distance(calibration_projected, k)
     pixel_distance = pixels.distance(calibration_statistics)
     position_distance = build_index(reference_coords).kth_distance(calibration_coords, k)
     feature_scale, pixel_scale = _quantile(feature_distance, target_rate), _quantile(pixel_distance, target_rate)
@@ -139,7 +217,7 @@ def calibrate_detector(
         images=len(calibration_features),
         k=int(min(k, len(reference_features))),
         threshold=_quantile(combined, target_rate),
-        features=FeatureScale(scale=feature_scale),
+        features=FeatureScale(scale=feature_scale, index=index_record),
         pixels=pixels.calibration(pixel_scale),
         position=PositionScale(k=int(min(k, len(reference_coords))), threshold=position_scale),
     )
@@ -163,7 +241,7 @@ class Detector:
         self.k = calibration.k
         # float32 and one matrix product per chunk of 256: the reference (17,000 x 128 for PBC) is read
         # once per batch instead of once per image, which is what makes the flag cheap under load.
-        self.index = build_index(np.asarray(reference_projected, dtype=np.float32), dtype=np.float32, chunk=256)
+        self.index = feature_index(reference_projected, calibration.features.index)
         self.pixels = PixelModel.from_calibration(calibration.pixels)
         self.feature_scale = calibration.features.scale
         self.pixel_scale = calibration.pixels.scale

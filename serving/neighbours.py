@@ -1,11 +1,15 @@
 """Nearest-neighbour search, in one place: the map's neighbours, the flag's feature and position
 distances, at export (calibration) and in serving alike. numpy only.
 
-Everything that searches a reference set goes through `build_index(vectors)`, which returns a
-`NeighbourIndex`; today that is `ExactIndex` (brute force: one matrix product per chunk of queries,
-exact, no extra memory beyond the reference). An approximate index for very large collections (FAISS)
-is another class implementing the same four methods, chosen in `build_index`: a change to this module
-only.
+Everything that searches a reference set goes through a `NeighbourIndex`. Two implementations:
+- `ExactIndex` (numpy brute force: one matrix product per chunk of queries, exact, no extra memory
+  beyond the reference): the 2-D map, and the features of bundles exported without FAISS;
+- `FaissIndex` (faiss-cpu): the network features of bundles exported with it. Exact (a flat index) up to
+  `EXACT_LIMIT` reference vectors; above it an inverted-file index (IVF) whose candidates, found from
+  8-bit codes in the `nprobe` nearest of `nlist` cells, are re-ranked with exact float32 distances. The
+  export measures its recall against exact search and raises `nprobe` until it reaches the target
+  (serving/detector.py `plan_feature_index`); the flag is calibrated with the very index it is served with.
+`build_index` makes the exact index; `build_faiss_index` the FAISS one from its parameters.
 
 Distances are Euclidean. `search` returns each query's k nearest reference rows, nearest first;
 `kth_distance` only the k-th smallest distance (1-based), which the flag needs and which an exact
@@ -118,12 +122,137 @@ class ExactIndex:
 
 
 def build_index(vectors: np.ndarray, dtype: type = np.float64, chunk: int = 1024) -> NeighbourIndex:
-    """The index every search uses (calibration at export, placement in serving): exact today."""
+    """The exact index (the map's neighbours; the features of bundles exported without FAISS)."""
     return ExactIndex(vectors, dtype=dtype, chunk=chunk)
 
 
+# Up to this many reference vectors FAISS searches exactly (flat): a 64-image request against 200,000
+# 32-D features reads 26 MB, a few milliseconds; above it the IVF index is used.
+EXACT_LIMIT = 200_000
+FAISS_SEED = 1234  # the IVF's k-means: the same cells at export and in every serving worker
+
+
+def faiss_available() -> bool:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def ivf_cells(n: int) -> int:
+    """Number of IVF cells for n vectors: ~4 sqrt(n) (FAISS's guideline for 10^6-10^7 vectors), at
+    least 1 and at most n / 39 (k-means needs ~39 training points per cell)."""
+    return int(max(1, min(4 * np.sqrt(n), n // 39)))
+
+
+class FaissIndex:
+    """FAISS search over float32 vectors: `kind` "flat" (exact) or "ivf" (IVF over 8-bit scalar-quantised
+    codes, `nlist` cells, `nprobe` searched, the best `refine` x k candidates re-ranked exactly).
+    Distances are Euclidean (FAISS gives squared ones; their square roots are returned)."""
+
+    def __init__(
+        self,
+        vectors: np.ndarray,
+        kind: str = "flat",
+        nlist: int | None = None,
+        nprobe: int = 1,
+        refine: int = 4,
+        seed: int = FAISS_SEED,
+    ) -> None:
+        import faiss
+
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or len(vectors) == 0:
+            raise ValueError(f"a neighbour index needs a non-empty (n, d) array, got shape {vectors.shape}")
+        if kind not in ("flat", "ivf"):
+            raise ValueError(f"unknown FAISS index kind {kind!r} (flat or ivf)")
+        n, dims = vectors.shape
+        self.kind, self.dims, self.refine = kind, dims, refine
+        if kind == "flat":
+            self.nlist, self._nprobe = None, None
+            self.index = faiss.IndexFlatL2(dims)
+        else:
+            self.nlist = int(nlist or ivf_cells(n))
+            quantiser = faiss.IndexFlatL2(dims)
+            ivf = faiss.IndexIVFScalarQuantizer(quantiser, dims, self.nlist, faiss.ScalarQuantizer.QT_8bit)
+            ivf.cp.seed = seed
+            ivf.train(vectors)
+            self.index = faiss.IndexRefineFlat(ivf)
+            self.index.k_factor = refine
+            self._ivf, self._quantiser = ivf, quantiser  # kept alive with the wrapper
+            self.nprobe = nprobe
+        self.index.add(vectors)
+
+    @property
+    def nprobe(self) -> int | None:
+        return self._nprobe
+
+    @nprobe.setter
+    def nprobe(self, value: int) -> None:
+        if self.kind != "ivf":
+            raise ValueError("only an IVF index has nprobe")
+        self._nprobe = int(min(max(1, value), self.nlist))
+        self._ivf.nprobe = self._nprobe
+
+    def __len__(self) -> int:
+        return int(self.index.ntotal)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        k = min(k, len(self))
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        squared, indices = self.index.search(queries, k)
+        return np.sqrt(np.clip(squared.astype(np.float64), 0.0, None)), indices.astype(np.int64)
+
+    def kth_distance(self, queries: np.ndarray, k: int) -> np.ndarray:
+        distances, _ = self.search(queries, k)
+        return distances[:, -1]
+
+    def save(self, path: Path) -> None:
+        """FAISS's own file format (name it `.faiss` for `load_index`)."""
+        import faiss
+
+        faiss.write_index(self.index, str(path))
+
+    @classmethod
+    def load(cls, path: Path) -> FaissIndex:
+        import faiss
+
+        loaded = cls.__new__(cls)
+        loaded.index = faiss.read_index(str(path))
+        loaded.dims = loaded.index.d
+        if isinstance(loaded.index, faiss.IndexRefine):
+            loaded.kind, loaded.refine = "ivf", int(loaded.index.k_factor)
+            loaded._ivf = faiss.extract_index_ivf(loaded.index.base_index)
+            loaded.nlist, loaded._nprobe = int(loaded._ivf.nlist), int(loaded._ivf.nprobe)
+        else:
+            loaded.kind, loaded.refine, loaded.nlist, loaded._nprobe = "flat", 4, None, None
+        return loaded
+
+
+def build_faiss_index(
+    vectors: np.ndarray, kind: str, nlist: int | None = None, nprobe: int = 1, refine: int = 4
+) -> FaissIndex:
+    return FaissIndex(vectors, kind=kind, nlist=nlist, nprobe=nprobe, refine=refine)
+
+
+def recall_at_k(index: NeighbourIndex, exact: NeighbourIndex, queries: np.ndarray, k: int, chunk: int = 64) -> float:
+    """Share of each query's true k nearest reference rows that `index` returns among its k, averaged
+    (queries searched `chunk` at a time: exact search holds a (chunk, n) distance matrix)."""
+    hits, total = 0, 0
+    for start in range(0, len(queries), chunk):
+        part = queries[start : start + chunk]
+        _, found = index.search(part, k)
+        _, truth = exact.search(part, k)
+        hits += sum(len(np.intersect1d(a, b)) for a, b in zip(found, truth, strict=True))
+        total += truth.size
+    return hits / total
+
+
 def load_index(path: Path) -> NeighbourIndex:
-    """Reopen an index written by `NeighbourIndex.save`."""
+    """Reopen an index written by `NeighbourIndex.save` (FaissIndex: a `.faiss` file)."""
+    if Path(path).suffix == ".faiss":
+        return FaissIndex.load(path)
     return ExactIndex.load(path)
 
 

@@ -31,10 +31,10 @@ import numpy as np
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from pydantic import Field
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse
 
 from serving import metrics
-from serving.api_models import EmbeddedImage, EmbedResponse, InfoResponse, Limits, MapResponse
+from serving.api_models import EmbeddedImage, EmbedResponse, InfoResponse, Limits
 from serving.batching import MicroBatcher
 from serving.bundle import MANIFEST, REFERENCE_FILE, BundleError, open_bundle, sha256_file
 from serving.calibration import public_calibration
@@ -42,6 +42,8 @@ from serving.decoding import DeadlineExceeded, RequestTooLarge, UploadDecoder
 from serving.embedder import BundleEmbedder
 from serving.errors import json_error
 from serving.guards import BearerTokenAuth, BodySizeLimit, UploadGuard
+from serving.map_format import ReferenceMap
+from serving.map_route import map_router
 from serving.preprocess import stack_fitted
 from serving.public import public_evaluation
 from serving.settings import ServiceSettings, SettingsError, load_settings
@@ -134,10 +136,7 @@ web = FastAPI(title="tsimcne map", openapi_url=None, docs_url=None, redoc_url=No
 web.add_exception_handler(RequestValidationError, validation_error)
 
 
-@web.get("/map", response_class=Response, responses={200: {"model": MapResponse, "description": "the reference map"}})
-def reference_map() -> Response:
-    """Coordinates, labels and ids of the bundle's reference (training) images."""
-    return Response(bentoml.get_current_service().map_json, media_type="application/json")
+web.include_router(map_router(reference_map=lambda: bentoml.get_current_service().reference_map))
 
 
 @web.get("/info", response_model=InfoResponse)
@@ -204,7 +203,11 @@ def build_service(settings: ServiceSettings):
                 concurrency=settings.decode_concurrency,
                 on_active=metrics.DECODING_REQUESTS.set,
             )
-            self.map_json = self._map().model_dump_json().encode()
+            reference = self.embedder.reference
+            self.reference_map = ReferenceMap(
+                manifest.name, manifest.class_names, reference.coords, reference.label_indices, reference.ids
+            )
+            self.reference_map.prepare()  # the page's binary /map, made once per worker before /readyz says yes
             self.thumbnails = Thumbnails(folder / REFERENCE_FILE)
             self.info = self._info()
             # Warm-up: the first onnxruntime run allocates; do it before /readyz says yes.
@@ -219,18 +222,6 @@ def build_service(settings: ServiceSettings):
                 outputs = self.embedder.infer(batch)
             metrics.BATCH_IMAGES.observe(len(batch))
             return outputs
-
-        def _map(self) -> MapResponse:
-            reference = self.embedder.reference
-            coords = reference.coords
-            return MapResponse(
-                bundle=self.embedder.manifest.name,
-                class_names=self.embedder.manifest.class_names,
-                x=coords[:, 0].tolist(),
-                y=coords[:, 1].tolist() if coords.shape[1] > 1 else [0.0] * len(coords),
-                labels=reference.label_indices.tolist(),
-                ids=[str(i) for i in reference.ids],
-            )
 
         def _info(self) -> InfoResponse:
             manifest = self.embedder.manifest

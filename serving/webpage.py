@@ -23,7 +23,8 @@ from starlette.responses import JSONResponse, Response
 from serving.errors import json_error
 
 WEB = resources.files("serving") / "web"
-ASSETS = {"map.js": "text/javascript; charset=utf-8", "map.css": "text/css; charset=utf-8"}
+SCRIPT = "text/javascript; charset=utf-8"
+ASSETS = {"map.js": SCRIPT, "map-data.js": SCRIPT, "map-render.js": SCRIPT, "map.css": "text/css; charset=utf-8"}
 # The page and its assets, which carry no data: part of serving/guards.py OPEN_PATHS.
 PAGE_PATHS = frozenset({"/", *(f"/ui/{name}" for name in ASSETS)})
 

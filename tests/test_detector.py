@@ -5,8 +5,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from serving.detector import METHOD, Detector, FeatureSpace, calibrate_detector, channel_statistics
-from serving.neighbours import kth_neighbour_distance
+from serving import detector as detector_module
+from serving.calibration import FeatureIndex
+from serving.detector import (
+    METHOD,
+    RECALL_TARGET,
+    Detector,
+    FeatureSpace,
+    calibrate_detector,
+    channel_statistics,
+    feature_index,
+    plan_feature_index,
+)
+from serving.neighbours import ExactIndex, FaissIndex, build_index, ivf_cells, kth_neighbour_distance, recall_at_k
 
 
 def _collection(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -69,3 +80,46 @@ def test_feature_space_keeps_neighbour_distances() -> None:
 
     unit = unit_rows(features)
     assert np.allclose(pairwise_distances(projected[:20], projected), pairwise_distances(unit[:20], unit), atol=1e-4)
+
+
+def test_the_feature_index_is_recorded_and_served_as_calibrated(fitted) -> None:
+    detector, _, _ = fitted
+    record = detector.calibration.features.index
+    assert record is not None and record.kind == "faiss-flat" and record.recall == 1.0
+    assert (record.reference_size, record.recall_k, record.recall_queries) == (3000, 15, 1000)
+    assert isinstance(detector.index, FaissIndex) and detector.index.kind == "flat"
+
+
+def test_above_the_exact_limit_an_ivf_index_is_tuned_to_the_recall_target() -> None:
+    rng = np.random.default_rng(5)
+    ref, calib = _collection(rng, 3000), _collection(rng, 600)
+    space = FeatureSpace.fit(ref[0], dims=8)
+    calibration = calibrate_detector(*calib, *ref, source="test", space=space, target_rate=0.05, index_exact_limit=1000)
+    record = calibration.features.index
+    assert record.kind == "faiss-ivf" and record.recall >= RECALL_TARGET
+    assert record.nlist == ivf_cells(3000) and 8 <= record.nprobe <= record.nlist and record.refine == 4
+    assert calibration.model_validate_json(calibration.model_dump_json()) == calibration  # as bundle.json keeps it
+    # Serving rebuilds the very index the calibration measured with: the same cells, nprobe and answers.
+    detector = Detector(calibration, space.project(ref[0]), space)
+    assert isinstance(detector.index, FaissIndex) and (detector.index.nlist, detector.index.nprobe) == (
+        record.nlist,
+        record.nprobe,
+    )
+    planned, _ = plan_feature_index(space.project(ref[0]), space.project(calib[0]), 15, exact_limit=1000)
+    np.testing.assert_array_equal(
+        detector.feature_distance(calib[0]), planned.kth_distance(space.project(calib[0]), 15)
+    )
+    exact = build_index(space.project(ref[0]), dtype=np.float32)
+    assert recall_at_k(detector.index, exact, space.project(calib[0]), 15) == pytest.approx(record.recall)
+
+
+def test_bundles_without_an_index_record_or_without_faiss_are_searched_exactly(monkeypatch) -> None:
+    rng = np.random.default_rng(6)
+    reference = rng.normal(size=(500, 8)).astype(np.float32)
+    assert isinstance(feature_index(reference, None), ExactIndex)  # exported before issue 14
+    record = FeatureIndex(
+        kind="faiss-ivf", nlist=12, nprobe=4, refine=4, reference_size=500, recall=0.995, recall_k=15, recall_queries=50
+    )
+    assert isinstance(feature_index(reference, record), FaissIndex)
+    monkeypatch.setattr(detector_module, "faiss_available", lambda: False)  # opened where faiss-cpu is missing
+    assert isinstance(feature_index(reference, record), ExactIndex)

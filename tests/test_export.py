@@ -172,7 +172,11 @@ def test_bundle_carries_a_flag_calibration_and_embed_reports_it(run_and_bundle, 
     _, bundle = run_and_bundle
     manifest = open_bundle(bundle)
     assert manifest.calibration.target_false_flag_rate == 0.01 and manifest.calibration.threshold > 0
+    # The feature index the flag was calibrated with, and its recall against exact search, in bundle.json.
+    index = manifest.calibration.features.index
+    assert index.kind == "faiss-flat" and index.recall == 1.0 and index.recall_queries == manifest.calibration.images
     embedder = BundleEmbedder(bundle, "cpu")
+    assert embedder.flag.detector.index.kind == "flat"  # served with the same index
     placed = embedder.place(list(load_dataset("synthetic:96", size=(16, 16)).images[:20]))
     assert all(p.flag in ("in_distribution", "out_of_distribution") and p.score >= 0 for p in placed)
     assert sum(p.flag == "in_distribution" for p in placed) >= 18  # training images sit on the map

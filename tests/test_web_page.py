@@ -23,6 +23,7 @@ from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.actions.wheel_input import ScrollOrigin
 from selenium.webdriver.common.by import By
 
+from serving.map_format import MEDIA_TYPE, decode_binary
 from tests.browser import (
     NEIGHBOUR_THUMBNAILS_LOADED,
     find_chromium,
@@ -74,10 +75,16 @@ def browser():
     driver.quit()
 
 
-@pytest.fixture
-def page(browser, server):
-    browser.get(server.url + "/")
-    wait_until_drawn(browser)
+# Each page test runs with both renderers: WebGL (forced: Chromium's WebGL here is SwiftShader, a
+# software emulation the page would otherwise pass over) and the canvas 2-D fallback.
+RENDERERS = ("webgl", "canvas")
+
+
+@pytest.fixture(params=RENDERERS)
+def page(request, browser, server):
+    browser.get(f"{server.url}/?renderer={request.param}")
+    stats = wait_until_drawn(browser)
+    assert stats["renderer"] == request.param, stats["rendererNote"]
     return browser
 
 
@@ -88,8 +95,32 @@ def cell(service_bundle) -> np.ndarray:
 
 
 def _screenshot(driver, name: str) -> None:
+    """Saved as NAME-RENDERER.png (the renderer the page drew with)."""
     ARTIFACTS.mkdir(exist_ok=True)
-    driver.save_screenshot(str(ARTIFACTS / name))
+    renderer = driver.execute_script("return window.tsimcneMap?.stats.renderer") or "none"
+    driver.save_screenshot(str(ARTIFACTS / name.replace(".png", f"-{renderer}.png")))
+
+
+# The map as shown: the points' canvas (WebGL or 2-D) with the overlay canvas (hover ring, markers)
+# above it, composed on a 2-D canvas; the distinct colours of its pixels as "rgb(r, g, b)".
+SHOWN_COLOURS = """const points = document.getElementById('map-points'), top = document.getElementById('map');
+const c = document.createElement('canvas');
+c.width = points.width; c.height = points.height;
+const context = c.getContext('2d');
+context.drawImage(points, 0, 0);
+context.drawImage(top, 0, 0);
+const data = context.getImageData(0, 0, c.width, c.height).data;
+const seen = new Set();
+for (let i = 0; i < data.length; i += 4) seen.add(`rgb(${data[i]}, ${data[i+1]}, ${data[i+2]})`);
+return [...seen];"""
+
+
+def _shaded(swatch: str, level: int) -> str:
+    """A class colour darkened as the page draws a pixel covered by 2**level or more points
+    (map-render.js: DENSITY_LEVELS 8, DARKEN 0.6)."""
+    factor = 1 - 0.6 * level / 7
+    r, g, b = (int(v) for v in re.findall(r"\d+", swatch))
+    return f"rgb({round(r * factor)}, {round(g * factor)}, {round(b * factor)})"
 
 
 def _results(driver) -> list[dict]:
@@ -119,16 +150,12 @@ def test_page_draws_every_reference_point_with_a_legend(page, reference) -> None
         (name, str(c)) for name, c in zip(reference["class_names"], counts, strict=True) if c
     ]
     # The canvas really holds each class's colour (not just a counter saying so).
-    colours = page.execute_script(
-        """const c = document.getElementById('map');
-        const data = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
-        const seen = new Set();
-        for (let i = 0; i < data.length; i += 4) seen.add(`rgb(${data[i]}, ${data[i+1]}, ${data[i+2]})`);
-        return [...seen];"""
-    )
+    colours = page.execute_script(SHOWN_COLOURS)
     for name, _, swatch in legend:
         assert swatch in colours, f"no pixel of {name}'s colour {swatch} on the map"
     assert "Map loaded" in page.find_element(By.ID, "status").text
+    renderer = page.execute_script("return window.tsimcneMap.stats.renderer")
+    assert page.find_element(By.ID, "map-area").get_attribute("data-renderer") == renderer
     _screenshot(page, "page-map.png")
 
 
@@ -161,9 +188,14 @@ def test_hover_shows_the_thumbnail_id_and_label_of_the_point(page, reference, se
 def test_clicking_a_legend_label_hides_and_shows_its_points(page, reference) -> None:
     counts = np.bincount(reference["labels"])
     item = page.find_elements(By.CSS_SELECTOR, ".legend-item")[1]
+    swatch = page.execute_script("return getComputedStyle(arguments[0].querySelector('.swatch')).backgroundColor", item)
+    assert swatch in page.execute_script(SHOWN_COLOURS)
     item.click()
     wait_for(page, f"window.tsimcneMap.stats.drawnPoints === {len(reference['x']) - counts[1]}", what="hidden")
     assert "off" in item.get_attribute("class")
+    wait_for(page, "window.tsimcneMap.stats.draws > 0")
+    page.execute_script("return new Promise(resolve => requestAnimationFrame(() => requestAnimationFrame(resolve)))")
+    assert swatch not in page.execute_script(SHOWN_COLOURS), "the hidden class is still drawn"
     item.click()
     wait_for(page, f"window.tsimcneMap.stats.drawnPoints === {len(reference['x'])}", what="shown again")
 
@@ -244,6 +276,49 @@ def test_dropping_files_on_the_map_places_them(page, cell) -> None:
     wait_for(page, "window.tsimcneMap.markers().length === 1", what="the dropped image's marker")
     assert page.execute_script("return window.tsimcneMap.markers()[0].name") == "dropped.png"
     assert page.execute_script("return document.getElementById('drop-hint').hidden")
+
+
+def test_without_webgl_the_page_draws_on_a_2d_canvas_and_says_why(browser, server, reference) -> None:
+    """A browser without WebGL 2 (old, or with it switched off) still gets the whole map, hover included."""
+    script = "HTMLCanvasElement.prototype.getContext = new Proxy(HTMLCanvasElement.prototype.getContext, " + (
+        "{apply: (get, canvas, args) => args[0] === 'webgl2' ? null : Reflect.apply(get, canvas, args)});"
+    )
+    added = browser.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": script})
+    try:
+        browser.get(f"{server.url}/?renderer=webgl")
+        stats = wait_until_drawn(browser)
+        assert stats["renderer"] == "canvas" and stats["rendererNote"] == "this browser offers no WebGL 2"
+        assert stats["drawnPoints"] == len(reference["x"])
+        assert "this browser offers no WebGL 2" in browser.find_element(By.ID, "map-area").get_attribute("title")
+        canvas = browser.find_element(By.ID, "map")
+        x, y = browser.execute_script("return window.tsimcneMap.screenPosition(0)")
+        ActionChains(browser).move_to_element_with_offset(
+            canvas, round(x - canvas.size["width"] / 2), round(y - canvas.size["height"] / 2)
+        ).perform()
+        wait_for(browser, "!document.getElementById('tooltip').hidden", what="the tooltip without WebGL")
+    finally:
+        browser.execute_cdp_cmd("Page.removeScriptToEvaluateOnNewDocument", {"identifier": added["identifier"]})
+
+
+def test_map_comes_as_json_or_as_the_binary_block_compressed_when_accepted(server, reference) -> None:
+    """The page's form of GET /map (binary, gzip) holds exactly what the JSON form holds."""
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        plain = client.get("/map", headers={"Accept-Encoding": "identity"})
+        assert plain.headers["content-type"] == "application/json" and "content-encoding" not in plain.headers
+        assert plain.json() == reference
+        binary = client.get("/map?format=binary", headers={"Accept-Encoding": "gzip, deflate"})
+        assert binary.status_code == 200 and binary.headers["content-type"] == MEDIA_TYPE
+        assert binary.headers["content-encoding"] == "gzip" and "Accept-Encoding" in binary.headers["vary"]
+        back = decode_binary(binary.content)  # httpx has undone the gzip
+        assert back["bundle"] == reference["bundle"] and back["class_names"] == reference["class_names"]
+        assert back["x"].tolist() == reference["x"] and back["y"].tolist() == reference["y"]  # float32 both
+        assert back["ids"] == reference["ids"]
+        assert back["labels"].tolist() == reference["labels"]
+        raw = client.get("/map?format=binary", headers={"Accept-Encoding": "identity"})
+        assert "content-encoding" not in raw.headers and raw.content == binary.content
+        assert len(raw.content) < len(plain.content)
+        wrong = client.get("/map?format=xml")
+        assert wrong.status_code == 422 and wrong.json()["error"].startswith("query format:")
 
 
 def test_page_routes_over_http(server, reference) -> None:
@@ -426,3 +501,19 @@ def test_a_100000_point_map_draws_and_stays_interactive(browser, big_server) -> 
     ).perform()
     wait_for(browser, "!document.getElementById('tooltip').hidden", what="the tooltip on the big map")
     _screenshot(browser, "page-100k.png")
+
+
+@pytest.mark.parametrize("renderer", RENDERERS)
+def test_overplotted_points_are_drawn_darker(browser, big_server, renderer) -> None:
+    """100,000 points on one screen overplot: pixels under many points are darker shades of a class colour."""
+    browser.get(f"{big_server.url}/?renderer={renderer}")
+    stats = wait_until_drawn(browser, timeout=120)
+    assert stats["renderer"] == renderer and stats["drawnPoints"] == 100_000
+    swatches = browser.execute_script(
+        "return [...document.querySelectorAll('.legend-item .swatch')].map(s => getComputedStyle(s).backgroundColor)"
+    )
+    colours = set(browser.execute_script(SHOWN_COLOURS))
+    assert any(_shaded(swatch, 0) in colours for swatch in swatches)
+    darker = [level for level in range(2, 8) if any(_shaded(swatch, level) in colours for swatch in swatches)]
+    assert darker, "no pixel drawn darker where points overplot"
+    _screenshot(browser, "page-100k-density.png")

@@ -1,0 +1,112 @@
+"""The map page with millions of points (issue 14): first drawing and pan/zoom frame times in headless Chromium.
+
+    .venv/bin/python benchmarks/map_page.py --bundle models/pbc-tiny --points 1000000 10000000 [--runs 2]
+
+For each --points: tiles the bundle's reference map to that many points (tests/browser.py `tile_bundle`:
+each copy jittered by 1 % of the map's extent; thumbnails left out, since 1,000,000 of them take 2.4 GB
+and the page only fetches the one under the cursor), serves it with a real `bentoml serve` (the page
+reads GET /map?format=binary, gzip-compressed), opens the page in headless Chromium (the test suite's
+flags) and, per run, loads it afresh and measures:
+- the first full drawing: from navigation start to the animation frame after all points were drawn
+  (HTML and scripts, /readyz, /info, the binary /map's points, the grid index, the drawing);
+- when the ids (for hover) have arrived, after the drawing;
+- a pan/zoom session: --frames animation frames, wheel-zooming in and out around a moving cursor for
+  the first half and panning for the second; each frame's redraw time and the interval between frames.
+--renderer picks the page's renderer (auto: WebGL on a graphics card, the 2-D canvas where WebGL is
+missing or a software emulation, as in headless Chromium without a GPU; webgl forces WebGL).
+Writes benchmarks/scratch/map_page.json and prints each run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.browser import measure_page, start_chromium, tile_bundle  # noqa: E402
+from tests.servers import start_server  # noqa: E402
+
+
+def rss_mib(pid: int) -> float:
+    """Resident memory of process `pid` and all its descendants (the service's workers), in MiB."""
+    pids, total = [pid], 0
+    while pids:
+        current = pids.pop()
+        try:
+            total += int(Path(f"/proc/{current}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        pids += [int(c) for c in children]
+    return round(total / 2**20, 1)
+
+
+def measure(bundle: Path, points: int, args: argparse.Namespace, scratch: Path) -> dict:
+    started = time.monotonic()
+    big = tile_bundle(bundle, scratch / f"{bundle.name}-{points}", points, thumbnails=False)
+    tiled_s = time.monotonic() - started
+    started = time.monotonic()
+    server = start_server(scratch, {"bundle": str(big)}, home=scratch / f"bentoml-{points}", ready_timeout=1800)
+    ready_s = time.monotonic() - started
+    driver = start_chromium()
+    runs = []
+    try:
+        url = f"{server.url}/?renderer={args.renderer}"
+        for run in range(args.runs):
+            figures = measure_page(driver, url, frames=args.frames)
+            print(f"{points:,} points, run {run + 1}: {json.dumps(figures)}", flush=True)
+            runs.append(figures)
+        service_rss = rss_mib(server.process.pid)
+    finally:
+        driver.quit()
+        server.stop()
+    return {
+        "points": points,
+        "tile_bundle_s": round(tiled_s, 1),
+        "service_ready_s": round(ready_s, 1),
+        "service_rss_mib": service_rss,
+        "runs": runs,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bundle", type=Path, default=ROOT / "models" / "pbc-tiny")
+    parser.add_argument("--points", type=int, nargs="+", default=[1_000_000])
+    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--frames", type=int, default=240)
+    parser.add_argument("--renderer", choices=("auto", "webgl", "canvas"), default="auto")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "scratch" / "map_page.json")
+    args = parser.parse_args()
+    chromium = subprocess.run(["chromium", "--version"], capture_output=True, text=True).stdout.strip()
+    results = []
+    for points in args.points:
+        with tempfile.TemporaryDirectory(prefix="map-page-") as scratch:
+            results.append(measure(args.bundle, points, args, Path(scratch)))
+    report = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "bundle": str(args.bundle),
+        "renderer": args.renderer,
+        "chromium": chromium,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores visible, affinity {sorted(os.sched_getaffinity(0))}",
+        "python": platform.python_version(),
+        "results": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
