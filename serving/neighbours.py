@@ -236,17 +236,25 @@ def build_faiss_index(
     return FaissIndex(vectors, kind=kind, nlist=nlist, nprobe=nprobe, refine=refine)
 
 
-def recall_at_k(index: NeighbourIndex, exact: NeighbourIndex, queries: np.ndarray, k: int, chunk: int = 64) -> float:
-    """Share of each query's true k nearest reference rows that `index` returns among its k, averaged
-    (queries searched `chunk` at a time: exact search holds a (chunk, n) distance matrix)."""
-    hits, total = 0, 0
+def true_neighbours(exact: NeighbourIndex, queries: np.ndarray, k: int, chunk: int = 64) -> np.ndarray:
+    """(M, k) row numbers of each query's k nearest reference rows by exact search (`chunk` queries at a
+    time: exact search holds a (chunk, n) distance matrix)."""
+    return np.concatenate([exact.search(queries[s : s + chunk], k)[1] for s in range(0, len(queries), chunk)])
+
+
+def recall_against(index: NeighbourIndex, truth: np.ndarray, queries: np.ndarray, k: int, chunk: int = 64) -> float:
+    """Share of each query's true k nearest reference rows (`truth`, from true_neighbours) that `index`
+    returns among its k, averaged. The truth is computed once, however many settings are tried."""
+    hits = 0
     for start in range(0, len(queries), chunk):
-        part = queries[start : start + chunk]
-        _, found = index.search(part, k)
-        _, truth = exact.search(part, k)
-        hits += sum(len(np.intersect1d(a, b)) for a, b in zip(found, truth, strict=True))
-        total += truth.size
-    return hits / total
+        _, found = index.search(queries[start : start + chunk], k)
+        hits += sum(len(np.intersect1d(a, b)) for a, b in zip(found, truth[start : start + chunk], strict=True))
+    return hits / truth.size
+
+
+def recall_at_k(index: NeighbourIndex, exact: NeighbourIndex, queries: np.ndarray, k: int, chunk: int = 64) -> float:
+    """recall_against the true neighbours that `exact` finds."""
+    return recall_against(index, true_neighbours(exact, queries, k, chunk), queries, k, chunk)
 
 
 def load_index(path: Path) -> NeighbourIndex:
