@@ -173,3 +173,22 @@ def test_export_maps_another_collection_as_the_reference(class_folder: Path, tmp
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "holds 12x12 images but the run was trained on 16x16" in result.stderr
     assert "--image-size 16x16" in result.stderr and not (tmp_path / "b2").exists()
+
+
+def test_streamed_batches_read_ahead_in_order_stop_and_pass_errors_on(class_folder: Path, tmp_path: Path) -> None:
+    import threading
+
+    from training.batches import DeviceImages, StreamedImages
+
+    prepare_store(class_folder, tmp_path / "store", image_size=16, progress=False)
+    images = load_dataset(tmp_path / "store").images
+    streamed, on_device = StreamedImages(images, torch.device("cpu"), 2), DeviceImages(np.asarray(images), "cpu")
+    batches = [torch.tensor([5, 1, 9, 1]), torch.tensor([0, 59, 2])] * 4
+    for got, want in zip(streamed.iterate(batches), on_device.iterate(batches), strict=True):
+        assert torch.equal(got, want) and got.shape[1] == 3  # NCHW, the order asked for
+    reading = streamed.iterate(batches)
+    next(reading)
+    reading.close()  # an epoch stopped early: the read-ahead thread ends
+    assert not any(thread.name == "batch-prefetch" for thread in threading.enumerate())
+    with pytest.raises(OSError, match="truncated"):
+        list(streamed.iterate([torch.tensor([0]), torch.tensor([1000])]))

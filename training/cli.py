@@ -101,8 +101,7 @@ def prepare(
     """Decode a collection once into an on-disk store (memory-mapped by train, evaluate and export)."""
     from serving.images import RESIZE_FILTERS
     from training.data import format_bytes
-    from training.store import prepare_store
-    from training.trainer import format_seconds
+    from training.store import prepare_store  # torch-free: importing torch alone costs ~800 MB of memory
 
     if resize_method not in RESIZE_FILTERS:
         raise UserError(f"--resize-method {resize_method!r}: choose one of {', '.join(RESIZE_FILTERS)}")
@@ -114,7 +113,7 @@ def prepare(
     more = f" ({len(store.skipped)} unreadable skipped, listed in {out}/skipped.json)" if store.skipped else ""
     typer.echo(
         f"store written to {store.path}: {store.n_images:,} images of {store.image_size[0]}x{store.image_size[1]} "
-        f"({format_bytes(store.bytes)}) in {format_seconds(store.seconds)}{more}; use it as --data {store.path}"
+        f"({format_bytes(store.bytes)}) in {store.seconds:,.1f} s{more}; use it as --data {store.path}"
     )
 
 

@@ -171,6 +171,7 @@ class StagedTrainer:
         device = runtime.device
         self.source = image_source(dataset.images, device)  # on the device, or streamed (training/batches.py)
         self.fill = mean_border_colour(dataset.images)
+        self.data_fingerprint = dataset.fingerprint()  # once: every checkpoint records it
         self.augment = BatchAugmenter(get_preset(config.augmentation), self.fill)
         self.loss_fn = InfoNCELoss(config.metric, config.temperature, gather_distributed=dist_info.enabled)
         torch.manual_seed(derived_seed(config.seed, "init"))
@@ -190,7 +191,7 @@ class StagedTrainer:
 
     # ----------------------------------------------------------------------------------------- state
     def _restore(self, state: dict[str, Any]) -> None:
-        if state["dataset"]["fingerprint"] != self.dataset.fingerprint():
+        if state["dataset"]["fingerprint"] != self.data_fingerprint:
             raise UserError(
                 f"the data at {self.config.data} differs from the data this run started with "
                 "(fingerprint mismatch); resume with the same data or start a new run"
@@ -215,7 +216,7 @@ class StagedTrainer:
             "width": self.config.width,
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
             "dataset": {
-                "fingerprint": self.dataset.fingerprint(),
+                "fingerprint": self.data_fingerprint,
                 "n_images": len(self.dataset),
                 "image_size": list(self.dataset.size),
                 "class_names": list(self.dataset.class_names),
