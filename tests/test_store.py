@@ -192,3 +192,23 @@ def test_streamed_batches_read_ahead_in_order_stop_and_pass_errors_on(class_fold
     assert not any(thread.name == "batch-prefetch" for thread in threading.enumerate())
     with pytest.raises(OSError, match="truncated"):
         list(streamed.iterate([torch.tensor([0]), torch.tensor([1000])]))
+
+
+def test_scale_benchmark_collection_is_real_files_then_a_store(tmp_path: Path, synthetic_arrays) -> None:
+    """benchmarks/scale at a small size: N PNG files tiled from a source through the augmentations."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "scale"))
+    from make_collection import make_collection
+
+    images, labels, names = synthetic_arrays
+    np.savez(tmp_path / "source.npz", images=images[:20], labels=labels[:20], class_names=np.array(names))
+    make_collection(tmp_path / "collection", 30, source=tmp_path / "source.npz")
+    files = sorted((tmp_path / "collection").rglob("*.png"))
+    assert len(files) == 30
+    store = prepare_store(tmp_path / "collection", tmp_path / "store", progress=False)
+    assert store.n_images == 30 and store.image_size == (24, 24)
+    by_index = {Path(i).stem: row for i, row in zip(load_dataset(tmp_path / "store").ids, range(30), strict=True)}
+    pixels = np.asarray(load_dataset(tmp_path / "store").images)
+    np.testing.assert_array_equal(pixels[by_index["00000003"]], images[3])  # the first pass: the source itself
+    assert not np.array_equal(pixels[by_index["00000023"]], images[3])  # a copy: augmented

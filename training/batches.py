@@ -36,7 +36,8 @@ class DeviceImages:
 
     def __init__(self, images: np.ndarray, device: torch.device) -> None:
         self.device = device
-        self.images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous().to(device)
+        writable = images if images.flags.writeable else images.copy()  # torch wants writable memory
+        self.images = torch.from_numpy(writable).permute(0, 3, 1, 2).contiguous().to(device)
 
     def gather(self, indices: torch.Tensor) -> torch.Tensor:
         return self.images[indices.to(self.device)]
