@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from training.chunks import iter_chunks
 from training.errors import UnknownNameError
 
 
@@ -120,11 +121,21 @@ def get_preset(name: str) -> AugmentationPreset:
 
 
 def mean_border_colour(images: np.ndarray) -> tuple[float, float, float]:
-    """Dataset mean of each image's mean border pixel (top/bottom rows, left/right columns), in [0, 1]."""
-    top, bottom = images[:, 0, :, :], images[:, -1, :, :]
-    left, right = images[:, 1:-1, 0, :], images[:, 1:-1, -1, :]
-    border = np.concatenate([top, bottom, left, right], axis=1).astype(np.float64)
-    return tuple(float(c) for c in border.mean(axis=(0, 1)) / 255.0)
+    """Dataset mean of each image's mean border pixel (top/bottom rows, left/right columns), in [0, 1].
+
+    Summed exactly in integers over pieces of the array (training/chunks.py), so a memory-mapped
+    collection of any size needs one piece in memory, and in-memory and stored copies of the same images
+    give the same colour to the last bit (every image has the same number of border pixels, so the mean
+    of all border pixels is the mean of the images' means)."""
+    sums = np.zeros(3, dtype=np.uint64)
+    count = 0
+    for _, block in iter_chunks(images):
+        top, bottom = block[:, 0, :, :], block[:, -1, :, :]
+        left, right = block[:, 1:-1, 0, :], block[:, 1:-1, -1, :]
+        for part in (top, bottom, left, right):
+            sums += part.reshape(-1, part.shape[-1]).sum(axis=0, dtype=np.uint64)
+            count += part.shape[0] * part.shape[1]
+    return tuple(float(c) for c in sums.astype(np.float64) / max(count, 1) / 255.0)
 
 
 def _uniform(n: int, low: float, high: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:

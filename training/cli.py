@@ -1,4 +1,4 @@
-"""`tsimcne` command line: train, evaluate, plot, export, embed, presets, synth.
+"""`tsimcne` command line: prepare, train, evaluate, plot, export, embed, presets, synth.
 
 A thin shell over the Python API (tsimcne_map: TSimCNE, Bundle): it parses options, prints, and maps
 exceptions to exit codes. Bad input ends with `error: <what and where>` and exit code 2, never a
@@ -84,8 +84,45 @@ def _parse_triple(text: str | None, what: str, cast: Callable[[str], Any] = int)
 
 @app.command()
 @user_errors
+def prepare(
+    source: Annotated[str, typer.Argument(help="folder, .npz, .csv manifest, or synthetic[:N]")],
+    out: Annotated[Path, typer.Option(help="store folder to create")],
+    image_size: Annotated[
+        str | None, typer.Option(help="N or HxW: the training size (default: the images' own, one size for all)")
+    ] = None,
+    resize_method: Annotated[str, typer.Option(help="bicubic, bilinear, nearest, lanczos or area")] = "bicubic",
+    skip_bad: Annotated[
+        bool, typer.Option(help="skip unreadable images (listed in STORE/skipped.json) instead of stopping")
+    ] = False,
+    allow_upscale: Annotated[bool, typer.Option(help="allow images smaller than --image-size")] = False,
+    workers: Annotated[int | None, typer.Option(help="decoding threads (default: 2 per usable core, 2-16)")] = None,
+    progress: Annotated[bool | None, typer.Option(help="progress bar (default: when on a terminal)")] = None,
+) -> None:
+    """Decode a collection once into an on-disk store (memory-mapped by train, evaluate and export)."""
+    from serving.images import RESIZE_FILTERS
+    from training.data import format_bytes
+    from training.store import prepare_store  # torch-free: importing torch alone costs ~800 MB of memory
+
+    if resize_method not in RESIZE_FILTERS:
+        raise UserError(f"--resize-method {resize_method!r}: choose one of {', '.join(RESIZE_FILTERS)}")
+    if workers is not None and workers < 1:
+        raise UserError(f"--workers {workers}: give at least 1")
+    store = prepare_store(source, out, image_size, resize_method, skip_bad, allow_upscale, workers, progress)
+    for problem in store.skipped[:5]:
+        typer.echo(f"skipped: {problem}", err=True)
+    more = f" ({len(store.skipped)} unreadable skipped, listed in {out}/skipped.json)" if store.skipped else ""
+    typer.echo(
+        f"store written to {store.path}: {store.n_images:,} images of {store.image_size[0]}x{store.image_size[1]} "
+        f"({format_bytes(store.bytes)}) in {store.seconds:,.1f} s{more}; use it as --data {store.path}"
+    )
+
+
+@app.command()
+@user_errors
 def train(
-    data: Annotated[str | None, typer.Option(help="folder, .npz, .csv manifest, or synthetic[:N]")] = None,
+    data: Annotated[
+        str | None, typer.Option(help="folder, .npz, .csv manifest, a store (tsimcne prepare), or synthetic[:N]")
+    ] = None,
     name: Annotated[str | None, typer.Option(help="run name: results go to RUNS_DIR/NAME")] = None,
     resume: Annotated[Path | None, typer.Option(help="continue the run in this folder from its last.pt")] = None,
     runs_dir: Annotated[Path, typer.Option(help="parent folder of runs")] = Path("runs"),
@@ -233,6 +270,10 @@ def export(
     register: Annotated[
         bool, typer.Option(help="also add the bundle to BentoML's model store (for `bentoml build`)")
     ] = False,
+    reference: Annotated[
+        str | None,
+        typer.Option(help="map this collection (store or data spec at the run's size) instead of the training set"),
+    ] = None,
 ) -> None:
     """Turn a run's final checkpoint into a verified model bundle (ONNX + reference map + bundle.json)."""
     from tsimcne_map import TSimCNE
@@ -244,11 +285,12 @@ def export(
         calibration_data=calibration_data,
         target_rate=target_rate,
         allow_partial=allow_partial,
+        reference=reference,
     )
     parity = bundle.manifest.parity
     typer.echo(
         f"bundle written to {bundle.path}: parity max |onnxruntime - torch| = {parity['max_abs_diff']:.2e} "
-        f"(allowed {parity['allowed']:.2e}) on {parity['images']} training images"
+        f"(allowed {parity['allowed']:.2e}) on {parity['images']} {'reference' if reference else 'training'} images"
         + (" [partial: stage 3 not finished]" if bundle.manifest.partial else "")
     )
     if register:

@@ -1,11 +1,14 @@
-"""Dataset readers: everything becomes RGB uint8 (N, H, W, 3) at one chosen (H, W), held in memory.
+"""Dataset readers: everything becomes RGB uint8 (N, H, W, 3) at one chosen (H, W), held in memory
+(or memory-mapped from a prepared store, training/store.py).
 
 Sources (`load_dataset(spec, ...)`):
 - a folder of class sub-folders (labels = sub-folder names, sorted), or a flat folder (no labels);
 - a MedMNIST-style .npz: `images` (+ optional `labels`, `class_names`, `filenames`), or the official
   `train_images`/`val_images`/`test_images` layout (concatenated train, test, val as the papers do);
 - a CSV manifest with a header: a `path` column (relative to the CSV's folder) and an optional `label`;
-- `synthetic` or `synthetic:N`: the project's own synthetic cells (training/synthetic.py).
+- `synthetic` or `synthetic:N`: the project's own synthetic cells (training/synthetic.py);
+- a store folder written by `tsimcne prepare` (training/store.py): its images are a read-only np.memmap,
+  so a collection larger than memory is read piece by piece (training/chunks.py) and never held whole.
 
 From Python (tsimcne_map.TSimCNE.fit) also: arrays (`dataset_from_arrays`) and lists of files
 (`dataset_from_files`); such a dataset is kept in the run folder with `save_dataset` (an .npz this
@@ -13,7 +16,10 @@ module reads back), so the run resumes, evaluates and exports like any other.
 
 Files are decoded by serving/images.py, the same code the service uses, so training and serving see the
 same pixels. Holding the set in memory as uint8 is what lets augmentation run batched on the device
-(17,092 images at 28 px are 40 MB; 100,000 at 64 px are 1.2 GB).
+(17,092 images at 28 px are 40 MB; 100,000 at 64 px are 1.2 GB). Files are decoded straight into one
+preallocated array (training/decode.py), and a folder or CSV whose decoded images would exceed
+`max_in_memory_bytes()` (4 GiB unless TSIMCNE_MAX_IN_MEMORY_BYTES says otherwise) is refused with the
+way out: a smaller --image-size, or `tsimcne prepare` to an on-disk store.
 """
 
 from __future__ import annotations
@@ -21,23 +27,27 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
-from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from serving.images import IMAGE_SUFFIXES, ImageDecodeError, read_image, resize_rgb, to_uint8
+from serving.images import IMAGE_SUFFIXES, resize_rgb, to_uint8
+from training.chunks import iter_chunks
+from training.decode import check_not_upscaled, decode_into
 from training.errors import DataError
 from training.files import atomic_savez
+from training.npz_stream import iter_member_rows, member_shape
 from training.synthetic import make_synthetic_cells
 
 MIN_SIDE = 8
 DEFAULT_SYNTHETIC_SIZE = (32, 32)
 DEFAULT_SYNTHETIC_COUNT = 2400
 NPZ_SPLITS = ("train", "test", "val")  # order used by the medical t-SimCNE scripts
+MAX_IN_MEMORY_BYTES = 4 << 30  # decoded folder/CSV images held in memory at most (see max_in_memory_bytes)
+MAX_IN_MEMORY_ENV = "TSIMCNE_MAX_IN_MEMORY_BYTES"
 
 
 @dataclass
@@ -48,6 +58,8 @@ class ImageDataset:
     ids: list[str]
     source: str
     skipped: list[str] = field(default_factory=list)  # messages for files skipped with --skip-bad
+    known_fingerprint: str | None = None  # a store's, computed while it was written
+    resize_method: str | None = None  # how a store's images were resized (None: not a store)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -57,13 +69,72 @@ class ImageDataset:
         return int(self.images.shape[1]), int(self.images.shape[2])
 
     def fingerprint(self) -> str:
-        """sha256 of pixels and labels: identifies the training data in checkpoints and bundles."""
-        digest = hashlib.sha256()
-        digest.update(str(self.images.shape).encode())
-        digest.update(np.ascontiguousarray(self.images).data)
-        if self.labels is not None:
-            digest.update(np.ascontiguousarray(self.labels.astype(np.int64)).data)
-        return digest.hexdigest()
+        """sha256 of pixels and labels: identifies the training data in checkpoints and bundles.
+
+        A store's comes from its meta.json; otherwise it is computed piece by piece (the same digest)."""
+        if self.known_fingerprint is not None:
+            return self.known_fingerprint
+        digest = fingerprint_start(self.images.shape)
+        for _, block in iter_chunks(self.images):
+            digest.update(np.ascontiguousarray(block).data)
+        return fingerprint_finish(digest, self.labels)
+
+
+def fingerprint_start(shape: tuple[int, ...]) -> hashlib._Hash:
+    """The dataset digest before its pixels (fed in row order) and labels (fingerprint_finish)."""
+    digest = hashlib.sha256()
+    digest.update(str(tuple(shape)).encode())
+    return digest
+
+
+def fingerprint_finish(digest: hashlib._Hash, labels: np.ndarray | None) -> str:
+    if labels is not None:
+        digest.update(np.ascontiguousarray(labels.astype(np.int64)).data)
+    return digest.hexdigest()
+
+
+def max_in_memory_bytes() -> int:
+    """The most decoded bytes a folder or CSV is read into memory with: TSIMCNE_MAX_IN_MEMORY_BYTES
+    (bytes, or with a K/M/G/T suffix) or 4 GiB. Why a fixed cap: the trainer copies the images once more
+    for the device, and a fixed number gives the same answer on every machine (no surprise on a busy one)."""
+    text = os.environ.get(MAX_IN_MEMORY_ENV, "").strip().upper().removesuffix("B").removesuffix("I")
+    if not text:
+        return MAX_IN_MEMORY_BYTES
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(text[-1], 1)
+    try:
+        return int(float(text.rstrip("KMGT")) * scale)
+    except ValueError as exc:
+        raise DataError(f"{MAX_IN_MEMORY_ENV}={os.environ[MAX_IN_MEMORY_ENV]!r}: give bytes, e.g. 8G") from exc
+
+
+def format_bytes(count: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:,.0f} {unit}" if unit == "bytes" else f"{count:,.1f} {unit}"
+        count /= 1024
+    return f"{count:,.1f} TiB"
+
+
+class _MemorySink:
+    """Decoded rows into one preallocated array, refused above max_in_memory_bytes()."""
+
+    def __init__(self, rows: int, size: tuple[int, int], source: str, native: bool) -> None:
+        needed, limit = rows * size[0] * size[1] * 3, max_in_memory_bytes()
+        if needed > limit:
+            way = (
+                "pass --image-size (e.g. --image-size 64) to decode them at the training size, or "
+                if native
+                else "choose a smaller --image-size, or "
+            )
+            raise DataError(
+                f"{source}: {rows:,} images of {size[0]}x{size[1]} would decode to {format_bytes(needed)} in "
+                f"memory, over the limit of {format_bytes(limit)} ({MAX_IN_MEMORY_ENV}); {way}write an on-disk "
+                f"store once with `tsimcne prepare {source} --image-size N --out STORE` and use STORE as the data"
+            )
+        self.array = np.empty((rows, size[0], size[1], 3), dtype=np.uint8)
+
+    def write(self, start: int, block: np.ndarray) -> None:
+        self.array[start : start + len(block)] = block
 
 
 def parse_size(text: str | int | tuple[int, int] | None) -> tuple[int, int] | None:
@@ -84,16 +155,6 @@ def parse_size(text: str | int | tuple[int, int] | None) -> tuple[int, int] | No
     return values[0], values[1]
 
 
-def _check_not_upscaled(image: np.ndarray, size: tuple[int, int], source: str, allow_upscale: bool) -> None:
-    if allow_upscale:
-        return
-    if image.shape[0] < size[0] or image.shape[1] < size[1]:
-        raise DataError(
-            f"{source}: image is {image.shape[0]}x{image.shape[1]} (HxW), smaller than the training size "
-            f"{size[0]}x{size[1]}; choose a smaller --image-size or pass --allow-upscale"
-        )
-
-
 def _as_rgb_array(images: np.ndarray, source: str) -> np.ndarray:
     """npz arrays: (N, H, W) gray, (N, H, W, 1|3|4), uint8 or 16-bit -> uint8 (N, H, W, 3)."""
     if images.ndim == 3:
@@ -109,11 +170,43 @@ def _as_rgb_array(images: np.ndarray, source: str) -> np.ndarray:
 def _resize_all(images: np.ndarray, size: tuple[int, int] | None, method: str, source: str, allow_upscale: bool):
     if size is None or images.shape[1:3] == size:
         return images
-    _check_not_upscaled(images[0], size, source, allow_upscale)
-    return np.stack([resize_rgb(im, size, method) for im in tqdm(images, desc="resizing", leave=False, disable=None)])
+    check_not_upscaled(images[0], size, source, allow_upscale)
+    resized = np.empty((len(images), size[0], size[1], 3), dtype=np.uint8)  # one array, no list of images
+    for i, image in enumerate(tqdm(images, desc="resizing", leave=False, disable=None)):
+        resized[i] = resize_rgb(image, size, method)
+    return resized
 
 
-def _read_npz(path: Path, size, method: str, allow_upscale: bool) -> ImageDataset:
+@dataclass
+class NpzPlan:
+    """What an .npz holds, read without its pixels: image arrays (key, count) in order, labels, ids."""
+
+    path: Path
+    image_keys: list[tuple[str, int]]
+    native_size: tuple[int, int]
+    labels: np.ndarray | None
+    class_names: list[str]
+    ids: list[str]
+
+    @property
+    def count(self) -> int:
+        return sum(count for _, count in self.image_keys)
+
+    def blocks(
+        self, size: tuple[int, int] | None, method: str, allow_upscale: bool, rows: int = 4096
+    ) -> Iterator[np.ndarray]:
+        """RGB uint8 blocks of the images in order, resized to `size` when given (bounded memory)."""
+        for key, _ in self.image_keys:
+            for block in iter_member_rows(self.path, key, rows):
+                rgb = _as_rgb_array(block, f"{self.path}[{key}]")
+                if size is not None and rgb.shape[1:3] != tuple(size):
+                    check_not_upscaled(rgb[0], size, str(self.path), allow_upscale)
+                    rgb = np.stack([resize_rgb(image, size, method) for image in rgb])
+                yield rgb
+
+
+def npz_plan(path: Path) -> NpzPlan:
+    """Read an .npz's layout, labels and ids (the small arrays), checking they agree."""
     try:
         archive = np.load(path, allow_pickle=False)
     except Exception as exc:  # zipfile/pickle/value errors: all mean "not a usable npz"
@@ -128,107 +221,125 @@ def _read_npz(path: Path, size, method: str, allow_upscale: bool) -> ImageDatase
             raise DataError(
                 f"{path}: no 'images' array (nor train_images/val_images/test_images); found {sorted(keys)}"
             )
-        images, labels, ids = [], [], []
+        image_keys, labels, ids = [], [], []
+        native: tuple[int, int] | None = None
         has_labels = all(label_key in keys for _, _, label_key in parts)
         for split, image_key, label_key in parts:
-            block = archive[image_key]
-            images.append(_as_rgb_array(block, f"{path}[{image_key}]"))
+            shape = member_shape(path, image_key)
+            if len(shape) not in (3, 4) or (len(shape) == 4 and shape[-1] not in (1, 3, 4)):
+                raise DataError(
+                    f"{path}[{image_key}]: 'images' must have shape (N, H, W) or (N, H, W, 1|3|4), got {shape}"
+                )
+            native = native or (int(shape[1]), int(shape[2]))
+            image_keys.append((image_key, int(shape[0])))
             if has_labels:
                 lab = np.asarray(archive[label_key]).reshape(len(archive[label_key]), -1)[:, 0]
-                if len(lab) != len(block):
+                if len(lab) != shape[0]:
                     raise DataError(
-                        f"{path}: '{image_key}' has {len(block)} images but '{label_key}' has {len(lab)} labels"
+                        f"{path}: '{image_key}' has {shape[0]} images but '{label_key}' has {len(lab)} labels"
                     )
                 labels.append(lab.astype(np.int64))
             prefix = f"{split}/" if split else ""
-            ids.extend(f"{prefix}{i}" for i in range(len(block)))
-        stacked = np.concatenate(images)
+            ids.extend(f"{prefix}{i}" for i in range(shape[0]))
         names = [str(n) for n in archive["class_names"]] if "class_names" in keys else []
         if "filenames" in keys and len(parts) == 1:
             filenames = archive["filenames"]
-            if len(filenames) != len(stacked):
-                raise DataError(f"{path}: 'images' has {len(stacked)} entries but 'filenames' has {len(filenames)}")
+            if len(filenames) != len(ids):
+                raise DataError(f"{path}: 'images' has {len(ids)} entries but 'filenames' has {len(filenames)}")
             ids = [str(f) for f in filenames]
     label_array = np.concatenate(labels) if has_labels else None
     if label_array is not None and not names:
         names = [str(i) for i in range(int(label_array.max()) + 1)] if len(label_array) else []
-    stacked = _resize_all(stacked, size, method, str(path), allow_upscale)
-    return ImageDataset(stacked, label_array, names, ids, str(path))
+    assert native is not None
+    return NpzPlan(path, image_keys, native, label_array, names, ids)
 
 
-def _decode_files(
-    paths: list[Path], size, method: str, skip_bad: bool, allow_upscale: bool
-) -> tuple[list[np.ndarray | None], list[str]]:
-    """Decode and resize files in parallel threads (Pillow releases the GIL), keeping order."""
+def _read_npz(path: Path, size, method: str, allow_upscale: bool) -> ImageDataset:
+    """An .npz into one preallocated array, a block of rows at a time (no stacked copies)."""
+    plan = npz_plan(path)
+    height, width = size or plan.native_size
+    images = np.empty((plan.count, height, width, 3), dtype=np.uint8)
+    written = 0
+    for block in plan.blocks(size, method, allow_upscale):
+        if block.shape[1:3] != (height, width):
+            raise DataError(f"{path}: image arrays have different sizes; pass --image-size to resize them all")
+        images[written : written + len(block)] = block
+        written += len(block)
+    return ImageDataset(images, plan.labels, plan.class_names, plan.ids, str(path))
 
-    def load(path: Path) -> np.ndarray | str:
-        try:
-            image = read_image(path)
-            if size is not None:
-                _check_not_upscaled(image, size, str(path), allow_upscale)
-                image = resize_rgb(image, size, method)
-            return image
-        except (ImageDecodeError, DataError) as exc:
-            return str(exc)
 
-    results: list[np.ndarray | None] = []
-    problems: list[str] = []
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        for result in tqdm(pool.map(load, paths), total=len(paths), desc="reading images", disable=None):
-            if isinstance(result, str):
-                if not skip_bad:
-                    raise DataError(f"{result} (pass --skip-bad to skip unreadable images)")
-                problems.append(result)
-                results.append(None)
-            else:
-                results.append(result)
-    return results, problems
+@dataclass
+class FileListing:
+    """Image files to read, in order, with their label names (None: no labels) and where ids start."""
+
+    paths: list[Path]
+    labels: list[str] | None
+    root: Path
+    source: str
+    label_sorter: Callable[[Iterable[str]], list[str]] = sorted
 
 
 def _assemble(
-    paths: list[Path],
-    raw_labels: list[str] | None,
-    root: Path,
+    listing: FileListing,
     size,
     method: str,
     skip_bad: bool,
     allow_upscale: bool,
-    source: str,
-    label_sorter: Callable[[Iterable[str]], list[str]] = sorted,
+    progress: bool | None = None,
 ) -> ImageDataset:
+    """Decode a listing straight into one preallocated array (training/decode.py)."""
+    paths, source = listing.paths, listing.source
     if not paths:
         raise DataError(f"{source}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
-    decoded, problems = _decode_files(paths, size, method, skip_bad, allow_upscale)
-    keep = [i for i, image in enumerate(decoded) if image is not None]
-    if not keep:
-        raise DataError(f"{source}: none of the {len(paths)} images could be read; first problem: {problems[0]}")
-    shapes = {decoded[i].shape for i in keep}
-    if len(shapes) > 1:
-        raise DataError(
-            f"{source}: images have different sizes ({len(shapes)} distinct, e.g. "
-            f"{', '.join(f'{s[0]}x{s[1]}' for s in list(shapes)[:3])}); pass --image-size to resize them all"
-        )
-    images = np.stack([decoded[i] for i in keep])
-    labels, names = None, []
-    if raw_labels is not None:
-        kept = [raw_labels[i] for i in keep]
-        names = label_sorter(set(kept))
-        index = {name: i for i, name in enumerate(names)}
-        labels = np.array([index[name] for name in kept], dtype=np.int64)
+    sinks: list[_MemorySink] = []
+
+    def open_sink(rows: int, image_size: tuple[int, int]) -> _MemorySink:
+        sinks.append(_MemorySink(rows, image_size, source, native=size is None))
+        return sinks[0]
+
+    try:
+        decoded = decode_into(paths, size, method, skip_bad, allow_upscale, open_sink, progress=progress)
+    except DataError as exc:
+        if str(exc).startswith("none of the"):
+            raise DataError(f"{source}: {exc}") from None
+        raise
+    images = sinks[0].array
+    if len(decoded.kept) < len(images):  # skipped files: give back the unused rows (no copy)
+        images.resize((len(decoded.kept), *images.shape[1:]), refcheck=False)
+    labels, names = label_indices_for(listing.labels, decoded.kept, listing.label_sorter)
+    ids = ids_for(paths, decoded.kept, listing.root)
+    return ImageDataset(images, labels, names, ids, source, skipped=decoded.problems)
+
+
+def label_indices_for(
+    raw_labels: list[str] | None, kept: np.ndarray, label_sorter: Callable[[Iterable[str]], list[str]] = sorted
+) -> tuple[np.ndarray | None, list[str]]:
+    """The kept files' label names -> int64 indices and the sorted class names."""
+    if raw_labels is None:
+        return None, []
+    names_kept = [raw_labels[i] for i in kept.tolist()]
+    names = label_sorter(set(names_kept))
+    index = {name: i for i, name in enumerate(names)}
+    return np.array([index[name] for name in names_kept], dtype=np.int64), names
+
+
+def ids_for(paths: list[Path], kept: np.ndarray, root: Path) -> list[str]:
+    """The kept files' ids: their paths relative to `root` where they are under it."""
     ids = []
-    for i in keep:
+    for i in kept.tolist():
         try:
             ids.append(str(paths[i].relative_to(root)))
         except ValueError:
             ids.append(str(paths[i]))
-    return ImageDataset(images, labels, names, ids, source, skipped=problems)
+    return ids
 
 
 def _is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
 
 
-def _read_folder(root: Path, size, method: str, skip_bad: bool, allow_upscale: bool) -> ImageDataset:
+def list_folder(root: Path) -> FileListing:
+    """A folder of class sub-folders (labels: their names, sorted) or a flat folder (no labels)."""
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if class_dirs:
         paths, labels = [], []
@@ -236,9 +347,8 @@ def _read_folder(root: Path, size, method: str, skip_bad: bool, allow_upscale: b
             files = sorted(p for p in class_dir.rglob("*") if _is_image(p))
             paths.extend(files)
             labels.extend([class_dir.name] * len(files))
-        return _assemble(paths, labels, root, size, method, skip_bad, allow_upscale, str(root))
-    paths = sorted(p for p in root.iterdir() if _is_image(p))
-    return _assemble(paths, None, root, size, method, skip_bad, allow_upscale, str(root))
+        return FileListing(paths, labels, root, str(root))
+    return FileListing(sorted(p for p in root.iterdir() if _is_image(p)), None, root, str(root))
 
 
 def _label_indices(labels: Iterable[object], n: int, source: str) -> tuple[np.ndarray, list[str]]:
@@ -301,9 +411,8 @@ def dataset_from_files(
             raise DataError(f"{source}: {len(files)} files but {len(raw)} labels; give one label per file")
     root = Path(os.path.commonpath([str(p.resolve().parent) for p in files])) if files else Path()
     files = [p.resolve() for p in files]
-    return _checked(
-        _assemble(files, raw, root, size, resize_method, skip_bad, allow_upscale, source, _natural_label_order)
-    )
+    listing = FileListing(files, raw, root, source, _natural_label_order)
+    return _checked(_assemble(listing, size, resize_method, skip_bad, allow_upscale))
 
 
 def save_dataset(dataset: ImageDataset, path: Path) -> None:
@@ -326,7 +435,8 @@ def _natural_label_order(names: Iterable[str]) -> list[str]:
     return sorted(names)
 
 
-def _read_csv(path: Path, size, method: str, skip_bad: bool, allow_upscale: bool) -> ImageDataset:
+def list_csv(path: Path, skip_bad: bool) -> FileListing:
+    """A CSV manifest: a `path` column (relative to the CSV's folder) and an optional `label` column."""
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:
             rows = list(csv.DictReader(handle))
@@ -354,17 +464,7 @@ def _read_csv(path: Path, size, method: str, skip_bad: bool, allow_upscale: bool
     missing = [str(p) for p in paths if not p.exists()]
     if missing and not skip_bad:
         raise DataError(f"{path}: {len(missing)} listed file(s) do not exist, first: {missing[0]}")
-    return _assemble(
-        paths,
-        labels if label_column else None,
-        path.parent,
-        size,
-        method,
-        skip_bad,
-        allow_upscale,
-        str(path),
-        label_sorter=_natural_label_order,
-    )
+    return FileListing(paths, labels if label_column else None, path.parent, str(path), _natural_label_order)
 
 
 def _read_synthetic(spec: str, size) -> ImageDataset:
@@ -385,8 +485,12 @@ def load_dataset(
     resize_method: str = "bicubic",
     skip_bad: bool = False,
     allow_upscale: bool = False,
+    progress: bool | None = None,
 ) -> ImageDataset:
-    """Read any supported source; raises DataError with the file and reason on bad input."""
+    """Read any supported source; raises DataError with the file and reason on bad input. A store
+    (`tsimcne prepare`) is opened memory-mapped; `size`, when given, must be its size."""
+    from training.store import is_store, open_store
+
     text = str(spec)
     if text == "synthetic" or text.startswith("synthetic:"):
         dataset = _read_synthetic(text, size)
@@ -394,14 +498,19 @@ def load_dataset(
         path = Path(text).expanduser()
         if not path.exists():
             raise DataError(f"{path}: no such file or folder")
-        if path.is_dir():
-            dataset = _read_folder(path, size, resize_method, skip_bad, allow_upscale)
+        if path.is_dir() and is_store(path):
+            dataset = open_store(path, size)
+        elif path.is_dir():
+            dataset = _assemble(list_folder(path), size, resize_method, skip_bad, allow_upscale, progress)
         elif path.suffix.lower() == ".npz":
             dataset = _read_npz(path, size, resize_method, allow_upscale)
         elif path.suffix.lower() == ".csv":
-            dataset = _read_csv(path, size, resize_method, skip_bad, allow_upscale)
+            dataset = _assemble(list_csv(path, skip_bad), size, resize_method, skip_bad, allow_upscale, progress)
         else:
-            raise DataError(f"{path}: unsupported data source; give a folder, a .npz, a .csv manifest or 'synthetic'")
+            raise DataError(
+                f"{path}: unsupported data source; give a folder, a .npz, a .csv manifest, a store made by "
+                "`tsimcne prepare` or 'synthetic'"
+            )
     return _checked(dataset)
 
 

@@ -6,6 +6,12 @@ run onnxruntime on up to PARITY_IMAGES of them and refuse to write the bundle un
 max |onnxruntime - torch| <= PARITY_TOLERANCE * max(1, max |torch|); write the reference map, the
 map picture and bundle.json with the sha256 of every file. Everything is written to a temporary folder
 beside the target and renamed into place at the end, so a failed export leaves nothing behind.
+
+The reference map is the training images' by default, or (`reference`) any other collection at the
+run's image size: labs train on a subset and map the whole archive. Every pass over the images
+(embedding, input statistics, thumbnails, parity) reads them in pieces with a progress bar
+(training/chunks.py), so a memory-mapped store of any size costs a piece of pixels at a time; only the
+per-image outputs (coordinates, features, statistics) are held whole.
 """
 
 from __future__ import annotations
@@ -37,7 +43,8 @@ from serving.images import resize_rgb
 from serving.preprocess import to_model_input
 from serving.versions import package_version
 from training.checkpoint import load_checkpoint
-from training.data import load_dataset
+from training.chunks import iter_chunks, read_rows
+from training.data import ImageDataset, load_dataset
 from training.embedding import embed_images
 from training.errors import UserError
 from training.plot import plot_map
@@ -75,26 +82,45 @@ def _parity(model_path: Path, images: np.ndarray, torch_coords: np.ndarray, prep
 
     session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     count = min(PARITY_IMAGES, len(images))
-    onnx_coords = session.run(["coords"], {"images": to_model_input(images[:count], prep)})[0]
+    onnx_coords = session.run(["coords"], {"images": to_model_input(read_rows(images, 0, count), prep)})[0]
     reference = torch_coords[:count]
     max_diff = float(np.abs(onnx_coords - reference).max())
     allowed = PARITY_TOLERANCE * max(1.0, float(np.abs(reference).max()))
     return {"images": count, "max_abs_diff": max_diff, "allowed": allowed, "passed": max_diff <= allowed}
 
 
-def _thumbnails(images: np.ndarray) -> np.ndarray:
+def _thumbnail_size(images: np.ndarray) -> tuple[int, int]:
     height, width = images.shape[1:3]
     if max(height, width) <= THUMBNAIL_SIDE:
-        return images
+        return height, width
     scale = THUMBNAIL_SIDE / max(height, width)
-    size = (max(1, round(height * scale)), max(1, round(width * scale)))
-    return np.stack([resize_rgb(image, size, "area") for image in images])
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def _add_thumbnails(reference_file: Path, images: np.ndarray) -> None:
+    """Append `thumbnails` (uint8 (N, h, w, 3), at most THUMBNAIL_SIDE px) to the reference .npz, written
+    a piece at a time: for a large collection they are as big as the images themselves at 32 px, too
+    big to hold. The member is an ordinary .npy in the zip, so np.load reads it like any other."""
+    import zipfile
+
+    size = _thumbnail_size(images)
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+              "shape": (len(images), *size, 3)}  # fmt: skip
+    with (
+        zipfile.ZipFile(reference_file, mode="a", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as archive,
+        archive.open("thumbnails.npy", mode="w", force_zip64=True) as member,
+    ):
+        np.lib.format.write_array_header_1_0(member, header)
+        for _, block in iter_chunks(images, desc="thumbnails"):
+            if tuple(block.shape[1:3]) != size:
+                block = np.stack([resize_rgb(image, size, "area") for image in block])
+            member.write(np.ascontiguousarray(block).tobytes())
 
 
 def _statistics(images: np.ndarray, prep: Preprocessing) -> np.ndarray:
     """Per-channel mean and spread of the model input of uint8 images (chunked to bound memory)."""
     return np.concatenate(
-        [channel_statistics(to_model_input(list(images[i : i + 2048]), prep)) for i in range(0, len(images), 2048)]
+        [channel_statistics(to_model_input(list(block), prep)) for _, block in iter_chunks(images, desc="statistics")]
     )
 
 
@@ -106,6 +132,7 @@ def _calibrate_flag(
     prep: Preprocessing,
     calibration_data: str | Path | None,
     target_rate: float,
+    what: str = "training",
 ) -> tuple[CombinedCalibration, FeatureSpace]:
     statistics = _statistics(dataset.images, prep)
     space = FeatureSpace.fit(features)
@@ -123,7 +150,7 @@ def _calibrate_flag(
     out, rest = order[: max(1, len(order) // 10)], order[max(1, len(order) // 10) :]
     return calibrate_detector(
         features[out], statistics[out], coords[out], features[rest], statistics[rest], coords[rest],
-        source=f"training images, 10 % left out of the reference ({len(out)}; in-sample: the network saw them)",
+        source=f"{what} images, 10 % left out of the reference ({len(out)}; in-sample: the network saw them)",
         space=space, target_rate=target_rate,
     ), space  # fmt: skip
 
@@ -136,17 +163,20 @@ def export_bundle(
     artefact_labels: list[str] | None = None,
     calibration_data: str | Path | None = None,
     target_rate: float = 0.01,
+    reference: str | Path | None = None,
 ) -> ExportResult:
     """center_crop: how new raw images must be cropped to look like the training data (if it was cropped).
     artefact_labels: class names that mean "artefact"; images landing among them are flagged so.
     calibration_data: images of the same collection the network never saw, for the flag's calibration
-    (serving/detector.py); without it 10 % of the training images are left out of the reference."""
+    (serving/detector.py); without it 10 % of the reference images are left out of the reference.
+    reference: the collection to map as the bundle's reference (any data spec or store at the run's
+    image size; default: the training images)."""
     out = Path(out)
     if out.exists():
         raise UserError(f"{out} already exists; choose another --out or remove it first")
     checkpoint, state = _exportable_checkpoint(Path(run_dir), allow_partial)
     model = model_from_state(state).float().eval()
-    dataset = dataset_for_state(state)
+    dataset = dataset_for_state(state) if reference is None else reference_dataset(state, reference)
     coords, features = embed_images(model, dataset.images, torch.device("cpu"))
     _check_artefact_labels(artefact_labels or [], dataset.class_names)
     prep = Preprocessing(
@@ -155,7 +185,8 @@ def export_bundle(
         resize_method=state["config"]["resize_method"],
         center_crop=center_crop,
     )
-    calibration, space = _calibrate_flag(model, dataset, coords, features, prep, calibration_data, target_rate)
+    what = "training" if reference is None else "reference"
+    calibration, space = _calibrate_flag(model, dataset, coords, features, prep, calibration_data, target_rate, what)
     staging = _staging_folder(out)
     try:
         parity = _write_model(model, dataset, coords, prep, staging)
@@ -178,7 +209,7 @@ def export_bundle(
             class_names=list(dataset.class_names),
             partial=int(state["finished_stage"]) < 3,
             finished_stage=int(state["finished_stage"]),
-            training=_provenance(checkpoint, state, len(dataset)),
+            training=_provenance(checkpoint, state, dataset, reference is not None),
             evaluation=_evaluation(Path(run_dir)),
             parity={**parity, "rule": f"max abs diff <= {PARITY_TOLERANCE} * max(1, max |torch coords|)"},
             calibration=calibration,
@@ -244,7 +275,6 @@ def _write_reference(dataset, coords: np.ndarray, features: np.ndarray, space: F
         "coords": coords.astype(np.float32),
         "ids": np.array(dataset.ids, dtype=str),
         "class_names": np.array(dataset.class_names, dtype=str),
-        "thumbnails": _thumbnails(dataset.images),
     }
     if dataset.labels is not None:
         reference["labels"] = dataset.labels
@@ -252,16 +282,54 @@ def _write_reference(dataset, coords: np.ndarray, features: np.ndarray, space: F
     reference["feature_mean"], reference["feature_components"] = space.mean, space.components
     with open(staging / REFERENCE_FILE, "wb") as handle:
         np.savez_compressed(handle, **reference)
+    _add_thumbnails(staging / REFERENCE_FILE, dataset.images)
 
 
-def _provenance(checkpoint: Path, state: dict, n_images: int) -> dict:
-    return {
+def _provenance(checkpoint: Path, state: dict, dataset: ImageDataset, other_reference: bool) -> dict:
+    """What trained the network; with another reference collection, also what the map shows."""
+    provenance = {
         "config": state["config"],
         "checkpoint": checkpoint.name,
         "checkpoint_sha256": sha256_file(checkpoint),
         "dataset_fingerprint": state["dataset"]["fingerprint"],
-        "n_images": n_images,
+        "n_images": int(state["dataset"]["n_images"]) if other_reference else len(dataset),
     }
+    if other_reference:
+        provenance["reference"] = {
+            "source": dataset.source,
+            "n_images": len(dataset),
+            "fingerprint": dataset.fingerprint(),
+        }
+    return provenance
+
+
+def reference_dataset(state: dict, reference: str | Path) -> ImageDataset:
+    """The collection to map instead of the training images: a folder, CSV or .npz is resized to the
+    run's image size as training did; a store must already be at that size (and resize method)."""
+    from training.config import TrainConfig
+    from training.store import is_store
+
+    config = TrainConfig(**state["config"])
+    size = tuple(state["dataset"]["image_size"])
+    path = Path(str(reference)).expanduser()
+    if is_store(path):
+        dataset = load_dataset(path)
+        if dataset.size != size:
+            raise UserError(
+                f"--reference {reference}: the store holds {dataset.size[0]}x{dataset.size[1]} images but the run "
+                f"was trained on {size[0]}x{size[1]}; prepare the collection at the run's size with "
+                f"`tsimcne prepare SOURCE --image-size {size[0]}x{size[1]} --out STORE`"
+            )
+        if dataset.resize_method != config.resize_method:
+            raise UserError(
+                f"--reference {reference}: the store was resized with {dataset.resize_method}, the run with "
+                f"{config.resize_method} (which serving repeats); prepare it with "
+                f"--resize-method {config.resize_method}"
+            )
+        return dataset
+    return load_dataset(
+        reference, size, config.resize_method, skip_bad=config.skip_bad, allow_upscale=config.allow_upscale
+    )
 
 
 def _evaluation(run_dir: Path) -> dict | None:

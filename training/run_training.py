@@ -175,6 +175,8 @@ def _create_run_folder(
     """The new run's folder with config.json (the data's size filled in), skipped.json, and the data
     itself when it came from memory. Replaced (--overwrite) only now that the new data has been read."""
     config = config.model_copy(update={"image_size": dataset.size})
+    if dataset.resize_method is not None:  # a store: its images were resized so; serving must do the same
+        config = config.model_copy(update={"resize_method": dataset.resize_method})
     if in_memory:
         config = config.model_copy(update={"data": str((run_dir / DATA_FILE).resolve())})
     if dist_info.is_main:

@@ -27,6 +27,7 @@ from torch.profiler import record_function
 from tqdm.auto import tqdm  # a notebook-aware bar in Jupyter, the usual one in a terminal
 
 from training.augment import BatchAugmenter, get_preset, mean_border_colour
+from training.batches import image_source
 from training.budget import BudgetPlan, epochs_for_budget, measure_step_seconds
 from training.checkpoint import save_checkpoint
 from training.config import TrainConfig
@@ -168,8 +169,9 @@ class StagedTrainer:
         self.on_epoch = on_epoch if dist_info.is_main else None
         self.show_progress = show_progress if dist_info.is_main else False
         device = runtime.device
-        self.images = torch.from_numpy(dataset.images).permute(0, 3, 1, 2).contiguous().to(device)
+        self.source = image_source(dataset.images, device)  # on the device, or streamed (training/batches.py)
         self.fill = mean_border_colour(dataset.images)
+        self.data_fingerprint = dataset.fingerprint()  # once: every checkpoint records it
         self.augment = BatchAugmenter(get_preset(config.augmentation), self.fill)
         self.loss_fn = InfoNCELoss(config.metric, config.temperature, gather_distributed=dist_info.enabled)
         torch.manual_seed(derived_seed(config.seed, "init"))
@@ -189,7 +191,7 @@ class StagedTrainer:
 
     # ----------------------------------------------------------------------------------------- state
     def _restore(self, state: dict[str, Any]) -> None:
-        if state["dataset"]["fingerprint"] != self.dataset.fingerprint():
+        if state["dataset"]["fingerprint"] != self.data_fingerprint:
             raise UserError(
                 f"the data at {self.config.data} differs from the data this run started with "
                 "(fingerprint mismatch); resume with the same data or start a new run"
@@ -214,7 +216,7 @@ class StagedTrainer:
             "width": self.config.width,
             "optimizer": optimizer.state_dict() if optimizer is not None else None,
             "dataset": {
-                "fingerprint": self.dataset.fingerprint(),
+                "fingerprint": self.data_fingerprint,
                 "n_images": len(self.dataset),
                 "image_size": list(self.dataset.size),
                 "class_names": list(self.dataset.class_names),
@@ -445,25 +447,29 @@ class StagedTrainer:
         )
         lr, stop = run.base_lr, False
         total_steps = run.epochs * run.steps_per_epoch
-        for step in range(first_step, len(batches)):
-            lr = learning_rate(epoch * run.steps_per_epoch + step, total_steps, run.warmup_steps, run.base_lr)
-            for group in run.optimizer.param_groups:
-                group["lr"] = lr
-            loss = self.train_step(run.model, run.optimizer, run.trainable, batches[step], stage, epoch, step)
-            loss_sum += loss.detach()
-            images_seen += len(batches[step]) * self.dist.world_size
-            if not bar.disable and (bar.n % 5 == 0 or step == len(batches) - 1):  # .item() waits for a GPU
-                rate = images_seen / max(1e-9, time.perf_counter() - started)
-                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}", refresh=False)
-            bar.update(1)
-            stop = self._stop_requested(guard, last_step=step == len(batches) - 1)
-            if stop and step + 1 < len(batches):
-                bar.close()
-                self.position = Position(stage, epoch, step + 1)
-                self._partial_loss = float(loss_sum)
-                self._save(run.optimizer)
-                self.echo(f"checkpoint saved at stage {stage}, epoch {epoch + 1}, step {step + 1}: {self.run_dir}")
-                return None
+        # read ahead when streamed from a store; closing stops the read-ahead thread however the epoch ends
+        with contextlib.closing(self.source.iterate(batches[first_step:])) as images:
+            for step, batch in zip(range(first_step, len(batches)), images, strict=True):
+                lr = learning_rate(epoch * run.steps_per_epoch + step, total_steps, run.warmup_steps, run.base_lr)
+                for group in run.optimizer.param_groups:
+                    group["lr"] = lr
+                loss = self.train_step(
+                    run.model, run.optimizer, run.trainable, batches[step], stage, epoch, step, batch=batch
+                )
+                loss_sum += loss.detach()
+                images_seen += len(batches[step]) * self.dist.world_size
+                if not bar.disable and (bar.n % 5 == 0 or step == len(batches) - 1):  # .item() waits for a GPU
+                    rate = images_seen / max(1e-9, time.perf_counter() - started)
+                    bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}", refresh=False)
+                bar.update(1)
+                stop = self._stop_requested(guard, last_step=step == len(batches) - 1)
+                if stop and step + 1 < len(batches):
+                    bar.close()
+                    self.position = Position(stage, epoch, step + 1)
+                    self._partial_loss = float(loss_sum)
+                    self._save(run.optimizer)
+                    self.echo(f"checkpoint saved at stage {stage}, epoch {epoch + 1}, step {step + 1}: {self.run_dir}")
+                    return None
         bar.close()
         return _EpochDone(loss_sum / len(batches), images_seen, lr, time.perf_counter() - started, stop)
 
@@ -507,11 +513,15 @@ class StagedTrainer:
         stage: int,
         epoch: int,
         step: int,
+        batch: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """One optimiser step on the images `indices` (`batch`: those images already on the device,
+        uint8 NCHW, as the epoch's read-ahead delivers them)."""
         device = self.runtime.device
         generator = seeded_generator(device, self.config.seed, "augment", stage, epoch, step, self.dist.rank)
         with record_function("augment"):  # named parts for benchmarks/gpu/profile_step.py; free otherwise
-            batch = self.images[indices.to(device)]
+            if batch is None:
+                batch = self.source.gather(indices)
             views = torch.cat([self.augment(batch, generator), self.augment(batch, generator)])
             if self.runtime.channels_last:
                 views = views.contiguous(memory_format=torch.channels_last)

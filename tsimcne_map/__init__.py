@@ -6,6 +6,7 @@
     model.transform(new_images)                         # (M, 2): placed on the same map
     bundle = model.export("models/cells")               # a verified, torch-free bundle
     bundle.place(["new/cell.png"]).to_frame()           # position, flag, neighbours: what POST /embed answers
+    prepare_store("archive/", "stores/archive", image_size=28)  # `tsimcne prepare`: a collection on disk
 
 `TSimCNE` needs the training extras (torch); `Bundle` only numpy and onnxruntime, so it is imported
 without torch (`pip install ".[serve]"`). The CLI (`tsimcne`) and the HTTP service are thin shells over
@@ -23,6 +24,7 @@ from training.errors import DataError, TrainingStopped, UserError
 from tsimcne_map.bundle import Bundle, PlacedImage, Placements, ReferenceMap, SkippedImage
 
 if TYPE_CHECKING:
+    from training.store import prepare_store
     from tsimcne_map.estimator import TSimCNE
 
 __all__ = [
@@ -37,6 +39,7 @@ __all__ = [
     "TSimCNE",
     "TrainingStopped",
     "UserError",
+    "prepare_store",
 ]
 
 
@@ -46,4 +49,8 @@ def __getattr__(name: str):
         from tsimcne_map.estimator import TSimCNE
 
         return TSimCNE
+    if name == "prepare_store":  # torch-free, but only the training install has its readers' extras
+        from training.store import prepare_store
+
+        return prepare_store
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,7 +1,8 @@
 """What `TSimCNE.transform` and `Bundle.place` accept as images, brought to one list (torch-free).
 
 A list of file paths and/or arrays (any sizes), one (N, H, W[, C]) array, a folder (its image files,
-searched recursively, sorted), one image file, or a data spec the CLI reads (.npz, .csv, synthetic[:N]).
+searched recursively, sorted), one image file, or a data spec the CLI reads (.npz, .csv, synthetic[:N],
+a store folder from `tsimcne prepare`, whose rows stay memory-mapped until their batch comes).
 Files are decoded only when their batch comes, so a long list of large files is never all in memory.
 """
 
@@ -37,7 +38,12 @@ def collect_images(images: object, ids: Iterable[str] | None = None) -> list[Ima
     if isinstance(images, str | Path):
         text = str(images)
         path = Path(text).expanduser()
-        if path.is_dir():
+        if path.is_dir() and (path / "meta.json").is_file():  # a store from `tsimcne prepare`
+            from training.data import load_dataset
+
+            dataset = load_dataset(path)
+            items = [ImageItem(i, array=image) for i, image in zip(dataset.ids, dataset.images, strict=True)]
+        elif path.is_dir():
             files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
             if not files:
                 raise DataError(f"{path}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")

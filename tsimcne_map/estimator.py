@@ -109,7 +109,8 @@ class TSimCNE:
 
         images: uint8 arrays (N, H, W, 3), grayscale (N, H, W) or (N, H, W, 1|4) (16-bit and float in
             [0, 1] are scaled), a list of image file paths, or a data source as the CLI reads it: a
-            folder (one sub-folder per class, or flat), a .npz, a .csv manifest, or "synthetic:N".
+            folder (one sub-folder per class, or flat), a .npz, a .csv manifest, "synthetic:N", or a
+            store written by `tsimcne prepare` (memory-mapped: training streams it with bounded memory).
             Arrays and file lists are kept in the run folder (data.npz) so the run can be resumed and
             exported without them. All images are brought to one size: `image_size`, or their own.
         labels: one per image (ints or class names), for arrays and file lists; a folder, .npz or .csv
@@ -323,6 +324,7 @@ class TSimCNE:
         calibration_data: str | Path | None = None,
         target_rate: float = 0.01,
         allow_partial: bool = False,
+        reference: str | Path | None = None,
     ) -> Bundle:
         """Write a verified model bundle to `path` (a new folder) and open it: ONNX model (refused unless
         onnxruntime reproduces torch within 1e-4 x max(1, max |coordinate|)), the reference map, the flag's
@@ -333,6 +335,9 @@ class TSimCNE:
         flag an image `artefact`). calibration_data: >= 100 images of the same collection never trained
         on, to calibrate the flag (default: 10 % of the training images left out). target_rate: the share
         of clean images flagged (default 1 %). allow_partial: export a run that has not finished stage 3.
+        reference: map this collection instead of the training images as the bundle's reference (a
+        folder, .csv, .npz, or a store from `tsimcne prepare` at the run's image size), e.g. the whole
+        archive when the network was trained on a subset of it.
         """
         from training.export import export_bundle
 
@@ -346,6 +351,7 @@ class TSimCNE:
             artefact_labels=list(artefact_labels) if artefact_labels is not None else None,
             calibration_data=calibration_data,
             target_rate=target_rate,
+            reference=reference,
         )
         return Bundle.open(result.out, provider="cpu")
 
