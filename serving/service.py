@@ -225,7 +225,9 @@ def build_service(settings: ServiceSettings):
 
         def _info(self) -> InfoResponse:
             manifest = self.embedder.manifest
-            service_versions = installed_versions(("tsimcne-map", "bentoml", "onnxruntime", "onnxruntime-gpu", "numpy"))
+            service_versions = installed_versions(
+                ("tsimcne-map", "bentoml", "onnxruntime", "onnxruntime-gpu", "numpy", "faiss-cpu", "faiss-gpu-cu12")
+            )
             return InfoResponse(
                 bundle=manifest.name,
                 bundle_sha256=self.bundle_sha256,
@@ -236,6 +238,7 @@ def build_service(settings: ServiceSettings):
                 image_size=(manifest.preprocessing.height, manifest.preprocessing.width),
                 provider=self.embedder.provider,
                 neighbours=self.embedder.k,
+                neighbour_index=self.embedder.neighbour_index,
                 calibration=public_calibration(self.embedder.calibration),
                 evaluation=public_evaluation(manifest.evaluation),
                 partial=manifest.partial,
