@@ -202,7 +202,7 @@ def test_embed_searches_the_index_saved_in_the_bundle(server, service_bundle, ce
         "device": "cpu",
         "device_reason": "the model runs on the CPU",
     }
-    assert "feature index: faiss-flat (" in server.log_text()
+    assert '"source": "bundle file, memory-mapped"' in server.log_text()  # the start-up log says it too
     old = _without_saved_index(bundle, tmp_path / "old")
     rebuilt = BundleEmbedder(old, "cpu")
     assert rebuilt.neighbour_index["features"]["source"] == "rebuilt from bundle.json"
