@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -310,7 +311,7 @@ def calibrate_detector_and_index(
     return calibration, index
 
 
-def calibrate_detector(*args, **kwargs) -> CombinedCalibration:
+def calibrate_detector(*args: Any, **kwargs: Any) -> CombinedCalibration:
     """calibrate_detector_and_index without the index (the calibration stored in bundle.json)."""
     return calibrate_detector_and_index(*args, **kwargs)[0]
 
