@@ -33,11 +33,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /app
 # Pinned dependencies first (a layer that changes only with them), then the project without deps.
 # No torch: the core and `serve` extra do not need it. onnxruntime and onnxruntime-gpu share one package
-# folder, so the GPU image swaps one for the other instead of installing both.
+# folder, so the GPU image swaps one for the other instead of installing both; likewise faiss-cpu and
+# faiss-gpu-cu12 (FAISS GPU kernels built for compute capability 7.0-8.9, CUDA 12 from pip; where they do not
+# run, e.g. possibly on Hopper, the service keeps the feature index on the CPU and /info says why). Not yet
+# run on a GPU here.
 COPY deploy/requirements-serve.txt deploy/requirements-gpu.txt /tmp/requirements/
 RUN pip install --no-cache-dir --requirement /tmp/requirements/requirements-serve.txt \
     && if [ "${RUNTIME}" = "gpu" ]; then \
-         pip uninstall --yes onnxruntime \
+         pip uninstall --yes onnxruntime faiss-cpu \
          && pip install --no-cache-dir --requirement /tmp/requirements/requirements-gpu.txt; \
        fi \
     && rm -rf /tmp/requirements \

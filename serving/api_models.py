@@ -99,6 +99,11 @@ class InfoResponse(BaseModel):
     image_size: tuple[int, int] = Field(description="(height, width) the model takes")
     provider: str = Field(description="onnxruntime execution provider actually in use")
     neighbours: int
+    neighbour_index: dict[str, Any] | None = Field(
+        None,
+        description="how neighbours are searched: 'map' (kd-tree) and 'features' (kind, source: the bundle's "
+        "memory-mapped file or rebuilt, device: cpu or gpu, and why)",
+    )
     calibration: dict[str, Any]
     evaluation: dict[str, Any] | None
     partial: bool

@@ -4,6 +4,12 @@ models/<name>/
   model.onnx       float32 images (N, 3, H, W) in [0, 1] -> coords (N, 2), features (N, F)
   reference.npz    the training images' map: coords, labels, ids, class_names, thumbnails, and for the
                    flag their features projected as serving/detector.py FeatureSpace (no pickle)
+  reference_coords.npy, reference_features.npy
+                   the same coordinates and projected features as plain float32 arrays, memory-mapped
+                   by serving (bundles exported since issue 14; older ones have only reference.npz)
+  reference_features.faiss
+                   the FAISS feature index the flag was calibrated with (when export had faiss-cpu),
+                   memory-mapped by serving instead of being rebuilt in every worker
   map.png          the reference map picture
   bundle.json      schema version, preprocessing, outputs, classes, provenance, parity, flag calibration
                    (typed: serving/calibration.py), sha256 of every file
@@ -32,6 +38,9 @@ MANIFEST = "bundle.json"
 MODEL_FILE = "model.onnx"
 REFERENCE_FILE = "reference.npz"
 MAP_FILE = "map.png"
+COORDS_FILE = "reference_coords.npy"
+FEATURES_FILE = "reference_features.npy"
+FEATURE_INDEX_FILE = "reference_features.faiss"
 # What `tsimcne export` writes: plain names in the bundle folder itself.
 _PLAIN_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 

@@ -20,17 +20,22 @@ calibration images, so a score above 1 is flagged and exactly `target_rate` of t
 are. Calibration images are ideally held-out images the network never saw (`tsimcne export
 --calibration-data`); without them 10 % of the training images are left out of the reference instead
 (in-sample: the network has seen them; the bundle records which was used). Near-duplicates within one
-request are those closer in features than all but `target_rate` of distinct clean images. numpy, and
-faiss-cpu for the feature index where it is installed (`plan_feature_index`).
+request are those closer in features than all but `target_rate` of distinct clean images. numpy, scipy's
+k-d tree for the map positions, and faiss-cpu for the feature index where it is installed
+(`plan_feature_index`; export saves it in the bundle and serving memory-maps it, `open_feature_index`).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
+from serving.bundle import BundleError
 from serving.calibration import (
     DEFAULT_K,
     CombinedCalibration,
@@ -41,10 +46,13 @@ from serving.calibration import (
 )
 from serving.neighbours import (
     EXACT_LIMIT,
+    FaissIndex,
     NeighbourIndex,
     build_faiss_index,
     build_index,
+    build_map_index,
     faiss_available,
+    faiss_gpus,
     nearest_other,
     recall_against,
     recall_at_k,
@@ -121,21 +129,90 @@ class FeatureSpace:
 
 
 def feature_index(reference_projected: np.ndarray, record: FeatureIndex | None) -> NeighbourIndex:
-    """The index over the reference features that `record` (bundle.json) describes, as export built it.
+    """The index over the reference features that `record` (bundle.json) describes, built as export built it
+    (bundles without an index file: exported before it was saved, or served by rebuilding).
 
-    float32; exact numpy search one matrix product per chunk of 256 queries: the reference (17,000 x 128
-    for PBC) is read once per batch instead of once per image, which is what makes the flag cheap under
+    float32; exact numpy search in blocks of queries within a byte budget: the reference (17,000 x 128
+    for PBC) is read once per block instead of once per image, which is what makes the flag cheap under
     load. A FAISS index in a bundle opened where faiss-cpu is missing is searched exactly instead (the
     same neighbours, or better than IVF's), with a warning."""
     vectors = np.asarray(reference_projected, dtype=np.float32)
     if record is None or record.kind == "exact":
-        return build_index(vectors, dtype=np.float32, chunk=256)
+        return build_index(vectors, dtype=np.float32)
     if not faiss_available():
         logger.warning("the bundle's %s feature index needs faiss-cpu (not installed): searching exactly", record.kind)
-        return build_index(vectors, dtype=np.float32, chunk=256)
+        return build_index(vectors, dtype=np.float32)
     if record.kind == "faiss-flat":
         return build_faiss_index(vectors, "flat")
     return build_faiss_index(vectors, "ivf", nlist=record.nlist, nprobe=record.nprobe or 1, refine=record.refine or 4)
+
+
+def load_feature_index(index_file: Path, record: FeatureIndex, reference_size: int, dims: int) -> FaissIndex:
+    """The FAISS index export saved in the bundle, memory-mapped, checked against its record in bundle.json
+    and the reference features (BundleError naming the file otherwise); nprobe as the record says."""
+    try:
+        index = FaissIndex.load(index_file, mmap=True)
+    except (RuntimeError, ValueError) as exc:
+        raise BundleError(f"{index_file}: not a readable FAISS index ({str(exc).splitlines()[0]})") from exc
+    expected = {"faiss-flat": "flat", "faiss-ivf": "ivf"}.get(record.kind)
+    if index.kind != expected:
+        raise BundleError(f"{index_file}: a {index.kind} index, but bundle.json's feature index is {record.kind}")
+    if len(index) != reference_size or index.dims != dims:
+        raise BundleError(
+            f"{index_file}: holds {len(index)} vectors of {index.dims} dimensions; the reference features are "
+            f"{reference_size} x {dims}"
+        )
+    if index.kind == "ivf":
+        if record.nlist is not None and index.nlist != record.nlist:
+            raise BundleError(f"{index_file}: {index.nlist} IVF cells, bundle.json says {record.nlist}")
+        index.nprobe = record.nprobe or 1
+    return index
+
+
+def open_feature_index(
+    reference_projected: np.ndarray, record: FeatureIndex | None, index_file: Path | None = None, gpu: bool = False
+) -> tuple[NeighbourIndex, dict[str, str]]:
+    """The feature index a serving worker searches, and how it got it (logged, and shown in GET /info).
+
+    From the bundle's index file when there is one (memory-mapped: the workers share one copy), else
+    rebuilt from bundle.json's record (`feature_index`). gpu=True (the model runs on CUDA): a FAISS index is
+    moved to the GPU when this faiss has GPU support and sees a device; where that fails it stays on the
+    CPU, and the reason is recorded."""
+    vectors = np.asarray(reference_projected)
+    kind = record.kind if record is not None else "exact"
+    if index_file is not None and record is not None and kind != "exact" and faiss_available():
+        index: NeighbourIndex = load_feature_index(index_file, record, len(vectors), vectors.shape[1])
+        source = "bundle file, memory-mapped" if index.memory_mapped else "bundle file, read into memory"
+    else:
+        index = feature_index(vectors, record)
+        source = "rebuilt from bundle.json" if isinstance(index, FaissIndex) else "exact numpy search"
+    info = {"kind": kind, "source": source, "device": "cpu", "device_reason": "the model runs on the CPU"}
+    if isinstance(index, FaissIndex) and gpu:
+        info["device_reason"] = _move_to_gpu(index)
+        info["device"] = index.device
+    elif gpu:
+        info["device_reason"] = "numpy exact search runs on the CPU"
+    logger.info(
+        "feature index: %s (%d vectors), %s, on the %s (%s)",
+        kind, len(index), source, info["device"].upper(), info["device_reason"],
+    )  # fmt: skip
+    return index, info
+
+
+def _move_to_gpu(index: FaissIndex) -> str:
+    """Move `index` to the first CUDA device if faiss can; the reason for where it ended up."""
+    import faiss
+
+    if not hasattr(faiss, "StandardGpuResources"):
+        return "this faiss has no GPU support (faiss-cpu; the GPU image installs faiss-gpu-cu12)"
+    if faiss_gpus() == 0:
+        return "faiss sees no CUDA device"
+    try:
+        index.to_gpu(0)
+    except Exception as exc:  # a device the wheel was not built for, out of memory, nprobe above the limit
+        logger.warning("the feature index stays on the CPU: moving it to the GPU failed: %s", exc)
+        return f"moving it to the GPU failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+    return "faiss GPU index on CUDA device 0"
 
 
 def plan_feature_index(
@@ -152,7 +229,7 @@ def plan_feature_index(
     from 8 until its recall@k against exact search on (up to `sample` of) `queries` reaches `target_recall`
     (or every cell is searched). Without faiss-cpu: exact numpy search."""
     vectors = np.asarray(reference_projected, dtype=np.float32)
-    exact = build_index(vectors, dtype=np.float32, chunk=256)
+    exact = build_index(vectors, dtype=np.float32)
     k = int(min(k, len(vectors)))
     picked = np.random.default_rng(0).permutation(len(queries))[:sample]
     probe = np.asarray(queries, dtype=np.float32)[np.sort(picked)]
@@ -164,11 +241,15 @@ def plan_feature_index(
         return index, FeatureIndex(kind="faiss-flat", recall=recall_at_k(index, exact, probe, k), **fields)
     index = build_faiss_index(vectors, "ivf", nprobe=8)
     truth = true_neighbours(exact, probe, k)  # once: the exact search is the costly part of each try
-    while True:
-        recall = recall_against(index, truth, probe, k)
-        if recall >= target_recall or index.nprobe >= index.nlist:
-            break
-        index.nprobe = index.nprobe * 2
+    with tqdm(desc="tuning nprobe", unit="try", leave=False, disable=None) as bar:
+        while True:
+            recall = recall_against(index, truth, probe, k)
+            bar.set_postfix(nprobe=index.nprobe, recall=f"{recall:.4f}")
+            bar.update()
+            if recall >= target_recall or index.nprobe >= index.nlist:
+                break
+            index.nprobe = index.nprobe * 2
+    logger.info("IVF feature index: %d cells, nprobe %d, recall@%d %.4f", index.nlist, index.nprobe, k, recall)
     record = FeatureIndex(
         kind="faiss-ivf", nlist=index.nlist, nprobe=index.nprobe, refine=index.refine, recall=recall, **fields
     )
@@ -179,7 +260,7 @@ def _quantile(values: np.ndarray, target_rate: float) -> float:
     return max(float(np.quantile(values, 1 - target_rate)), 1e-12)
 
 
-def calibrate_detector(
+def calibrate_detector_and_index(
     calibration_features: np.ndarray,
     calibration_statistics: np.ndarray,
     calibration_coords: np.ndarray,
@@ -191,9 +272,10 @@ def calibrate_detector(
     k: int = DEFAULT_K,
     target_rate: float = 0.01,
     index_exact_limit: int = EXACT_LIMIT,
-) -> CombinedCalibration:
+) -> tuple[CombinedCalibration, NeighbourIndex]:
     """The calibration stored in bundle.json: every scale and threshold the service needs, and the
-    feature index (with its recall) that the feature distances were measured with and are served with."""
+    feature index (with its recall) that the feature distances were measured with and are served with;
+    and that index itself (over `reference_features`), which export can save instead of building it again."""
     if not 0 < target_rate < 1:
         raise ValueError(f"target_rate must be between 0 and 1, got {target_rate}")
     pixels = PixelModel.fit(reference_statistics)
@@ -201,9 +283,11 @@ def calibrate_detector(
     index, index_record = plan_feature_index(
         space.project(reference_features), calibration_projected, k, exact_limit=index_exact_limit
     )
-    feature_distance = index.kth_distance(calibration_projected, k)
+    feature_distance = _kth_with_progress(index, calibration_projected, k, "feature distances")
     pixel_distance = pixels.distance(calibration_statistics)
-    position_distance = build_index(reference_coords).kth_distance(calibration_coords, k)
+    position_distance = _kth_with_progress(
+        build_map_index(reference_coords), np.asarray(calibration_coords), k, "map distances"
+    )
     feature_scale, pixel_scale = _quantile(feature_distance, target_rate), _quantile(pixel_distance, target_rate)
     position_scale = _quantile(position_distance, target_rate)
     combined = np.maximum.reduce(
@@ -213,7 +297,7 @@ def calibrate_detector(
     # (At most 2,000 calibration images for this: the pairwise matrix grows with the square.)
     sample = np.random.default_rng(0).permutation(len(calibration_features))[:2000]
     _, nearest_distance = nearest_other(space.project(calibration_features[sample]))
-    return CombinedCalibration(
+    calibration = CombinedCalibration(
         duplicate_distance=float(np.quantile(nearest_distance, target_rate)),
         target_false_flag_rate=float(target_rate),
         source=source,
@@ -224,6 +308,22 @@ def calibrate_detector(
         pixels=pixels.calibration(pixel_scale),
         position=PositionScale(k=int(min(k, len(reference_coords))), threshold=position_scale),
     )
+    return calibration, index
+
+
+def calibrate_detector(*args: Any, **kwargs: Any) -> CombinedCalibration:
+    """calibrate_detector_and_index without the index (the calibration stored in bundle.json)."""
+    return calibrate_detector_and_index(*args, **kwargs)[0]
+
+
+def _kth_with_progress(index: NeighbourIndex, queries: np.ndarray, k: int, what: str, step: int = 4096) -> np.ndarray:
+    """index.kth_distance over `queries`, `step` at a time with a progress bar (10^5 calibration images
+    against 10^6 reference images take minutes)."""
+    parts = [
+        index.kth_distance(queries[start : start + step], k)
+        for start in tqdm(range(0, len(queries), step), desc=f"calibration: {what}", leave=False, disable=None)
+    ]
+    return np.concatenate(parts) if parts else np.empty(0)
 
 
 @dataclass
@@ -237,14 +337,23 @@ class Evidence:
 class Detector:
     """Applies a bundle's calibration to new images."""
 
-    def __init__(self, calibration: CombinedCalibration, reference_projected: np.ndarray, space: FeatureSpace) -> None:
-        """reference_projected: the reference images' features already in `space` (as reference.npz keeps them)."""
+    def __init__(
+        self,
+        calibration: CombinedCalibration,
+        reference_projected: np.ndarray,
+        space: FeatureSpace,
+        index_file: Path | None = None,
+        gpu: bool = False,
+    ) -> None:
+        """reference_projected: the reference images' features already in `space` (as the bundle keeps them).
+        index_file: the bundle's saved feature index, if it has one; gpu: the model runs on CUDA
+        (`open_feature_index`)."""
         self.space = space
         self.calibration = calibration
         self.k = calibration.k
-        # float32 and one matrix product per chunk of 256: the reference (17,000 x 128 for PBC) is read
-        # once per batch instead of once per image, which is what makes the flag cheap under load.
-        self.index = feature_index(reference_projected, calibration.features.index)
+        self.index, self.index_info = open_feature_index(
+            reference_projected, calibration.features.index, index_file, gpu
+        )
         self.pixels = PixelModel.from_calibration(calibration.pixels)
         self.feature_scale = calibration.features.scale
         self.pixel_scale = calibration.pixels.scale

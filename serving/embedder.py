@@ -6,8 +6,8 @@ majority label among them with its share, and the flag with its score and eviden
 only composes the parts, each with one job:
 
 - serving/session.py `ModelSession`: the execution provider and the onnxruntime session;
-- serving/reference.py `ReferenceSet`: the reference map read from reference.npz, majority labels;
-- serving/neighbours.py `build_index`: the nearest-neighbour search on the map (exact today);
+- serving/reference.py `ReferenceSet`: the reference map (reference.npz and its memory-mapped arrays);
+- serving/neighbours.py `build_map_index`: the nearest-neighbour search on the map (a k-d tree);
 - serving/flags.py `choose_flag`: which flag the bundle's calibration supports, and applying it.
 """
 
@@ -20,7 +20,7 @@ import numpy as np
 
 from serving.bundle import MODEL_FILE, REFERENCE_FILE, open_bundle
 from serving.flags import choose_flag, flag_name
-from serving.neighbours import build_index
+from serving.neighbours import build_map_index
 from serving.preprocess import to_model_input
 from serving.reference import ReferenceSet
 from serving.session import ModelSession
@@ -58,9 +58,12 @@ class BundleEmbedder:
         self.folder = Path(bundle)
         self.manifest = open_bundle(self.folder)
         self.model = ModelSession(self.folder / MODEL_FILE, provider, threads, spin, self.manifest.input_name)
-        self.reference = ReferenceSet.load(self.folder / REFERENCE_FILE, self.manifest.class_names)
-        self.map_index = build_index(self.reference.coords.astype(np.float64))
-        self.flag = choose_flag(self.manifest.calibration, self.reference)
+        self.reference = ReferenceSet.load(
+            self.folder / REFERENCE_FILE, self.manifest.class_names, listed=self.manifest.files
+        )
+        self.map_index = build_map_index(self.reference.coords)
+        on_gpu = self.model.provider == "CUDAExecutionProvider"
+        self.flag = choose_flag(self.manifest.calibration, self.reference, gpu=on_gpu)
         self.calibration = self.flag.calibration
         self.k = min(neighbours, len(self.reference))
         self.position_k = min(self.flag.k, len(self.reference))
@@ -70,6 +73,12 @@ class BundleEmbedder:
     @property
     def provider(self) -> str:
         return self.model.provider
+
+    @property
+    def neighbour_index(self) -> dict[str, object]:
+        """How the neighbours are searched (GET /info): the map's index, and the feature index's kind,
+        where it came from (the bundle's file, memory-mapped, or rebuilt) and its device with the reason."""
+        return {"map": self.map_index.kind, "features": self.flag.index_info}
 
     @property
     def session(self):  # the onnxruntime session itself (benchmarks time the model alone)

@@ -5,7 +5,7 @@ point over a threshold set so that `target_rate` of held-out reference points ex
 reference points are held out; each one's k-th neighbour among the other 90 % is measured). Bundles
 exported before the combined flag (serving/detector.py) carry this calibration, or none (then it is
 computed from the reference map when the bundle is opened), and keep using it. The neighbour search
-itself is serving/neighbours.py.
+itself is serving/neighbours.py (a k-d tree over the map).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from serving.calibration import DEFAULT_K, DEFAULT_TARGET_RATE, PositionCalibration
-from serving.neighbours import build_index, kth_smallest, pairwise_distances
+from serving.neighbours import build_map_index
 
 HOLDOUT = 0.1
 
@@ -30,7 +30,7 @@ def calibrate(
     held, rest = coords[order[:n_held]], coords[order[n_held:]]
     if len(rest) < 1:
         raise ValueError("need at least 2 reference points to calibrate")
-    distances = build_index(rest).kth_distance(held, k)
+    distances = build_map_index(rest).kth_distance(held, k)
     threshold = float(np.quantile(distances, 1 - target_rate))
     return PositionCalibration(
         k=int(min(k, len(rest))),
@@ -51,4 +51,4 @@ def score_from_kth_distance(
 
 def score(points: np.ndarray, reference: np.ndarray, calibration: PositionCalibration) -> tuple[np.ndarray, np.ndarray]:
     """(score, out_of_distribution flag) for each point; flag = score > 1."""
-    return score_from_kth_distance(kth_smallest(pairwise_distances(points, reference), calibration.k), calibration)
+    return score_from_kth_distance(build_map_index(reference).kth_distance(points, calibration.k), calibration)

@@ -34,6 +34,7 @@ class Assessment:
 
 class PositionFlag:
     uses_features = False
+    index_info = None  # no feature index
 
     def __init__(self, calibration: PositionCalibration) -> None:
         self.calibration = calibration
@@ -55,10 +56,11 @@ class PositionFlag:
 class CombinedFlag:
     uses_features = True
 
-    def __init__(self, calibration: CombinedCalibration, reference: ReferenceSet) -> None:
+    def __init__(self, calibration: CombinedCalibration, reference: ReferenceSet, gpu: bool = False) -> None:
         assert reference.features is not None and reference.space is not None
         self.calibration = calibration
-        self.detector = Detector(calibration, reference.features, reference.space)
+        self.detector = Detector(calibration, reference.features, reference.space, reference.feature_index_file, gpu)
+        self.index_info = self.detector.index_info
         self.k = calibration.position.k
 
     def feature_distance(self, features: np.ndarray) -> np.ndarray:
@@ -84,12 +86,13 @@ class CombinedFlag:
 
 
 def choose_flag(
-    calibration: CombinedCalibration | PositionCalibration | None, reference: ReferenceSet
+    calibration: CombinedCalibration | PositionCalibration | None, reference: ReferenceSet, gpu: bool = False
 ) -> CombinedFlag | PositionFlag:
-    """The flag a bundle supports: combined when it has that calibration and the features it needs."""
+    """The flag a bundle supports: combined when it has that calibration and the features it needs.
+    gpu: the model runs on CUDA, so the feature index may go to the GPU too (serving/detector.py)."""
     if isinstance(calibration, CombinedCalibration):
         if reference.has_features:
-            return CombinedFlag(calibration, reference)
+            return CombinedFlag(calibration, reference, gpu)
         return PositionFlag(calibration.position_only())
     return PositionFlag(calibration if calibration is not None else calibrate(reference.coords))
 

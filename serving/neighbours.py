@@ -1,15 +1,23 @@
 """Nearest-neighbour search, in one place: the map's neighbours, the flag's feature and position
-distances, at export (calibration) and in serving alike. numpy only.
+distances, at export (calibration) and in serving alike.
 
-Everything that searches a reference set goes through a `NeighbourIndex`. Two implementations:
-- `ExactIndex` (numpy brute force: one matrix product per chunk of queries, exact, no extra memory
-  beyond the reference): the 2-D map, and the features of bundles exported without FAISS;
+Everything that searches a reference set goes through a `NeighbourIndex`. Three implementations:
+- `TreeIndex` (scipy's k-d tree): the 2-D map (positions, the flag's position distance): exact, and
+  O(log n) per query instead of a pass over every reference point;
+- `ExactIndex` (numpy brute force: one matrix product per block of queries, exact): the features of
+  bundles exported without FAISS or served where faiss is not installed;
 - `FaissIndex` (faiss-cpu): the network features of bundles exported with it. Exact (a flat index) up to
   `EXACT_LIMIT` reference vectors; above it an inverted-file index (IVF) whose candidates, found from
   8-bit codes in the `nprobe` nearest of `nlist` cells, are re-ranked with exact float32 distances. The
   export measures its recall against exact search and raises `nprobe` until it reaches the target
   (serving/detector.py `plan_feature_index`); the flag is calibrated with the very index it is served with.
-`build_index` makes the exact index; `build_faiss_index` the FAISS one from its parameters.
+  Export writes the index into the bundle; serving memory-maps it (`FaissIndex.load`), so that the
+  workers of one machine share one copy in the page cache, and moves it to a GPU where there is one
+  (`FaissIndex.to_gpu`).
+
+Every exact distance computation works on blocks of queries sized by a byte budget (`rows_within`:
+`DISTANCE_BUDGET` bytes of distances at a time), never on a fixed number of rows: against 10^6
+reference points a block of 1,024 float64 rows would be 8 GB.
 
 Distances are Euclidean. `search` returns each query's k nearest reference rows, nearest first;
 `kth_distance` only the k-th smallest distance (1-based), which the flag needs and which an exact
@@ -18,10 +26,20 @@ search gets from one partial sort without ordering the rest.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+from tqdm.auto import tqdm
+
+logger = logging.getLogger("tsimcne")
+
+# Bytes of distances one block of queries may hold against the whole reference (float64: 32 MiB is
+# 4,194 rows against 1,000 reference points, 4 rows against 1,000,000). Temporaries of the same size
+# (the matrix product, the partial sort) come on top, so the peak is a small multiple of it.
+DISTANCE_BUDGET = 32 * 2**20
 
 
 @runtime_checkable
@@ -43,10 +61,22 @@ class NeighbourIndex(Protocol):
         ...
 
 
+def rows_within(budget: int, columns: int, itemsize: int) -> int:
+    """How many rows of `columns` values of `itemsize` bytes fit in `budget` bytes (at least 1)."""
+    return max(1, int(budget) // max(1, columns * itemsize))
+
+
+def blocks(count: int, rows: int) -> Iterator[slice]:
+    """Consecutive slices of at most `rows` covering range(count)."""
+    for start in range(0, count, rows):
+        yield slice(start, min(start + rows, count))
+
+
 def pairwise_distances(
     points: np.ndarray, reference: np.ndarray, reference_sq: np.ndarray | None = None, dtype: type = np.float64
 ) -> np.ndarray:
-    """Euclidean distances (n_points, n_reference), without an (n, m, d) temporary.
+    """Euclidean distances (n_points, n_reference), without an (n, m, d) temporary. The whole matrix at
+    once: callers with a large reference go through an index, which calls this per block of queries.
 
     reference_sq: the reference points' squared norms (in `dtype`), when the caller keeps them: a service
     placing a few images on a large map would otherwise spend most of this function recomputing them.
@@ -65,50 +95,70 @@ def kth_smallest(distances: np.ndarray, k: int) -> np.ndarray:
     return np.partition(distances, k - 1, axis=1)[:, k - 1]
 
 
-def nearest_other(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For each row, the index of and distance to the nearest other row of the same (small) set: the
-    near-duplicates within one request, and the duplicate threshold's calibration sample (<= 2,000)."""
-    distances = pairwise_distances(vectors, vectors) + np.eye(len(vectors)) * 1e9
-    index = distances.argmin(1)
-    return index, distances[np.arange(len(vectors)), index]
+def nearest_other(vectors: np.ndarray, budget: int = DISTANCE_BUDGET) -> tuple[np.ndarray, np.ndarray]:
+    """For each row, the index of and distance to the nearest other row of the same set: the
+    near-duplicates within one request, and the duplicate threshold's calibration sample (<= 2,000).
+    Blocks of rows within `budget` bytes of distances."""
+    vectors = np.asarray(vectors, dtype=np.float64)
+    squared = (vectors**2).sum(1)
+    index, distance = np.empty(len(vectors), dtype=np.int64), np.empty(len(vectors))
+    for rows in blocks(len(vectors), rows_within(budget, len(vectors), 8)):
+        block = pairwise_distances(vectors[rows], vectors, squared)
+        block[np.arange(block.shape[0]), np.arange(rows.start, rows.stop)] = np.inf  # not itself
+        index[rows] = block.argmin(1)
+        distance[rows] = block[np.arange(block.shape[0]), index[rows]]
+    return index, distance
 
 
 class ExactIndex:
-    """Brute-force exact search. `dtype`: float64 (the map: 2-D, exact to the last digit) or float32
-    (features: half the memory read per query batch, which is what bounds the flag's cost under load).
-    The reference's squared norms are computed once, not per query."""
+    """Brute-force exact search. `dtype`: float64 (exact to the last digit) or float32 (features: half the
+    memory read per query block, which is what bounds the flag's cost under load). The reference's squared
+    norms are computed once, not per query. Queries are searched in blocks whose (rows, n) distance
+    matrix stays within `budget` bytes. A float32 reference that is already contiguous float32 (a
+    memory-mapped .npy) is used in place, not copied."""
 
     kind = "exact"
 
-    def __init__(self, vectors: np.ndarray, dtype: type = np.float64, chunk: int = 1024) -> None:
-        vectors = np.asarray(vectors)
+    def __init__(self, vectors: np.ndarray, dtype: type = np.float64, budget: int = DISTANCE_BUDGET) -> None:
+        if not isinstance(vectors, np.ndarray):
+            vectors = np.asarray(vectors)
         if vectors.ndim != 2 or len(vectors) == 0:
             raise ValueError(f"a neighbour index needs a non-empty (n, d) array, got shape {vectors.shape}")
-        self.vectors = np.ascontiguousarray(vectors, dtype=dtype)
+        self.vectors = vectors if vectors.dtype == dtype and vectors.flags.c_contiguous else vectors.astype(dtype)
         self.dtype = dtype
-        self.chunk = chunk
-        self._squared = (self.vectors**2).sum(1)
+        self.budget = budget
+        self._squared = np.einsum("ij,ij->i", self.vectors, self.vectors)
 
     def __len__(self) -> int:
         return len(self.vectors)
 
+    @property
+    def rows(self) -> int:
+        """Queries per block."""
+        return rows_within(self.budget, len(self), np.dtype(self.dtype).itemsize)
+
     def _distances(self, queries: np.ndarray) -> np.ndarray:
-        return pairwise_distances(np.asarray(queries), self.vectors, self._squared, self.dtype)
+        return pairwise_distances(queries, self.vectors, self._squared, self.dtype)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        # One partial sort, then only the k candidates are ordered.
+        # Per block: one partial sort, then only the k candidates are ordered.
+        queries = np.asarray(queries)
         k = min(k, len(self))
-        distances = self._distances(queries)
-        candidates = np.argpartition(distances, k - 1, axis=1)[:, :k]
-        candidate_distances = np.take_along_axis(distances, candidates, axis=1)
-        order = candidate_distances.argsort(axis=1)
-        return np.take_along_axis(candidate_distances, order, axis=1), np.take_along_axis(candidates, order, axis=1)
+        found = np.empty((len(queries), k), dtype=np.float64), np.empty((len(queries), k), dtype=np.int64)
+        for rows in blocks(len(queries), self.rows):
+            distances = self._distances(queries[rows])
+            candidates = np.argpartition(distances, k - 1, axis=1)[:, :k]
+            candidate_distances = np.take_along_axis(distances, candidates, axis=1)
+            order = candidate_distances.argsort(axis=1, kind="stable")
+            found[0][rows] = np.take_along_axis(candidate_distances, order, axis=1)
+            found[1][rows] = np.take_along_axis(candidates, order, axis=1)
+        return found
 
     def kth_distance(self, queries: np.ndarray, k: int) -> np.ndarray:
         queries = np.asarray(queries)
         out = np.empty(len(queries))
-        for start in range(0, len(queries), self.chunk):
-            out[start : start + self.chunk] = kth_smallest(self._distances(queries[start : start + self.chunk]), k)
+        for rows in blocks(len(queries), self.rows):
+            out[rows] = kth_smallest(self._distances(queries[rows]), k)
         return out
 
     def save(self, path: Path) -> None:
@@ -116,20 +166,64 @@ class ExactIndex:
             np.save(handle, self.vectors, allow_pickle=False)
 
     @classmethod
-    def load(cls, path: Path, chunk: int = 1024) -> ExactIndex:
-        vectors = np.load(path, allow_pickle=False)
-        return cls(vectors, dtype=vectors.dtype.type, chunk=chunk)
+    def load(cls, path: Path, budget: int = DISTANCE_BUDGET) -> ExactIndex:
+        vectors = np.load(path, allow_pickle=False, mmap_mode="r")
+        return cls(vectors, dtype=vectors.dtype.type, budget=budget)
 
 
-def build_index(vectors: np.ndarray, dtype: type = np.float64, chunk: int = 1024) -> NeighbourIndex:
-    """The exact index (the map's neighbours; the features of bundles exported without FAISS)."""
-    return ExactIndex(vectors, dtype=dtype, chunk=chunk)
+class TreeIndex:
+    """Exact search in a low-dimensional space (the 2-D map) with scipy's k-d tree: O(log n) per query
+    where brute force reads every reference point. float64, as the map's distances always were."""
+
+    kind = "kd-tree"
+
+    def __init__(self, vectors: np.ndarray) -> None:
+        from scipy.spatial import cKDTree
+
+        vectors = np.asarray(vectors, dtype=np.float64)
+        if vectors.ndim != 2 or len(vectors) == 0:
+            raise ValueError(f"a neighbour index needs a non-empty (n, d) array, got shape {vectors.shape}")
+        self.vectors = vectors
+        self.tree = cKDTree(vectors, copy_data=False, balanced_tree=False)
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        k = min(k, len(self))
+        distances, indices = self.tree.query(np.asarray(queries, dtype=np.float64), k=[*range(1, k + 1)])
+        return distances.astype(np.float64), indices.astype(np.int64)
+
+    def kth_distance(self, queries: np.ndarray, k: int) -> np.ndarray:
+        k = min(k, len(self))
+        distances, _ = self.tree.query(np.asarray(queries, dtype=np.float64), k=[k])
+        return distances[:, 0].astype(np.float64)
+
+    def save(self, path: Path) -> None:
+        with open(path, "wb") as handle:
+            np.save(handle, self.vectors, allow_pickle=False)
+
+    @classmethod
+    def load(cls, path: Path) -> TreeIndex:
+        return cls(np.load(path, allow_pickle=False))
+
+
+def build_index(vectors: np.ndarray, dtype: type = np.float64, budget: int = DISTANCE_BUDGET) -> NeighbourIndex:
+    """The exact brute-force index (the features of bundles exported without FAISS)."""
+    return ExactIndex(vectors, dtype=dtype, budget=budget)
+
+
+def build_map_index(coords: np.ndarray) -> NeighbourIndex:
+    """The index over map positions (2-D, or 1-D/3-D maps): a k-d tree."""
+    return TreeIndex(coords)
 
 
 # Up to this many reference vectors FAISS searches exactly (flat): a 64-image request against 200,000
 # 32-D features reads 26 MB, a few milliseconds; above it the IVF index is used.
 EXACT_LIMIT = 200_000
 FAISS_SEED = 1234  # the IVF's k-means: the same cells at export and in every serving worker
+ADD_BLOCK = 65_536  # vectors added to a FAISS index at a time (a progress bar step)
+GPU_MAX_K = 2048  # FAISS GPU indexes select at most this many neighbours, and probe at most this many cells
 
 
 def faiss_available() -> bool:
@@ -140,16 +234,41 @@ def faiss_available() -> bool:
     return True
 
 
+def faiss_gpus() -> int:
+    """CUDA devices FAISS can use: 0 with faiss-cpu (no GPU support compiled in) or without a device."""
+    try:
+        import faiss
+    except ImportError:
+        return 0
+    if not hasattr(faiss, "StandardGpuResources"):
+        return 0
+    try:
+        return int(faiss.get_num_gpus())
+    except Exception:  # a GPU build without a usable driver
+        return 0
+
+
 def ivf_cells(n: int) -> int:
     """Number of IVF cells for n vectors: ~4 sqrt(n) (FAISS's guideline for 10^6-10^7 vectors), at
     least 1 and at most n / 39 (k-means needs ~39 training points per cell)."""
     return int(max(1, min(4 * np.sqrt(n), n // 39)))
 
 
+def _add_in_blocks(index, vectors: np.ndarray, what: str) -> None:
+    """index.add, ADD_BLOCK vectors at a time, with a progress bar (1,000,000 IVF codes take minutes)."""
+    steps = list(blocks(len(vectors), ADD_BLOCK))
+    for rows in tqdm(steps, desc=f"adding to the {what} index", unit="block", leave=False, disable=None):
+        index.add(np.ascontiguousarray(vectors[rows], dtype=np.float32))
+
+
 class FaissIndex:
     """FAISS search over float32 vectors: `kind` "flat" (exact) or "ivf" (IVF over 8-bit scalar-quantised
     codes, `nlist` cells, `nprobe` searched, the best `refine` x k candidates re-ranked exactly).
-    Distances are Euclidean (FAISS gives squared ones; their square roots are returned)."""
+    Distances are Euclidean (FAISS gives squared ones; their square roots are returned).
+    `device` is "cpu", or "gpu" after `to_gpu`; `memory_mapped` tells whether `load` mapped the file."""
+
+    device = "cpu"
+    memory_mapped = False
 
     def __init__(
         self,
@@ -162,7 +281,7 @@ class FaissIndex:
     ) -> None:
         import faiss
 
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        vectors = np.asarray(vectors)
         if vectors.ndim != 2 or len(vectors) == 0:
             raise ValueError(f"a neighbour index needs a non-empty (n, d) array, got shape {vectors.shape}")
         if kind not in ("flat", "ivf"):
@@ -170,19 +289,22 @@ class FaissIndex:
         n, dims = vectors.shape
         self.kind, self.dims, self.refine = kind, dims, refine
         if kind == "flat":
-            self.nlist, self._nprobe = None, None
+            self.nlist, self._nprobe, self._ivf = None, None, None
             self.index = faiss.IndexFlatL2(dims)
         else:
             self.nlist = int(nlist or ivf_cells(n))
             quantiser = faiss.IndexFlatL2(dims)
             ivf = faiss.IndexIVFScalarQuantizer(quantiser, dims, self.nlist, faiss.ScalarQuantizer.QT_8bit)
             ivf.cp.seed = seed
-            ivf.train(vectors)
+            # k-means samples its training points itself (at most 256 per cell, with cp.seed): the same
+            # cells from the same vectors, in export and in a serving worker rebuilding an older bundle.
+            logger.info("training the IVF index: %d cells on up to %d of %d vectors", self.nlist, 256 * self.nlist, n)
+            ivf.train(np.ascontiguousarray(vectors, dtype=np.float32))
             self.index = faiss.IndexRefineFlat(ivf)
             self.index.k_factor = refine
             self._ivf, self._quantiser = ivf, quantiser  # kept alive with the wrapper
             self.nprobe = nprobe
-        self.index.add(vectors)
+        _add_in_blocks(self.index, vectors, kind)
 
     @property
     def nprobe(self) -> int | None:
@@ -209,25 +331,65 @@ class FaissIndex:
         return distances[:, -1]
 
     def save(self, path: Path) -> None:
-        """FAISS's own file format (name it `.faiss` for `load_index`)."""
+        """FAISS's own file format (name it `.faiss` for `load_index`). Only a CPU index is saved."""
         import faiss
 
+        if self.device != "cpu":
+            raise ValueError("save the index before moving it to the GPU")
         faiss.write_index(self.index, str(path))
 
     @classmethod
-    def load(cls, path: Path) -> FaissIndex:
+    def load(cls, path: Path, mmap: bool = True) -> FaissIndex:
+        """Reopen a saved index. mmap=True maps the file instead of reading it into this process:
+        faiss's IO_FLAG_MMAP_IFC maps every vector and code array of the flat and IVF-with-refinement
+        indexes used here (the older IO_FLAG_MMAP maps only IVF lists, and IO_FLAG_READ_ONLY alone maps
+        nothing; measured with faiss-cpu 1.15.1, benchmarks/README.md section 12), so the serving workers
+        of one machine share one copy in the page cache. The mapped index is read-only: nothing may be
+        added to it. A faiss without the flag reads the file into memory."""
         import faiss
 
+        flags = getattr(faiss, "IO_FLAG_MMAP_IFC", 0) if mmap else 0
         loaded = cls.__new__(cls)
-        loaded.index = faiss.read_index(str(path))
+        loaded.index = faiss.read_index(str(path), flags)
+        loaded.memory_mapped = bool(flags)
         loaded.dims = loaded.index.d
         if isinstance(loaded.index, faiss.IndexRefine):
             loaded.kind, loaded.refine = "ivf", int(loaded.index.k_factor)
             loaded._ivf = faiss.extract_index_ivf(loaded.index.base_index)
             loaded.nlist, loaded._nprobe = int(loaded._ivf.nlist), int(loaded._ivf.nprobe)
+        elif isinstance(loaded.index, faiss.IndexFlat):
+            loaded.kind, loaded.refine, loaded.nlist, loaded._nprobe, loaded._ivf = "flat", 4, None, None, None
         else:
-            loaded.kind, loaded.refine, loaded.nlist, loaded._nprobe = "flat", 4, None, None
+            raise ValueError(f"{path}: a FAISS {type(loaded.index).__name__}, not a flat or IVF-with-refinement index")
         return loaded
+
+    def to_gpu(self, device: int = 0) -> None:
+        """Move the search to CUDA device `device` (faiss with GPU support: faiss-gpu-cu12). Flat: a
+        GpuIndexFlatL2. IVF: FAISS cannot clone its re-ranking wrapper to the GPU, so the IVF part goes to
+        the GPU (where the candidates are found) and the exact re-ranking of refine x k candidates per
+        query stays on the CPU over the (memory-mapped) vectors. Raises when it cannot (no GPU build or
+        device, a GPU that the wheel was not built for, an nprobe above the GPU's limit)."""
+        import faiss
+
+        if not hasattr(faiss, "StandardGpuResources"):
+            raise RuntimeError("this faiss has no GPU support (faiss-cpu)")
+        if self.kind == "ivf" and (self._nprobe or 1) > GPU_MAX_K:
+            raise RuntimeError(f"nprobe {self._nprobe} is above the GPU limit of {GPU_MAX_K}")
+        resources = faiss.StandardGpuResources()
+        if self.kind == "flat":
+            moved = faiss.index_cpu_to_gpu(resources, device, self.index)
+            self._cpu_parts = (self.index,)
+        else:
+            gpu_ivf = faiss.index_cpu_to_gpu(resources, device, self.index.base_index)
+            gpu_ivf.nprobe = self._nprobe
+            refine = faiss.downcast_index(self.index.refine_index)
+            moved = faiss.IndexRefine(gpu_ivf, refine)
+            moved.k_factor = self.refine
+            self._cpu_parts = (self.index, gpu_ivf, refine)  # the wrapper does not own them
+            self._ivf = gpu_ivf
+        # One search proves the kernels run on this device (a wheel built for other GPUs fails here).
+        moved.search(np.zeros((1, self.dims), dtype=np.float32), 1)
+        self.index, self._resources, self.device = moved, resources, "gpu"
 
 
 def build_faiss_index(
@@ -237,18 +399,21 @@ def build_faiss_index(
 
 
 def true_neighbours(exact: NeighbourIndex, queries: np.ndarray, k: int, chunk: int = 64) -> np.ndarray:
-    """(M, k) row numbers of each query's k nearest reference rows by exact search (`chunk` queries at a
-    time: exact search holds a (chunk, n) distance matrix)."""
-    return np.concatenate([exact.search(queries[s : s + chunk], k)[1] for s in range(0, len(queries), chunk)])
+    """(M, k) row numbers of each query's k nearest reference rows by exact search (`chunk` queries per
+    progress step; the exact index itself keeps each block of distances within its byte budget)."""
+    steps = list(blocks(len(queries), chunk))
+    return np.concatenate(
+        [exact.search(queries[rows], k)[1] for rows in tqdm(steps, desc="exact neighbours", leave=False, disable=None)]
+    )
 
 
 def recall_against(index: NeighbourIndex, truth: np.ndarray, queries: np.ndarray, k: int, chunk: int = 64) -> float:
     """Share of each query's true k nearest reference rows (`truth`, from true_neighbours) that `index`
     returns among its k, averaged. The truth is computed once, however many settings are tried."""
     hits = 0
-    for start in range(0, len(queries), chunk):
-        _, found = index.search(queries[start : start + chunk], k)
-        hits += sum(len(np.intersect1d(a, b)) for a, b in zip(found, truth[start : start + chunk], strict=True))
+    for rows in blocks(len(queries), chunk):
+        _, found = index.search(queries[rows], k)
+        hits += sum(len(np.intersect1d(a, b)) for a, b in zip(found, truth[rows], strict=True))
     return hits / truth.size
 
 
@@ -265,11 +430,11 @@ def load_index(path: Path) -> NeighbourIndex:
 
 
 def kth_neighbour_distance(
-    points: np.ndarray, reference: np.ndarray, k: int, chunk: int = 1024, dtype: type = np.float64
+    points: np.ndarray, reference: np.ndarray, k: int, budget: int = DISTANCE_BUDGET, dtype: type = np.float64
 ) -> np.ndarray:
-    """Distance from each point to its k-th nearest reference point (1-based k): a one-off search
-    (a caller that searches the same reference again keeps the index from `build_index` instead)."""
-    return build_index(reference, dtype=dtype, chunk=chunk).kth_distance(points, k)
+    """Distance from each point to its k-th nearest reference point (1-based k): a one-off exact search
+    (a caller that searches the same reference again keeps an index instead)."""
+    return build_index(reference, dtype=dtype, budget=budget).kth_distance(points, k)
 
 
 def unit_rows(vectors: np.ndarray) -> np.ndarray:

@@ -19,6 +19,7 @@ own process and in each worker), so tests and tools import it freely.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -193,6 +194,8 @@ def build_service(settings: ServiceSettings):
                 self.bundle_sha256[:12],
                 self.embedder.provider,
             )
+            # Where the feature index came from (the bundle's file, memory-mapped, or rebuilt) and its device.
+            logger.info("neighbour index: %s", json.dumps(self.embedder.neighbour_index))
             metrics.BUNDLE_INFO.labels(manifest.name, self.bundle_sha256, self.embedder.provider).set(1)
             metrics.initialise(manifest.class_names)
             self.batcher = MicroBatcher(self._run_model, max_images=settings.max_batch_images)
@@ -225,7 +228,9 @@ def build_service(settings: ServiceSettings):
 
         def _info(self) -> InfoResponse:
             manifest = self.embedder.manifest
-            service_versions = installed_versions(("tsimcne-map", "bentoml", "onnxruntime", "onnxruntime-gpu", "numpy"))
+            service_versions = installed_versions(
+                ("tsimcne-map", "bentoml", "onnxruntime", "onnxruntime-gpu", "numpy", "faiss-cpu", "faiss-gpu-cu12")
+            )
             return InfoResponse(
                 bundle=manifest.name,
                 bundle_sha256=self.bundle_sha256,
@@ -236,6 +241,7 @@ def build_service(settings: ServiceSettings):
                 image_size=(manifest.preprocessing.height, manifest.preprocessing.width),
                 provider=self.embedder.provider,
                 neighbours=self.embedder.k,
+                neighbour_index=self.embedder.neighbour_index,
                 calibration=public_calibration(self.embedder.calibration),
                 evaluation=public_evaluation(manifest.evaluation),
                 partial=manifest.partial,

@@ -17,7 +17,7 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
-from serving.bundle import MANIFEST, REFERENCE_FILE, sha256_file
+from serving.bundle import COORDS_FILE, FEATURE_INDEX_FILE, FEATURES_FILE, MANIFEST, REFERENCE_FILE, sha256_file
 
 CHROMIUM_FLAGS = (
     "--headless=new",
@@ -77,12 +77,16 @@ def wait_until_drawn(driver: webdriver.Chrome, timeout: float = 60) -> dict:
     return driver.execute_script("return window.tsimcneMap.stats")
 
 
+SERVING_ARRAYS = (COORDS_FILE, FEATURES_FILE, FEATURE_INDEX_FILE)
+
+
 def tile_bundle(source: Path, target: Path, points: int, seed: int = 0, thumbnails: bool = True) -> Path:
     """A copy of bundle `source` whose reference map holds `points` points: the original map repeated,
     each copy jittered by 1 % of the map's extent (so it looks like a big collection, not stacked points),
     with ids, labels, thumbnails and features repeated alike. The flag's calibration is the original's,
     so flags on this bundle mean nothing; it is for measuring the page and the map endpoints.
-    thumbnails=False leaves them out (10,000,000 28 px thumbnails would take 23 GB)."""
+    thumbnails=False leaves them out (10,000,000 28 px thumbnails would take 23 GB). The copy has the
+    older layout (reference.npz only; serving builds the feature index from bundle.json's record)."""
     target.mkdir(parents=True)
     rng = np.random.default_rng(seed)
     with np.load(source / REFERENCE_FILE, allow_pickle=False) as reference:
@@ -101,6 +105,8 @@ def tile_bundle(source: Path, target: Path, points: int, seed: int = 0, thumbnai
     with open(target / REFERENCE_FILE, "wb") as handle:
         np.savez(handle, **data)
     manifest = json.loads((source / MANIFEST).read_text())
+    for name in SERVING_ARRAYS:  # the untiled arrays and index: left out, so serving reads reference.npz
+        manifest["files"].pop(name, None)
     for name in manifest["files"]:
         if name != REFERENCE_FILE:
             shutil.copy2(source / name, target / name)

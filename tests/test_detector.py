@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from serving import detector as detector_module
+from serving.bundle import BundleError
 from serving.calibration import FeatureIndex
 from serving.detector import (
     METHOD,
@@ -15,6 +16,7 @@ from serving.detector import (
     calibrate_detector,
     channel_statistics,
     feature_index,
+    open_feature_index,
     plan_feature_index,
 )
 from serving.neighbours import ExactIndex, FaissIndex, build_index, ivf_cells, kth_neighbour_distance, recall_at_k
@@ -123,3 +125,26 @@ def test_bundles_without_an_index_record_or_without_faiss_are_searched_exactly(m
     assert isinstance(feature_index(reference, record), FaissIndex)
     monkeypatch.setattr(detector_module, "faiss_available", lambda: False)  # opened where faiss-cpu is missing
     assert isinstance(feature_index(reference, record), ExactIndex)
+
+
+def test_a_saved_index_is_opened_memory_mapped_and_checked_against_its_record(tmp_path) -> None:
+    """open_feature_index reads the bundle's index file (not rebuilt; nprobe from bundle.json) and refuses,
+    naming the file, one that does not match the record or the reference features."""
+    reference = np.random.default_rng(7).normal(size=(2000, 8)).astype(np.float32)
+    built = FaissIndex(reference, "ivf", nprobe=3)
+    built.save(tmp_path / "reference_features.faiss")
+    fields = {"reference_size": 2000, "recall": 1.0, "recall_k": 15, "recall_queries": 10}
+    record = FeatureIndex(kind="faiss-ivf", nlist=built.nlist, nprobe=5, refine=4, **fields)
+    index, info = open_feature_index(reference, record, tmp_path / "reference_features.faiss")
+    assert isinstance(index, FaissIndex) and index.memory_mapped and index.nprobe == 5
+    assert info["source"] == "bundle file, memory-mapped" and info["device"] == "cpu"
+    _, rebuilt = open_feature_index(reference, record)  # older bundles: no file
+    assert rebuilt["source"] == "rebuilt from bundle.json"
+    with pytest.raises(BundleError, match=r"reference_features\.faiss: holds 2000 vectors"):
+        open_feature_index(reference[:1000], record, tmp_path / "reference_features.faiss")
+    flat = FeatureIndex(kind="faiss-flat", **fields)
+    with pytest.raises(BundleError, match=r"reference_features\.faiss: a ivf index, but .* faiss-flat"):
+        open_feature_index(reference, flat, tmp_path / "reference_features.faiss")
+    (tmp_path / "broken.faiss").write_bytes(b"not an index")
+    with pytest.raises(BundleError, match=r"broken\.faiss: not a readable FAISS index"):
+        open_feature_index(reference, flat, tmp_path / "broken.faiss")

@@ -15,6 +15,7 @@ from PIL import Image
 
 from serving.bundle import BundleError, open_bundle
 from serving.images import read_image, resize_rgb
+from serving.neighbours import FaissIndex
 from serving.preprocess import load_model_input
 from tests.conftest import run_cli
 from training.checkpoint import load_checkpoint
@@ -38,13 +39,25 @@ def run_and_bundle(tmp_path_factory) -> tuple[Path, Path]:
 def test_bundle_has_verified_files_and_manifest(run_and_bundle) -> None:
     _, bundle = run_and_bundle
     manifest = open_bundle(bundle)
-    assert set(manifest.files) == {"model.onnx", "reference.npz", "map.png"}
+    assert set(manifest.files) == {
+        "model.onnx",
+        "reference.npz",
+        "map.png",
+        "reference_coords.npy",
+        "reference_features.npy",
+        "reference_features.faiss",  # faiss-cpu is installed with the train extra
+    }
     assert manifest.preprocessing.height == 16 and manifest.out_dim == 2 and not manifest.partial
     assert manifest.parity["passed"] and manifest.parity["max_abs_diff"] <= manifest.parity["allowed"]
     assert len(manifest.training["checkpoint_sha256"]) == 64 and manifest.class_names
     with np.load(bundle / "reference.npz", allow_pickle=False) as reference:
         assert reference["coords"].shape == (96, 2) and reference["thumbnails"].shape == (96, 16, 16, 3)
         assert len(reference["labels"]) == len(reference["ids"]) == 96
+        # The plain arrays serving memory-maps are the same as those reference.npz keeps for older readers.
+        np.testing.assert_array_equal(np.load(bundle / "reference_coords.npy"), reference["coords"])
+        np.testing.assert_array_equal(np.load(bundle / "reference_features.npy"), reference["features"])
+    index = FaissIndex.load(bundle / "reference_features.faiss")
+    assert len(index) == 96 and index.kind == "flat" and manifest.calibration.features.index.kind == "faiss-flat"
 
 
 def test_dynamic_batch_size(run_and_bundle) -> None:

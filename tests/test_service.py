@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,6 +15,7 @@ import pytest
 from PIL import Image
 
 from serving.bundle import open_bundle
+from serving.embedder import BundleEmbedder
 from tests.attack_files import planar_tiff, solid_png, stored_pixels, with_orientation
 from tests.conftest import run_cli
 from tests.servers import metric_value, run_server_to_exit, start_server, write_broken_files, write_good_images
@@ -178,6 +181,46 @@ def test_request_shape_errors_are_4xx_naming_the_problem(server, cell, tmp_path)
             assert says in response.json()["error"], response.text
         assert client.get("/readyz").status_code == 200  # still serving
         assert client.post("/embed", files=_files([good])).status_code == 200
+
+
+def test_embed_searches_the_index_saved_in_the_bundle(server, service_bundle, cell, tmp_path) -> None:
+    """The served bundle's feature index is read from its file (memory-mapped), not rebuilt, and places
+    images exactly as the same bundle without the saved index and arrays (the older layout, rebuilt)."""
+    bundle, _ = service_bundle
+    assert {"reference_features.faiss", "reference_features.npy", "reference_coords.npy"} <= set(
+        open_bundle(bundle).files
+    )
+    paths = write_good_images(tmp_path / "images", cell)
+    with server.client() as client:
+        info = client.get("/info").json()
+        response = client.post("/embed", files=_files(paths))
+    assert response.status_code == 200, response.text
+    assert info["neighbour_index"]["map"] == "kd-tree"
+    assert info["neighbour_index"]["features"] == {
+        "kind": "faiss-flat",
+        "source": "bundle file, memory-mapped",
+        "device": "cpu",
+        "device_reason": "the model runs on the CPU",
+    }
+    assert '"source": "bundle file, memory-mapped"' in server.log_text()  # the start-up log says it too
+    old = _without_saved_index(bundle, tmp_path / "old")
+    rebuilt = BundleEmbedder(old, "cpu")
+    assert rebuilt.neighbour_index["features"]["source"] == "rebuilt from bundle.json"
+    expected = rebuilt.place([np.asarray(Image.open(p).convert("RGB")) for p in paths])
+    for image, placement in zip(response.json()["images"], expected, strict=True):
+        assert [n["index"] for n in image["neighbours"]] == placement.neighbour_indices
+        assert image["score"] == pytest.approx(placement.score, rel=1e-5)
+
+
+def _without_saved_index(bundle: Path, target: Path) -> Path:
+    """A copy of `bundle` as export wrote it before issue 14: reference.npz only, no .npy arrays or index."""
+    shutil.copytree(bundle, target)
+    manifest = json.loads((target / "bundle.json").read_text())
+    for name in ("reference_features.faiss", "reference_features.npy", "reference_coords.npy"):
+        del manifest["files"][name]
+        (target / name).unlink()
+    (target / "bundle.json").write_text(json.dumps(manifest))
+    return target
 
 
 def test_map_info_and_openapi(server, service_bundle) -> None:

@@ -28,6 +28,9 @@ import numpy as np
 import torch
 
 from serving.bundle import (
+    COORDS_FILE,
+    FEATURE_INDEX_FILE,
+    FEATURES_FILE,
     MANIFEST,
     MAP_FILE,
     MODEL_FILE,
@@ -38,8 +41,9 @@ from serving.bundle import (
     sha256_file,
 )
 from serving.calibration import CombinedCalibration
-from serving.detector import FeatureSpace, calibrate_detector, channel_statistics
+from serving.detector import FeatureSpace, calibrate_detector_and_index, channel_statistics, feature_index
 from serving.images import resize_rgb
+from serving.neighbours import FaissIndex, NeighbourIndex
 from serving.preprocess import to_model_input
 from serving.versions import package_version
 from training.checkpoint import load_checkpoint
@@ -133,7 +137,10 @@ def _calibrate_flag(
     calibration_data: str | Path | None,
     target_rate: float,
     what: str = "training",
-) -> tuple[CombinedCalibration, FeatureSpace]:
+) -> tuple[CombinedCalibration, FeatureSpace, NeighbourIndex]:
+    """The flag's calibration, the feature space, and the feature index over ALL the bundle's reference
+    images as bundle.json's record describes it (the one calibrated with when calibration images are
+    held out; built again over the whole reference when 10 % of it was left out to calibrate)."""
     statistics = _statistics(dataset.images, prep)
     space = FeatureSpace.fit(features)
     if calibration_data is not None:
@@ -141,18 +148,35 @@ def _calibrate_flag(
         if len(held) < 100:
             raise UserError(f"--calibration-data {calibration_data}: {len(held)} images; need at least 100")
         held_coords, held_features = embed_images(model, held.images, torch.device("cpu"))
-        return calibrate_detector(
+        calibration, index = calibrate_detector_and_index(
             held_features, _statistics(held.images, prep), held_coords, features, statistics, coords,
             source=f"held-out images never trained on: {held.source} ({len(held)})", space=space,
             target_rate=target_rate,
-        ), space  # fmt: skip
+        )  # fmt: skip
+        return calibration, space, index
     order = np.random.default_rng(0).permutation(len(coords))
     out, rest = order[: max(1, len(order) // 10)], order[max(1, len(order) // 10) :]
-    return calibrate_detector(
+    calibration, _ = calibrate_detector_and_index(
         features[out], statistics[out], coords[out], features[rest], statistics[rest], coords[rest],
         source=f"{what} images, 10 % left out of the reference ({len(out)}; in-sample: the network saw them)",
         space=space, target_rate=target_rate,
-    ), space  # fmt: skip
+    )  # fmt: skip
+    return calibration, space, feature_index(space.project(features), calibration.features.index)
+
+
+def _write_serving_arrays(
+    coords: np.ndarray, features: np.ndarray, space: FeatureSpace, index: NeighbourIndex, staging: Path
+) -> list[str]:
+    """The reference coordinates and projected features as plain .npy files and the FAISS feature index
+    (when export used FAISS), which serving memory-maps so that its workers share one copy
+    (serving/reference.py); the names written."""
+    np.save(staging / COORDS_FILE, np.ascontiguousarray(coords, dtype=np.float32), allow_pickle=False)
+    np.save(staging / FEATURES_FILE, space.project(features), allow_pickle=False)  # float32, C order
+    written = [COORDS_FILE, FEATURES_FILE]
+    if isinstance(index, FaissIndex):
+        index.save(staging / FEATURE_INDEX_FILE)
+        written.append(FEATURE_INDEX_FILE)
+    return written
 
 
 def export_bundle(
@@ -186,11 +210,14 @@ def export_bundle(
         center_crop=center_crop,
     )
     what = "training" if reference is None else "reference"
-    calibration, space = _calibrate_flag(model, dataset, coords, features, prep, calibration_data, target_rate, what)
+    calibration, space, index = _calibrate_flag(
+        model, dataset, coords, features, prep, calibration_data, target_rate, what
+    )
     staging = _staging_folder(out)
     try:
         parity = _write_model(model, dataset, coords, prep, staging)
         _write_reference(dataset, coords, features, space, staging)
+        serving_arrays = _write_serving_arrays(coords, features, space, index, staging)
         plot_map(
             coords[:, :2],
             dataset.labels,
@@ -215,7 +242,9 @@ def export_bundle(
             calibration=calibration,
             artefact_labels=list(artefact_labels or []),
             versions=_versions(),
-            files={name: sha256_file(staging / name) for name in (MODEL_FILE, REFERENCE_FILE, MAP_FILE)},
+            files={
+                name: sha256_file(staging / name) for name in (MODEL_FILE, REFERENCE_FILE, MAP_FILE, *serving_arrays)
+            },
         )
         (staging / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
         staging.chmod(0o755)
