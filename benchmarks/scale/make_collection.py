@@ -61,8 +61,9 @@ def main() -> None:
     parser.add_argument("--n", type=int, required=True, help="number of images")
     parser.add_argument("--out", type=Path, required=True, help="folder to create")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--source", type=Path, default=PBC, help="the .npz of real images to tile (default: PBC)")
     args = parser.parse_args()
-    classes = make_collection(args.out, args.n, seed=args.seed)
+    classes = make_collection(args.out, args.n, source=args.source, seed=args.seed)
     print(f"wrote {args.n:,} PNG files in {classes} class folders under {args.out}")
 
 

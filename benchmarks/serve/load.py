@@ -89,6 +89,22 @@ def run_locust(url: str, images_dir: Path, users: int, seconds: int, per_request
     }
 
 
+def service_memory(pid: int) -> list[dict[str, float]]:
+    """RSS and PSS (MiB; PSS divides shared pages among their users) of `bentoml serve` and each child."""
+    import psutil
+
+    processes = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    memory = []
+    for process in processes:
+        fields = {}
+        for line in Path(f"/proc/{process.pid}/smaps_rollup").read_text().splitlines()[1:]:
+            name, value, *_ = line.split()
+            if name in ("Rss:", "Pss:"):
+                fields[name.rstrip(":").lower() + "_mib"] = round(int(value) / 1024, 1)
+        memory.append({"pid": process.pid, "command": " ".join(process.cmdline()[:4]), **fields})
+    return memory
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", type=Path, default=ROOT / "models" / "pbc-cpu")
@@ -129,6 +145,7 @@ def main() -> None:
             runs.append(run)
             print(json.dumps(run), flush=True)
         assert httpx.get(server.url + "/readyz").status_code == 200
+        worker_memory = service_memory(server.process.pid)
     finally:
         server.stop()
     server_errors = server.log_text().count("status=5")
@@ -143,6 +160,7 @@ def main() -> None:
         "bundle": str(args.bundle),
         "raw_onnxruntime_images_per_s": {"before": raw_before, "after": raw_after, "mean": raw},
         "server_5xx_in_log": server_errors,
+        "service_memory_mib": worker_memory,
         "runs": runs,
     }
     (SCRATCH / "serve_load.json").write_text(json.dumps(results, indent=2))
