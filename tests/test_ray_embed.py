@@ -66,9 +66,12 @@ def test_ray_rows_equal_one_process(local_ray, service_bundle, archive, tmp_path
 
     files = list_images([archive])
     out = tmp_path / "ray-out"
+    out.mkdir()
+    (out / "old.parquet").write_text("an earlier result, replaced as a whole")
     summary = embed_on_ray(bundle, files, out, provider="cpu", batch_size=BATCH)
     assert (summary.images, summary.unreadable) == (23, 2)
-    assert summary.shards >= 1 and not list(tmp_path.glob(".ray-out.*"))  # the staging folder is gone
+    assert summary.shards >= 1 and not (out / "old.parquet").exists()
+    assert not list(tmp_path.glob(".ray-out.*"))  # neither the staging folder nor the old one is left
 
     ours, theirs = _sorted_rows(out), _sorted_rows(local)
     assert [row["index"] for row in ours] == list(range(23))
@@ -90,19 +93,6 @@ def test_ray_rows_equal_one_process(local_ray, service_bundle, archive, tmp_path
     assert by_name["cell03_again.png"]["duplicate_of"].endswith("cell03.png")  # the same image, same batch
 
 
-def test_ray_replaces_an_earlier_output_folder(local_ray, service_bundle, archive, tmp_path):
-    from tsimcne_map.ray_embed import embed_on_ray
-
-    bundle, _ = service_bundle
-    out = tmp_path / "shards"
-    out.mkdir()
-    (out / "old.parquet").write_text("an earlier run")
-    files = list_images([archive])[:5]
-    summary = embed_on_ray(bundle, files, out, provider="cpu", batch_size=BATCH)
-    assert summary.images == 5 and not (out / "old.parquet").exists()
-    assert pq.read_table(out).num_rows == 5
-
-
 def test_missing_ray_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # what an install without the [cluster] extra sees
     with pytest.raises(UserError) as raised:
@@ -120,15 +110,18 @@ def test_cli_ray_needs_an_output_folder(service_bundle, archive):
 
 def test_actor_plans_for_cpus_and_gpus():
     one_core = plan_actors("auto", {"CPU": 1.0}, onnxruntime_has_cuda=False)
-    # fractional requests: a decoding task still fits beside the actor on one CPU
-    assert (one_core.actor_cpus, one_core.decode_cpus, one_core.max_actors) == (0.5, 0.5, 1)
-    eight = plan_actors("auto", {"CPU": 8.0, "GPU": 2.0}, onnxruntime_has_cuda=False)
-    assert (eight.provider, eight.actor_gpus, eight.max_actors) == ("cpu", 0.0, 7)
+    # fractional requests: the writing task runs beside the one actor, which decodes its own chunks
+    assert (one_core.actor_cpus, one_core.write_cpus, one_core.max_actors) == (0.5, 0.5, 1)
+    assert not one_core.separate_decoding
+    eight = plan_actors("auto", {"CPU": 8.0, "GPU": 2.0}, onnxruntime_has_cuda=False)  # no onnxruntime-gpu
+    assert (eight.provider, eight.actor_gpus, eight.min_actors, eight.max_actors) == ("cpu", 0.0, 1, 7)
     gpus = plan_actors("auto", {"CPU": 32.0, "GPU": 4.0}, onnxruntime_has_cuda=True)
     assert (gpus.provider, gpus.actor_gpus, gpus.min_actors, gpus.max_actors) == ("cuda", 1.0, 4, 4)
+    assert gpus.separate_decoding and gpus.threads == 1
     halves = plan_actors("cuda", {"CPU": 32.0, "GPU": 4.0}, onnxruntime_has_cuda=True, gpus_per_actor=0.5)
     assert (halves.actor_gpus, halves.max_actors) == (0.5, 8)
     assert plan_actors("cpu", {"CPU": 32.0, "GPU": 4.0}, onnxruntime_has_cuda=True).provider == "cpu"
+    assert plan_actors("cpu", {"CPU": 32.0}, False, actors=3, cpus_per_actor=4).threads == 4
     with pytest.raises(UserError, match="has none"):
         plan_actors("cuda", {"CPU": 4.0}, onnxruntime_has_cuda=False)
 

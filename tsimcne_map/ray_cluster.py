@@ -60,21 +60,28 @@ def connect(address: str | None) -> str:
 
 @dataclass(frozen=True)
 class ActorPlan:
-    """How the placing step and the decoding before it are spread: Ray's resource requests per actor and
-    per decoding task, the actor pool's bounds and the onnxruntime provider and threads of each actor."""
+    """How the job is spread: Ray's resource requests per placing actor, per decoding task (0: the actors
+    decode themselves) and per writing task, the actor pool's bounds, and each actor's onnxruntime
+    provider and threads."""
 
     provider: str  # "cpu" or "cuda"
     actor_cpus: float
     actor_gpus: float
     min_actors: int
     max_actors: int
-    decode_cpus: float
+    decode_cpus: float  # 0: decoding happens in the actors
+    write_cpus: float
     threads: int  # onnxruntime intra-op threads per actor
+
+    @property
+    def separate_decoding(self) -> bool:
+        return self.decode_cpus > 0
 
     def describe(self) -> str:
         pool = f"{self.min_actors}" if self.min_actors == self.max_actors else f"{self.min_actors}-{self.max_actors}"
         device = f"{self.actor_gpus:g} GPU" if self.actor_gpus else f"{self.actor_cpus:g} CPU"
-        return f"{pool} onnxruntime actor(s) ({self.provider}, {device} each), decoding spread over the cluster"
+        where = "in CPU tasks across the cluster" if self.separate_decoding else "in the actors"
+        return f"{pool} onnxruntime actor(s) ({self.provider}, {device} each), decoding {where}"
 
 
 def plan_actors(
@@ -87,12 +94,14 @@ def plan_actors(
 ) -> ActorPlan:
     """The plan for a cluster with resources `cluster` (ray.cluster_resources(): "CPU", "GPU").
 
-    provider: "cpu" never asks for GPUs; "cuda" needs them (UserError otherwise); "auto" uses them when the
-    cluster has GPUs and onnxruntime here can use CUDA (onnxruntime-gpu installed). On GPUs each actor
-    takes `gpus_per_actor` (default 1) and the pool fills the GPUs; on CPUs the pool grows from one actor
-    to what the CPUs hold (at most `actors`). An actor asks for at most half the cluster's CPUs, so on one
-    CPU the requests are fractional and a decoding task still runs beside the actor instead of waiting
-    forever for the CPU the actor holds.
+    provider: "cpu" never asks for GPUs; "cuda" needs them (UserError otherwise); "auto" uses them when
+    the cluster has GPUs and onnxruntime here can use CUDA (onnxruntime-gpu installed).
+    - GPUs: each actor takes `gpus_per_actor` (default 1), the pool fills the GPUs (at most `actors`),
+      and decoding runs in separate CPU tasks anywhere in the cluster, so the GPUs never wait for it.
+    - CPUs: each actor reads, decodes and places its chunks itself (no pixels copied between processes:
+      on CPUs that copy would cost more than it frees), and the pool grows from one actor to what the
+      CPUs hold beside a writing task (at most `actors`). Requests are at most half the cluster's CPUs,
+      so on one CPU they are fractional and the writing task runs beside the actor, not after it.
     """
     if provider not in ("auto", "cpu", "cuda"):
         raise UserError(f"provider {provider!r}: choose auto, cpu or cuda")
@@ -106,6 +115,7 @@ def plan_actors(
     use_gpus = provider == "cuda" or (provider == "auto" and gpus > 0 and onnxruntime_has_cuda)
     if gpus_per_actor is not None and gpus_per_actor > 0 and provider != "cpu":
         use_gpus = True
+    write_cpus = min(1.0, cpus / 2)
     if use_gpus:
         if gpus <= 0:
             raise UserError("--provider cuda (or --gpus-per-actor) asks for GPUs, but the Ray cluster has none")
@@ -114,13 +124,11 @@ def plan_actors(
             raise UserError(f"--gpus-per-actor {per_actor:g}: the Ray cluster has {gpus:g} GPU(s)")
         fits = max(1, math.floor(gpus / per_actor + 1e-9))
         count = min(actors, fits) if actors else fits
-        actor_cpus = min(1.0, cpus / (count + 1))
-        return ActorPlan("cuda", actor_cpus, per_actor, count, count, min(1.0, cpus / 2), 1)
+        actor_cpus = min(1.0, cpus / (2 * count))  # the rest of the CPUs decode
+        return ActorPlan("cuda", actor_cpus, per_actor, count, count, min(1.0, cpus / 2), write_cpus, 1)
     actor_cpus = min(cpus_per_actor, cpus / 2)
-    decode_cpus = min(1.0, cpus / 2)
-    # Leave at least one decoding task's worth of CPU beside the actors.
-    fits = max(1, math.floor((cpus - decode_cpus) / actor_cpus + 1e-9))
-    return ActorPlan("cpu", actor_cpus, 0.0, 1, actors or fits, decode_cpus, max(1, round(actor_cpus)))
+    fits = max(1, math.floor((cpus - write_cpus) / actor_cpus + 1e-9))
+    return ActorPlan("cpu", actor_cpus, 0.0, 1, actors or fits, 0.0, write_cpus, max(1, round(actor_cpus)))
 
 
 def onnxruntime_has_cuda() -> bool:

@@ -2,10 +2,11 @@
 
 The unit of work is a chunk of `batch_size` listed files, the batch one process would run: so the rows
 written are the same as `Bundle.place` writes, `duplicate_of` included (it looks within a batch).
-1. `from_items`: the chunks (start index, ids as listed, absolute paths), spread over blocks;
-2. `map` (Ray tasks, anywhere in the cluster): read and decode each file with serving/images.py and fit
-   it to the bundle's size (serving/preprocess.py `fit_image`), as the service does; an unreadable file
-   keeps its error text instead of pixels;
+1. `from_items`: the chunks (start index, paths as listed), spread over blocks;
+2. decoding (`decode_chunk`): read and decode each file with serving/images.py and fit it to the
+   bundle's size (serving/preprocess.py `fit_image`), as the service does; an unreadable file keeps its
+   error text instead of pixels. With GPUs a `map` of CPU tasks anywhere in the cluster, feeding the GPU
+   actors; on CPUs the actors decode their own chunks (ray_cluster.py `plan_actors` says why);
 3. `map_batches` with a pool of actors, each opening the bundle once (onnxruntime on CPU or a GPU):
    `stack_fitted` + `BundleEmbedder.infer` + `placements`, i.e. `BundleEmbedder.place`, then the records of
    `Bundle.place` (tsimcne_map/bundle.py `add_batch`) as Arrow tables of tsimcne_map/placement_table.py;
@@ -45,13 +46,15 @@ class RaySummary:
     plan: str  # how the placing was spread
 
 
-def decode_chunk(row: dict[str, Any], prep: Preprocessing) -> dict[str, Any]:
-    """Ray task: read, decode and fit one chunk's files. Pixels of the readable ones as one uint8 buffer
-    (N, H, W, 3) in order; `errors` per file ("" when readable). Never raises for a bad file."""
+def decode_chunk(row: dict[str, Any], prep: Preprocessing, base: str) -> dict[str, Any]:
+    """Ray task: read, decode and fit one chunk's files (ids are paths as listed, relative ones to the
+    driver's working folder `base`, as a worker's own folder may be another). Pixels of the readable
+    ones as one uint8 buffer (N, H, W, 3) in order; `errors` per file ("" when readable). Never raises
+    for a bad file."""
     fitted, errors = [], []
-    for image_id, path in zip(row["ids"], row["paths"], strict=True):
+    for image_id in row["ids"]:
         try:
-            fitted.append(fit_image(read_image(path, name=image_id), prep))
+            fitted.append(fit_image(read_image(os.path.join(base, image_id), name=image_id), prep))
             errors.append("")
         except ImageDecodeError as exc:
             errors.append(str(exc))
@@ -64,8 +67,10 @@ def decode_chunk(row: dict[str, Any], prep: Preprocessing) -> dict[str, Any]:
 class PlacingActor:
     """Ray actor: opens (and verifies) the bundle once, then places the decoded chunks it is handed."""
 
-    def __init__(self, bundle: str, provider: str, neighbours: int, threads: int) -> None:
+    def __init__(self, bundle: str, provider: str, neighbours: int, threads: int, base: str) -> None:
         from serving.embedder import BundleEmbedder
+
+        self.base = base  # the driver's working folder, for paths listed relative to it
 
         # spin=False: idle onnxruntime threads sleep instead of taking the CPU from the decoding tasks
         self.embedder = BundleEmbedder(bundle, provider=provider, neighbours=neighbours, threads=threads, spin=False)
@@ -75,7 +80,10 @@ class PlacingActor:
     def __call__(self, batch: Any) -> Any:
         import pyarrow as pa
 
-        return pa.concat_tables([self.place_chunk(row) for row in batch.to_pylist()])
+        rows = batch.to_pylist()
+        if rows and "pixels" not in rows[0]:  # no decoding step before this one: decode here
+            rows = [decode_chunk(row, self.prep, self.base) for row in rows]
+        return pa.concat_tables([self.place_chunk(row) for row in rows])
 
     def place_chunk(self, row: dict[str, Any]) -> Any:
         from tsimcne_map.bundle import Placements, add_batch
@@ -124,16 +132,15 @@ def embed_on_ray(
         provider, ray.cluster_resources(), onnxruntime_has_cuda(), actors, cpus_per_actor, gpus_per_actor
     )
     chunks = [
-        {
-            "start": start,
-            "ids": [str(p) for p in files[start : start + batch_size]],
-            "paths": [str(p.resolve()) for p in files[start : start + batch_size]],
-        }
+        {"start": start, "ids": [str(p) for p in files[start : start + batch_size]]}
         for start in range(0, len(files), batch_size)
     ]
     started = time.perf_counter()
     dataset = ray.data.from_items(chunks, override_num_blocks=min(len(chunks), 4 * max(1, plan.max_actors) + 8))
-    dataset = dataset.map(decode_chunk, fn_kwargs={"prep": manifest.preprocessing}, num_cpus=plan.decode_cpus)
+    if plan.separate_decoding:
+        dataset = dataset.map(
+            decode_chunk, fn_kwargs={"prep": manifest.preprocessing, "base": os.getcwd()}, num_cpus=plan.decode_cpus
+        )
     dataset = dataset.map_batches(
         PlacingActor,
         fn_constructor_kwargs={
@@ -141,6 +148,7 @@ def embed_on_ray(
             "provider": plan.provider,
             "neighbours": neighbours,
             "threads": plan.threads,
+            "base": os.getcwd(),
         },
         batch_size=max(1, IMAGES_PER_ACTOR_CALL // batch_size),
         batch_format="pyarrow",
@@ -152,7 +160,11 @@ def embed_on_ray(
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.tmp"
     try:
-        dataset.write_parquet(str(staging.resolve()), min_rows_per_file=MIN_ROWS_PER_SHARD)
+        dataset.write_parquet(
+            str(staging.resolve()),
+            min_rows_per_file=MIN_ROWS_PER_SHARD,
+            ray_remote_args={"num_cpus": plan.write_cpus},
+        )
         _replace_folder(staging, out)
     finally:
         if staging.exists():
