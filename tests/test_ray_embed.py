@@ -137,3 +137,14 @@ def test_listing_reads_csv_and_file_lists(archive, tmp_path):
     with pytest.raises(UserError, match="'path' column"):
         list_images([tmp_path / "bad.csv"])
     assert np.all([p.is_absolute() for p in listed])
+
+
+def test_a_failed_ray_job_is_one_line_naming_the_cause():
+    from tsimcne_map.ray_embed import _job_failure
+
+    raised = RuntimeError(
+        "Traceback (most recent call last):\n  File 'x.py'\nBundleError: model.onnx: sha256 mismatch\n"
+    )
+    message = _job_failure(raised)
+    assert message.startswith("the Ray job failed (RuntimeError): BundleError: model.onnx: sha256 mismatch")
+    assert "\n" not in message and "/tmp/ray/session_latest/logs" in message

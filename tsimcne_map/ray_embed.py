@@ -71,7 +71,6 @@ class PlacingActor:
         from serving.embedder import BundleEmbedder
 
         self.base = base  # the driver's working folder, for paths listed relative to it
-
         # spin=False: idle onnxruntime threads sleep instead of taking the CPU from the decoding tasks
         self.embedder = BundleEmbedder(bundle, provider=provider, neighbours=neighbours, threads=threads, spin=False)
         self.prep = self.embedder.manifest.preprocessing
@@ -166,6 +165,8 @@ def embed_on_ray(
             ray_remote_args={"num_cpus": plan.write_cpus},
         )
         _replace_folder(staging, out)
+    except Exception as exc:  # Ray's errors carry the worker's traceback: one line of it, and where the rest is
+        raise UserError(_job_failure(exc)) from exc
     finally:
         if staging.exists():
             shutil.rmtree(staging)
@@ -173,6 +174,14 @@ def embed_on_ray(
     return RaySummary(
         len(files), _count_unreadable(out), seconds, len(list(out.glob("*.parquet"))), cluster, plan.describe()
     )
+
+
+def _job_failure(exc: Exception) -> str:
+    """A failed Ray job in one line: the original error (the last line of Ray's message names it, e.g. a
+    BundleError of an actor that could not open the bundle on its node) and where Ray's logs are."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    cause = lines[-1] if lines else type(exc).__name__
+    return f"the Ray job failed ({type(exc).__name__}): {cause}; the workers' logs are in /tmp/ray/session_latest/logs"
 
 
 def _replace_folder(new: Path, out: Path) -> None:
