@@ -298,14 +298,16 @@ def decode_image(data: bytes, source: str = "<upload>", max_pixels: int = DEFAUL
     return _decode_with_pillow(data, source, max_pixels)
 
 
-def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Read an image file into RGB uint8 (H, W, 3)."""
+def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None) -> np.ndarray:
+    """Read an image file into RGB uint8 (H, W, 3). name: what errors call the file (default: the path;
+    the Ray engine reads absolute paths but reports the path as the user listed it)."""
     path = Path(path)
+    source = str(path) if name is None else name
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise ImageDecodeError(f"{path}: cannot read file ({exc.strerror or exc})") from exc
-    return decode_image(data, str(path), max_pixels)
+        raise ImageDecodeError(f"{source}: cannot read file ({exc.strerror or exc})") from exc
+    return decode_image(data, source, max_pixels)
 
 
 def resize_rgb(image: np.ndarray, size: tuple[int, int], method: str = "bicubic") -> np.ndarray:

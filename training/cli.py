@@ -298,42 +298,113 @@ def export(
         typer.echo(f"registered in BentoML's model store as {tag} (serve it with --arg model_tag={tag})")
 
 
+# The first columns of `tsimcne embed`'s CSV, in this order (the rest follow as they come).
+CSV_COLUMNS = "id x y flag score majority_label majority_share neighbour_ids neighbour_labels neighbour_distances error"
+CSV_COLUMNS = CSV_COLUMNS.split()
+
+
 @app.command()
 @user_errors
 def embed(
     bundle: Annotated[Path, typer.Argument(help="a bundle folder made by `tsimcne export`")],
-    images: Annotated[list[Path] | None, typer.Argument(help="image files to place on the map")] = None,
+    images: Annotated[
+        list[Path] | None,
+        typer.Argument(
+            help="image files, folders (searched recursively), CSV manifests (a 'path' column) or .txt file lists"
+        ),
+    ] = None,
     data: Annotated[Path | None, typer.Option(help="a folder of images (searched recursively) instead")] = None,
-    out: Annotated[Path, typer.Option(help="output table: .csv or .parquet")] = Path("coords.csv"),
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="output: a .csv or .parquet file (default coords.csv); with --engine ray a folder of Parquet shards"
+        ),
+    ] = None,
     provider: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     neighbours: Annotated[int, typer.Option(help="nearest reference images to report")] = 5,
     batch_size: Annotated[int, typer.Option(help="images per onnxruntime run")] = 64,
+    engine: Annotated[
+        str, typer.Option(help="local (this process) or ray (Ray Data: a local Ray or a cluster)")
+    ] = "local",
+    ray_address: Annotated[
+        str | None, typer.Option(help="--engine ray: the cluster to join (default: RAY_ADDRESS, else a local Ray)")
+    ] = None,
+    actors: Annotated[int | None, typer.Option(help="--engine ray: at most this many onnxruntime actors")] = None,
+    cpus_per_actor: Annotated[float, typer.Option(help="--engine ray: CPUs (and onnxruntime threads) per actor")] = 1.0,
+    gpus_per_actor: Annotated[
+        float | None,
+        typer.Option(help="--engine ray: GPUs per actor (default 1 when the cluster has GPUs and onnxruntime-gpu)"),
+    ] = None,
 ) -> None:
     """Place images on a bundle's map offline (onnxruntime); unreadable files are reported, not fatal."""
-    from serving.images import IMAGE_SUFFIXES
+    from tsimcne_map.archive import list_images
+
+    if engine not in ("local", "ray"):
+        raise UserError(f"--engine {engine!r}: choose local or ray")
+    if data is not None and not data.is_dir():
+        raise UserError(f"{data}: not a folder")
+    files = list_images([*(images or []), *([data] if data is not None else [])])
+    if not files:
+        raise UserError("no images given: pass image files, folders, a CSV or a file list, or --data FOLDER")
+    if engine == "ray":
+        if out is None:
+            raise UserError("--engine ray writes a folder of Parquet shards: give it with --out DIR")
+        _embed_on_ray(
+            bundle, files, out, provider, neighbours, batch_size, ray_address, actors, cpus_per_actor, gpus_per_actor
+        )
+        return
+    _embed_here(bundle, files, out or Path("coords.csv"), provider, neighbours, batch_size)
+
+
+def _embed_here(bundle: Path, files: list[Path], out: Path, provider: str, neighbours: int, batch_size: int) -> None:
+    """`tsimcne embed` in this process: Bundle.place, then a CSV or one Parquet file."""
     from training.table import write_table
     from tsimcne_map import Bundle
+    from tsimcne_map.placement_table import write_placement_file
 
-    files = list(images or [])
-    if data is not None:
-        if not data.is_dir():
-            raise UserError(f"{data}: not a folder")
-        files += sorted(p for p in data.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise UserError("no images given: pass image files or --data FOLDER")
     if out.suffix.lower() not in (".csv", ".parquet"):
-        raise UserError(f"{out}: the output must end in .csv or .parquet")
+        raise UserError(f"{out}: the output must end in .csv or .parquet (a folder of shards: --engine ray)")
     opened = Bundle.open(bundle, provider, neighbours)
     placed = opened.place(files, batch_size=batch_size, skip_unreadable=True, progress=None)
     for skipped in placed.skipped:
         typer.echo(f"skipped: {skipped.error}", err=True)
-    first = ["id", "x", "y", "flag", "score", "majority_label", "majority_share", "neighbour_ids", "neighbour_labels"]
-    write_table(placed.rows(), out, columns=[*first, "neighbour_distances", "error"])
+    if out.suffix.lower() == ".parquet":
+        write_placement_file(placed.rows(), out)
+    else:
+        write_table(placed.rows(), out, columns=CSV_COLUMNS)
     typer.echo(
         f"placed {len(placed)} of {len(files)} image(s) on {bundle} ({opened.provider}); "
         f"{len(placed.skipped)} unreadable; table written to {out}"
     )
     if not placed:
+        raise typer.Exit(2)
+
+
+def _embed_on_ray(
+    bundle: Path,
+    files: list[Path],
+    out: Path,
+    provider: str,
+    neighbours: int,
+    batch_size: int,
+    address: str | None,
+    actors: int | None,
+    cpus_per_actor: float,
+    gpus_per_actor: float | None,
+) -> None:
+    """`tsimcne embed --engine ray`: the same placing on Ray Data, Parquet shards in the folder `out`."""
+    from tsimcne_map.ray_embed import embed_on_ray
+
+    typer.echo(f"placing {len(files):,} image(s) on {bundle} with Ray Data ...")
+    summary = embed_on_ray(
+        bundle, files, out, provider, neighbours, batch_size, address, actors, cpus_per_actor, gpus_per_actor
+    )
+    typer.echo(
+        f"placed {summary.images - summary.unreadable:,} of {summary.images:,} image(s) on {bundle} on "
+        f"{summary.cluster}: {summary.plan}; {summary.unreadable:,} unreadable (rows with an error); "
+        f"{summary.images / max(summary.seconds, 1e-9):,.0f} images/s; {summary.shards} Parquet shard(s) in {out}"
+    )
+    if summary.unreadable == summary.images:
         raise typer.Exit(2)
 
 

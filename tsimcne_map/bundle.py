@@ -23,7 +23,7 @@ import numpy as np
 
 from serving.api_models import EmbeddedImage
 from serving.bundle import BundleManifest
-from serving.embedder import DEFAULT_NEIGHBOURS, BundleEmbedder
+from serving.embedder import DEFAULT_NEIGHBOURS, BundleEmbedder, Placement
 from serving.images import ImageDecodeError
 from training.errors import UserError
 from tsimcne_map._inputs import ImageItem, collect_images
@@ -184,15 +184,9 @@ class Bundle:
                     if not skip_unreadable:
                         raise
                     problems[position] = f"{exc}"
-            placed = iter(self._embedder.place([image for _, image in decoded]) if decoded else [])
-            good = iter(decoded)
-            for position, item in enumerate(items[start : start + batch_size]):  # in input order
-                if position in problems:
-                    placements._skip(SkippedImage(item.id, problems[position]))
-                    continue
-                found = next(placed)
-                twin = decoded[found.duplicate_of][0].id if found.duplicate_of is not None else None
-                placements._add(EmbeddedImage.from_placement(next(good)[0].id, found, twin))
+            found = self._embedder.place([image for _, image in decoded]) if decoded else []
+            ids = [item.id for item in items[start : start + batch_size]]
+            add_batch(placements, ids, problems, found)
         return placements
 
     def transform(self, images: object, batch_size: int = 64) -> np.ndarray:
@@ -222,6 +216,23 @@ class Bundle:
             return register_bundle(self.path)
         except Exception as exc:  # the bundle itself is fine; say so and why the store refused it
             raise UserError(f"bundle written to {self.path}, but BentoML's model store refused it: {exc}") from exc
+
+
+def add_batch(placements: Placements, ids: list[str], problems: dict[int, str], found: list[Placement]) -> None:
+    """One batch's results into `placements`, in input order: `ids` of the whole batch, `problems` (position
+    -> why unreadable) and `found`, the embedder's placements of the readable ones in order. Shared by
+    `Bundle.place` and the Ray engine (tsimcne_map/ray_embed.py), so both build the same records."""
+    good = [image_id for position, image_id in enumerate(ids) if position not in problems]
+    if len(good) != len(found):
+        raise ValueError(f"{len(good)} readable images but {len(found)} placements")
+    placed = iter(zip(good, found, strict=True))
+    for position, image_id in enumerate(ids):
+        if position in problems:
+            placements._skip(SkippedImage(image_id, problems[position]))
+            continue
+        name, placement = next(placed)
+        twin = good[placement.duplicate_of] if placement.duplicate_of is not None else None
+        placements._add(EmbeddedImage.from_placement(name, placement, twin))
 
 
 def _data_frame(data: object) -> pandas.DataFrame:
