@@ -45,7 +45,6 @@ from serving.calibration import (
     PositionScale,
 )
 from serving.neighbours import (
-    EXACT_LIMIT,
     FaissIndex,
     NeighbourIndex,
     build_faiss_index,
@@ -58,6 +57,9 @@ from serving.neighbours import (
     recall_at_k,
     true_neighbours,
     unit_rows,
+)
+from serving.neighbours import (
+    exact_limit as exact_limit_for,
 )
 
 METHOD = "features+pixels"
@@ -219,13 +221,14 @@ def plan_feature_index(
     reference_projected: np.ndarray,
     queries: np.ndarray,
     k: int,
-    exact_limit: int = EXACT_LIMIT,
+    exact_limit: int | None = None,
     target_recall: float = RECALL_TARGET,
     sample: int = 1000,
 ) -> tuple[NeighbourIndex, FeatureIndex]:
     """The feature index export calibrates with and serving will rebuild, and its record for bundle.json.
 
-    With faiss-cpu: exact (flat) up to `exact_limit` reference vectors, else IVF, whose nprobe is doubled
+    With faiss-cpu: exact (flat) up to `exact_limit` reference vectors (default: as many as fit in
+    serving/neighbours.py EXACT_LIMIT_BYTES), else IVF, whose nprobe is doubled
     from 8 until its recall@k against exact search on (up to `sample` of) `queries` reaches `target_recall`
     (or every cell is searched). Without faiss-cpu: exact numpy search."""
     vectors = np.asarray(reference_projected, dtype=np.float32)
@@ -236,6 +239,8 @@ def plan_feature_index(
     fields = {"reference_size": len(vectors), "recall_k": k, "recall_queries": len(probe)}
     if not faiss_available():
         return exact, FeatureIndex(kind="exact", recall=1.0, **fields)
+    if exact_limit is None:
+        exact_limit = exact_limit_for(vectors.shape[1])
     if len(vectors) <= exact_limit:
         index = build_faiss_index(vectors, "flat")
         return index, FeatureIndex(kind="faiss-flat", recall=recall_at_k(index, exact, probe, k), **fields)
@@ -271,7 +276,7 @@ def calibrate_detector_and_index(
     space: FeatureSpace,
     k: int = DEFAULT_K,
     target_rate: float = 0.01,
-    index_exact_limit: int = EXACT_LIMIT,
+    index_exact_limit: int | None = None,
 ) -> tuple[CombinedCalibration, NeighbourIndex]:
     """The calibration stored in bundle.json: every scale and threshold the service needs, and the
     feature index (with its recall) that the feature distances were measured with and are served with;

@@ -6,9 +6,10 @@ Everything that searches a reference set goes through a `NeighbourIndex`. Three 
   O(log n) per query instead of a pass over every reference point;
 - `ExactIndex` (numpy brute force: one matrix product per block of queries, exact): the features of
   bundles exported without FAISS or served where faiss is not installed;
-- `FaissIndex` (faiss-cpu): the network features of bundles exported with it. Exact (a flat index) up to
-  `EXACT_LIMIT` reference vectors; above it an inverted-file index (IVF) whose candidates, found from
-  8-bit codes in the `nprobe` nearest of `nlist` cells, are re-ranked with exact float32 distances. The
+- `FaissIndex` (faiss-cpu): the network features of bundles exported with it. Exact (a flat index) while the
+  reference vectors take at most `EXACT_LIMIT_BYTES` (`exact_limit`: ~51,000 x 128-D); above it an
+  inverted-file index (IVF) whose candidates, found from 8-bit codes in the `nprobe` nearest of `nlist`
+  cells, are re-ranked with exact float32 distances. The
   export measures its recall against exact search and raises `nprobe` until it reaches the target
   (serving/detector.py `plan_feature_index`); the flag is calibrated with the very index it is served with.
   Export writes the index into the bundle; serving memory-maps it (`FaissIndex.load`), so that the
@@ -218,9 +219,18 @@ def build_map_index(coords: np.ndarray) -> NeighbourIndex:
     return TreeIndex(coords)
 
 
-# Up to this many reference vectors FAISS searches exactly (flat): a 64-image request against 200,000
-# 32-D features reads 26 MB, a few milliseconds; above it the IVF index is used.
-EXACT_LIMIT = 200_000
+# FAISS searches exactly (flat) while the reference vectors take at most this many bytes; above it the IVF
+# index is used. A flat search reads every vector for every query: at 25 MB (~51,000 x 128-D float32) one
+# query costs ~5-10 ms on one core, while 200,000 x 128-D took 45 ms a query (benchmarks/README.md
+# section 12), too slow against a p99 < 100 ms target for one image.
+EXACT_LIMIT_BYTES = 25 * 2**20
+
+
+def exact_limit(dimensions: int) -> int:
+    """The most reference vectors of `dimensions` float32 values searched exactly (EXACT_LIMIT_BYTES)."""
+    return max(1, EXACT_LIMIT_BYTES // (4 * max(1, int(dimensions))))
+
+
 FAISS_SEED = 1234  # the IVF's k-means: the same cells at export and in every serving worker
 ADD_BLOCK = 65_536  # vectors added to a FAISS index at a time (a progress bar step)
 GPU_MAX_K = 2048  # FAISS GPU indexes select at most this many neighbours, and probe at most this many cells

@@ -218,3 +218,12 @@ def test_faiss_refuses_what_it_cannot_index() -> None:
         build_faiss_index(np.zeros((0, 4), np.float32), "flat")
     with pytest.raises(ValueError, match="unknown FAISS index kind"):
         build_faiss_index(np.ones((10, 4), np.float32), "hnsw")
+
+
+def test_the_exact_limit_is_a_byte_budget_so_wider_features_switch_to_ivf_sooner() -> None:
+    from serving.neighbours import EXACT_LIMIT_BYTES, exact_limit
+
+    for dimensions in (2, 32, 128, 512):
+        rows = exact_limit(dimensions)
+        assert rows * dimensions * 4 <= EXACT_LIMIT_BYTES < (rows + 1) * dimensions * 4
+    assert exact_limit(128) < 200_000 < exact_limit(32)
