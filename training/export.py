@@ -164,14 +164,12 @@ def _calibrate_flag(
     return calibration, space, feature_index(space.project(features), calibration.features.index)
 
 
-def _write_serving_arrays(
-    coords: np.ndarray, features: np.ndarray, space: FeatureSpace, index: NeighbourIndex, staging: Path
-) -> list[str]:
+def _write_serving_arrays(coords: np.ndarray, projected: np.ndarray, index: NeighbourIndex, staging: Path) -> list[str]:
     """The reference coordinates and projected features as plain .npy files and the FAISS feature index
     (when export used FAISS), which serving memory-maps so that its workers share one copy
     (serving/reference.py); the names written."""
     np.save(staging / COORDS_FILE, np.ascontiguousarray(coords, dtype=np.float32), allow_pickle=False)
-    np.save(staging / FEATURES_FILE, space.project(features), allow_pickle=False)  # float32, C order
+    np.save(staging / FEATURES_FILE, np.ascontiguousarray(projected), allow_pickle=False)  # float32, C order
     written = [COORDS_FILE, FEATURES_FILE]
     if isinstance(index, FaissIndex):
         index.save(staging / FEATURE_INDEX_FILE)
@@ -216,8 +214,9 @@ def export_bundle(
     staging = _staging_folder(out)
     try:
         parity = _write_model(model, dataset, coords, prep, staging)
-        _write_reference(dataset, coords, features, space, staging)
-        serving_arrays = _write_serving_arrays(coords, features, space, index, staging)
+        projected = space.project(features)  # once: N x D, written to reference.npz and as .npy
+        _write_reference(dataset, coords, projected, space, staging)
+        serving_arrays = _write_serving_arrays(coords, projected, index, staging)
         plot_map(
             coords[:, :2],
             dataset.labels,
@@ -298,7 +297,7 @@ def _write_model(model: torch.nn.Module, dataset, coords: np.ndarray, prep: Prep
     return parity
 
 
-def _write_reference(dataset, coords: np.ndarray, features: np.ndarray, space: FeatureSpace, staging: Path) -> None:
+def _write_reference(dataset, coords: np.ndarray, projected: np.ndarray, space: FeatureSpace, staging: Path) -> None:
     """reference.npz: the training images' map, ids, labels, thumbnails and projected features."""
     reference = {
         "coords": coords.astype(np.float32),
@@ -307,7 +306,7 @@ def _write_reference(dataset, coords: np.ndarray, features: np.ndarray, space: F
     }
     if dataset.labels is not None:
         reference["labels"] = dataset.labels
-    reference["features"] = space.project(features)  # serving/detector.py FeatureSpace
+    reference["features"] = projected  # space.project(features): serving/detector.py FeatureSpace
     reference["feature_mean"], reference["feature_components"] = space.mean, space.components
     with open(staging / REFERENCE_FILE, "wb") as handle:
         np.savez_compressed(handle, **reference)

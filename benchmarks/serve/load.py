@@ -32,6 +32,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks" / "scale"))  # worker_memory.rollup
 
 from serving.embedder import BundleEmbedder  # noqa: E402
 from tests.servers import metric_value, start_server  # noqa: E402
@@ -89,20 +90,13 @@ def run_locust(url: str, images_dir: Path, users: int, seconds: int, per_request
     }
 
 
-def service_memory(pid: int) -> list[dict[str, float]]:
-    """RSS and PSS (MiB; PSS divides shared pages among their users) of `bentoml serve` and each child."""
+def service_memory(pid: int) -> list[dict[str, object]]:
+    """RSS and PSS (MiB) of `bentoml serve` and each of its children (benchmarks/scale/worker_memory.py)."""
     import psutil
+    from worker_memory import rollup
 
     processes = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-    memory = []
-    for process in processes:
-        fields = {}
-        for line in Path(f"/proc/{process.pid}/smaps_rollup").read_text().splitlines()[1:]:
-            name, value, *_ = line.split()
-            if name in ("Rss:", "Pss:"):
-                fields[name.rstrip(":").lower() + "_mib"] = round(int(value) / 1024, 1)
-        memory.append({"pid": process.pid, "command": " ".join(process.cmdline()[:4]), **fields})
-    return memory
+    return [{"pid": p.pid, "command": " ".join(p.cmdline()[:4]), **rollup(p.pid)} for p in processes]
 
 
 def main() -> None:
@@ -160,7 +154,7 @@ def main() -> None:
         "bundle": str(args.bundle),
         "raw_onnxruntime_images_per_s": {"before": raw_before, "after": raw_after, "mean": raw},
         "server_5xx_in_log": server_errors,
-        "service_memory_mib": worker_memory,
+        "service_memory_mib": worker_memory,  # per process: rss, pss, ... in MiB
         "runs": runs,
     }
     (SCRATCH / "serve_load.json").write_text(json.dumps(results, indent=2))
