@@ -130,6 +130,12 @@ class FeatureSpace:
         return ((unit_rows(features) - self.mean) @ self.components.T).astype(np.float32)
 
 
+def _rows_of(vectors: Any) -> Any:
+    """`vectors` as something with a shape that gives rows when sliced: an array, or rows read from a file
+    on demand (training/chunks.py FileRows), which stay on disk until an index is built from them."""
+    return vectors if hasattr(vectors, "shape") else np.asarray(vectors, dtype=np.float32)
+
+
 def feature_index(reference_projected: np.ndarray, record: FeatureIndex | None) -> NeighbourIndex:
     """The index over the reference features that `record` (bundle.json) describes, built as export built it
     (bundles without an index file: exported before it was saved, or served by rebuilding).
@@ -138,14 +144,14 @@ def feature_index(reference_projected: np.ndarray, record: FeatureIndex | None) 
     for PBC) is read once per block instead of once per image, which is what makes the flag cheap under
     load. A FAISS index in a bundle opened where faiss-cpu is missing is searched exactly instead (the
     same neighbours, or better than IVF's), with a warning."""
-    vectors = np.asarray(reference_projected, dtype=np.float32)
+    vectors = _rows_of(reference_projected)
     if record is None or record.kind == "exact":
-        return build_index(vectors, dtype=np.float32)
+        return build_index(np.asarray(vectors, dtype=np.float32), dtype=np.float32)
     if not faiss_available():
         logger.warning("the bundle's %s feature index needs faiss-cpu (not installed): searching exactly", record.kind)
-        return build_index(vectors, dtype=np.float32)
+        return build_index(np.asarray(vectors, dtype=np.float32), dtype=np.float32)
     if record.kind == "faiss-flat":
-        return build_faiss_index(vectors, "flat")
+        return build_faiss_index(np.asarray(vectors, dtype=np.float32), "flat")
     return build_faiss_index(vectors, "ivf", nlist=record.nlist, nprobe=record.nprobe or 1, refine=record.refine or 4)
 
 
@@ -231,21 +237,26 @@ def plan_feature_index(
     serving/neighbours.py EXACT_LIMIT_BYTES), else IVF, whose nprobe is doubled
     from 8 until its recall@k against exact search on (up to `sample` of) `queries` reaches `target_recall`
     (or every cell is searched). Without faiss-cpu: exact numpy search."""
-    vectors = np.asarray(reference_projected, dtype=np.float32)
-    exact = build_index(vectors, dtype=np.float32)
-    k = int(min(k, len(vectors)))
+    vectors = _rows_of(reference_projected)
+    n, dims = vectors.shape
+    k = int(min(k, n))
     picked = np.random.default_rng(0).permutation(len(queries))[:sample]
     probe = np.asarray(queries, dtype=np.float32)[np.sort(picked)]
-    fields = {"reference_size": len(vectors), "recall_k": k, "recall_queries": len(probe)}
+    fields = {"reference_size": n, "recall_k": k, "recall_queries": len(probe)}
     if not faiss_available():
-        return exact, FeatureIndex(kind="exact", recall=1.0, **fields)
+        return build_index(np.asarray(vectors, dtype=np.float32), dtype=np.float32), FeatureIndex(
+            kind="exact", recall=1.0, **fields
+        )
     if exact_limit is None:
-        exact_limit = exact_limit_for(vectors.shape[1])
-    if len(vectors) <= exact_limit:
+        exact_limit = exact_limit_for(dims)
+    if n <= exact_limit:
+        vectors = np.asarray(vectors, dtype=np.float32)
         index = build_faiss_index(vectors, "flat")
+        exact = build_index(vectors, dtype=np.float32)
         return index, FeatureIndex(kind="faiss-flat", recall=recall_at_k(index, exact, probe, k), **fields)
     index = build_faiss_index(vectors, "ivf", nprobe=8)
-    truth = true_neighbours(exact, probe, k)  # once: the exact search is the costly part of each try
+    # The truth from the exact float32 vectors the IVF index keeps for re-ranking: no second copy of 10^6 x D.
+    truth = true_neighbours(index.exact(), probe, k)  # once: the exact search is the costly part of each try
     with tqdm(desc="tuning nprobe", unit="try", leave=False, disable=None) as bar:
         while True:
             recall = recall_against(index, truth, probe, k)
@@ -269,7 +280,7 @@ def calibrate_detector_and_index(
     calibration_features: np.ndarray,
     calibration_statistics: np.ndarray,
     calibration_coords: np.ndarray,
-    reference_features: np.ndarray,
+    reference_projected: np.ndarray,
     reference_statistics: np.ndarray,
     reference_coords: np.ndarray,
     source: str,
@@ -280,13 +291,16 @@ def calibrate_detector_and_index(
 ) -> tuple[CombinedCalibration, NeighbourIndex]:
     """The calibration stored in bundle.json: every scale and threshold the service needs, and the
     feature index (with its recall) that the feature distances were measured with and are served with;
-    and that index itself (over `reference_features`), which export can save instead of building it again."""
+    and that index itself, which export can save instead of building it again.
+
+    The calibration images' features are raw (projected here with `space`); the reference's are already
+    projected (`space.project`), as an array or as rows read from a file on demand (export at 10^6)."""
     if not 0 < target_rate < 1:
         raise ValueError(f"target_rate must be between 0 and 1, got {target_rate}")
     pixels = PixelModel.fit(reference_statistics)
     calibration_projected = space.project(calibration_features)
     index, index_record = plan_feature_index(
-        space.project(reference_features), calibration_projected, k, exact_limit=index_exact_limit
+        reference_projected, calibration_projected, k, exact_limit=index_exact_limit
     )
     feature_distance = _kth_with_progress(index, calibration_projected, k, "feature distances")
     pixel_distance = pixels.distance(calibration_statistics)
@@ -307,7 +321,7 @@ def calibrate_detector_and_index(
         target_false_flag_rate=float(target_rate),
         source=source,
         images=len(calibration_features),
-        k=int(min(k, len(reference_features))),
+        k=int(min(k, len(reference_projected))),
         threshold=_quantile(combined, target_rate),
         features=FeatureScale(scale=feature_scale, index=index_record),
         pixels=pixels.calibration(pixel_scale),
@@ -316,9 +330,23 @@ def calibrate_detector_and_index(
     return calibration, index
 
 
-def calibrate_detector(*args: Any, **kwargs: Any) -> CombinedCalibration:
-    """calibrate_detector_and_index without the index (the calibration stored in bundle.json)."""
-    return calibrate_detector_and_index(*args, **kwargs)[0]
+def calibrate_detector(
+    calibration_features: np.ndarray,
+    calibration_statistics: np.ndarray,
+    calibration_coords: np.ndarray,
+    reference_features: np.ndarray,
+    reference_statistics: np.ndarray,
+    reference_coords: np.ndarray,
+    *,
+    space: FeatureSpace,
+    **kwargs: Any,
+) -> CombinedCalibration:
+    """calibrate_detector_and_index from raw reference features, without the index (the calibration
+    stored in bundle.json)."""
+    return calibrate_detector_and_index(
+        calibration_features, calibration_statistics, calibration_coords, space.project(reference_features),
+        reference_statistics, reference_coords, space=space, **kwargs,
+    )[0]  # fmt: skip
 
 
 def _kth_with_progress(index: NeighbourIndex, queries: np.ndarray, k: int, what: str, step: int = 4096) -> np.ndarray:

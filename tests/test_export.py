@@ -256,3 +256,37 @@ def test_flag_calibration_on_held_out_images_and_stored_features(run_and_bundle,
     result = run_cli("export", str(run), "--out", str(tmp_path / "few"), "--calibration-data", "synthetic:20")
     assert result.returncode == 2 and "need at least 100" in result.stderr
     assert not (tmp_path / "few").exists()
+
+
+def test_export_streams_the_reference_features_and_builds_an_ivf_index_from_them(run_and_bundle, tmp_path, monkeypatch):
+    """At 10^6 images export holds no raw features: the projection is fitted on a sample, the projected
+    features go to the bundle's file batch by batch, and the index is built from that file. Forced here
+    at 96 images (a 40-image sample, IVF above 8 vectors): the files must agree with each other and with
+    the network, and the bundle must place images."""
+    import serving.neighbours
+    import training.export
+    from serving.detector import FeatureSpace
+    from training.embedding import embed_images
+    from training.runs import dataset_for_state, final_checkpoint_path, model_from_state
+    from tsimcne_map import Bundle
+
+    run, _ = run_and_bundle
+    monkeypatch.setattr(training.export, "FEATURE_SPACE_SAMPLE", 40)
+    monkeypatch.setattr(serving.neighbours, "EXACT_LIMIT_BYTES", 8 * 4 * 128)
+    training.export.export_bundle(run, tmp_path / "streamed", calibration_data="synthetic:120")
+    manifest = open_bundle(tmp_path / "streamed")
+    assert manifest.calibration.features.index.kind == "faiss-ivf"
+    assert manifest.calibration.features.index.reference_size == 96
+    stored = np.load(tmp_path / "streamed" / "reference_features.npy")
+    with np.load(tmp_path / "streamed" / "reference.npz") as reference:
+        np.testing.assert_array_equal(reference["features"], stored)
+        space = FeatureSpace(reference["feature_mean"], reference["feature_components"])
+        coords, thumbnails = reference["coords"], reference["thumbnails"]
+    state = torch.load(final_checkpoint_path(run), weights_only=False)
+    images = dataset_for_state(state).images
+    expected_coords, raw = embed_images(model_from_state(state).float().eval(), images, torch.device("cpu"))
+    np.testing.assert_allclose(stored, space.project(raw), atol=1e-5)
+    np.testing.assert_allclose(coords, expected_coords, atol=1e-5)
+    np.testing.assert_array_equal(thumbnails, images)  # 16 px: stored as they are
+    placed = Bundle.open(tmp_path / "streamed").place(images[:8])
+    assert [p.neighbours[0].index for p in placed] == list(range(8))  # each its own nearest reference image

@@ -155,6 +155,26 @@ def _clustered(n: int, dims: int, seed: int) -> np.ndarray:
     return (centres[rng.integers(0, 50, n)] + rng.normal(size=(n, dims))).astype(np.float32)
 
 
+def test_an_ivf_index_built_from_rows_on_disk_equals_one_built_from_memory(tmp_path: Path) -> None:
+    """Export builds the index of 10^6 vectors from rows read off the features file, training k-means on a
+    seeded sample (here 64 x 8 of 3,000 vectors); the result must not depend on where the rows came from.
+    Its exact view searches the stored vectors as exact search does."""
+    from training.chunks import FileRows
+
+    reference, queries = _clustered(3000, 16, 5), _clustered(100, 16, 6)
+    np.save(tmp_path / "features.npy", reference)
+    on_disk = FileRows(np.load(tmp_path / "features.npy", mmap_mode="r"))
+    from_memory = build_faiss_index(reference, "ivf", nlist=8, nprobe=2)
+    from_disk = build_faiss_index(on_disk, "ivf", nlist=8, nprobe=2)
+    for found, expected in zip(from_disk.search(queries, 10), from_memory.search(queries, 10), strict=True):
+        np.testing.assert_array_equal(found, expected)
+    exact = build_index(reference, dtype=np.float32)
+    _, truth = exact.search(queries, 10)
+    _, view = from_disk.exact().search(queries, 10)
+    assert np.mean([len(np.intersect1d(a, b)) for a, b in zip(view, truth, strict=True)]) / 10 > 0.999
+    np.testing.assert_allclose(from_disk.exact().kth_distance(queries, 10), exact.kth_distance(queries, 10), rtol=1e-4)
+
+
 def test_faiss_ivf_reranks_exactly_and_recall_grows_with_nprobe(tmp_path: Path) -> None:
     reference, queries = _clustered(6000, 16, 3), _clustered(200, 16, 4)
     exact = build_index(reference, dtype=np.float32)

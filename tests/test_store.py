@@ -13,7 +13,7 @@ from PIL import Image
 
 from tests.conftest import run_cli
 from training.augment import mean_border_colour
-from training.chunks import gather_rows, iter_chunks, read_rows
+from training.chunks import FileRows, NpyRowWriter, gather_rows, iter_chunks, read_rows
 from training.data import MAX_IN_MEMORY_ENV, load_dataset
 from training.errors import DataError
 from training.store import META_FILE, open_store, prepare_store
@@ -112,6 +112,33 @@ def test_chunked_reads_of_a_store_match_the_array(class_folder: Path, tmp_path: 
     pieces = [block for _, block in iter_chunks(images, chunk=7)]
     np.testing.assert_array_equal(np.concatenate(pieces), whole)
     assert mean_border_colour(images) == mean_border_colour(whole)
+
+
+def test_rows_written_in_blocks_and_read_back_lazily(tmp_path: Path) -> None:
+    """Export writes the projected features a batch at a time and builds its index from rows read on
+    demand: both must give exactly the array np.save / np.load would."""
+    whole = np.random.default_rng(0).normal(size=(100, 6)).astype(np.float32)
+    with NpyRowWriter(tmp_path / "rows.npy", whole.shape, np.float32) as writer:
+        for start in range(0, 100, 30):
+            writer.write(whole[start : start + 30])
+    np.testing.assert_array_equal(np.load(tmp_path / "rows.npy"), whole)
+    rows = FileRows(np.load(tmp_path / "rows.npy", mmap_mode="r"))
+    assert rows.shape == (100, 6) and len(rows) == 100 and rows.dtype == np.float32
+    np.testing.assert_array_equal(rows[10:40], whole[10:40])
+    np.testing.assert_array_equal(rows[np.array([5, 1, 99, 1])], whole[[5, 1, 99, 1]])
+    picked = np.array([90, 3, 50, 7, 8])
+    subset = rows.subset(picked)
+    assert subset.shape == (5, 6)
+    np.testing.assert_array_equal(subset[1:4], whole[picked][1:4])
+    np.testing.assert_array_equal(np.asarray(subset.subset(np.array([4, 0]))), whole[[8, 90]])
+    np.testing.assert_array_equal(np.asarray(rows), whole)
+
+
+def test_a_row_writer_refuses_blocks_that_do_not_fit_and_incomplete_files(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="does not fit"), NpyRowWriter(tmp_path / "a.npy", (4, 3), np.float32) as w:
+        w.write(np.zeros((2, 5)))
+    with pytest.raises(ValueError, match="3 rows written of 4"), NpyRowWriter(tmp_path / "b.npy", (4, 3), "f4") as w:
+        w.write(np.zeros((3, 3)))
 
 
 def _train(data: str | Path, run_dir: Path) -> tuple[dict, np.ndarray]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import mmap
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -107,3 +108,76 @@ def iter_chunks(
             bar.update(len(block))
     finally:
         bar.close()
+
+
+class FileRows:
+    """Rows of a memory-mapped array (optionally a subset of them, in a given order) read with positioned
+    reads whenever they are sliced, for code that takes rows by slicing (the FAISS index build, the
+    flag's calibration): a pass over 10^6 reference vectors then costs a block of them in memory, not
+    the whole file in the resident set. np.asarray reads them all (for the small, exact cases)."""
+
+    def __init__(self, array: np.ndarray, rows: np.ndarray | None = None) -> None:
+        self.array = array
+        self.rows = None if rows is None else np.asarray(rows, dtype=np.int64)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self), *self.array.shape[1:])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.array.dtype
+
+    @property
+    def ndim(self) -> int:
+        return self.array.ndim
+
+    def __len__(self) -> int:
+        return len(self.array) if self.rows is None else len(self.rows)
+
+    def __getitem__(self, key: slice | np.ndarray) -> np.ndarray:
+        if isinstance(key, slice) and self.rows is None:
+            start, stop, step = key.indices(len(self))
+            if step == 1:
+                return read_rows(self.array, start, stop)
+        positions = np.arange(len(self))[key] if isinstance(key, slice) else np.asarray(key, dtype=np.int64)
+        return gather_rows(self.array, positions if self.rows is None else self.rows[positions])
+
+    def subset(self, rows: np.ndarray) -> FileRows:
+        """These rows' `rows` (positions in this view), read lazily like this view."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return FileRows(self.array, rows if self.rows is None else self.rows[rows])
+
+    def __array__(self, dtype: np.dtype | None = None, copy: bool | None = None) -> np.ndarray:
+        whole = self[:]
+        return whole if dtype is None else whole.astype(dtype, copy=False)
+
+
+class NpyRowWriter:
+    """A .npy file of known shape written a block of rows at a time with plain writes (not through a
+    memory map, whose dirty pages would count as the writer's memory), checked complete on close; a
+    context manager. Readers can memory-map it like any .npy (np.load(mmap_mode="r"))."""
+
+    def __init__(self, path: Path, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self.path, self.shape, self.dtype = Path(path), tuple(shape), np.dtype(dtype)
+        self.rows = 0
+        self._handle = open(self.path, "wb")  # noqa: SIM115 (closed by __exit__)
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": self.shape}
+        np.lib.format.write_array_header_1_0(self._handle, header)
+
+    def write(self, block: np.ndarray) -> None:
+        block = np.ascontiguousarray(block, dtype=self.dtype)
+        if block.shape[1:] != self.shape[1:] or self.rows + len(block) > self.shape[0]:
+            raise ValueError(
+                f"{self.path}: a block of shape {block.shape} does not fit {self.shape} at row {self.rows}"
+            )
+        self._handle.write(block.data)
+        self.rows += len(block)
+
+    def __enter__(self) -> NpyRowWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.close()
+        if exc[0] is None and self.rows != self.shape[0]:
+            raise ValueError(f"{self.path}: {self.rows} rows written of {self.shape[0]}")

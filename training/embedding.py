@@ -2,17 +2,38 @@
 
 The same arithmetic as serving's preprocessing (uint8 / 255, NCHW, fp32), which the export parity check
 relies on (serving/preprocess.py). The images are read a batch at a time (training/chunks.py), so a
-memory-mapped store of any size needs one batch of pixels in memory; the outputs (N x 2 and N x D
-floats) are held whole.
+memory-mapped store of any size needs one batch of pixels in memory; `embed_images` holds the outputs (N x 2 and N x D
+floats) whole; `iter_embeddings` hands them over a batch at a time.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 
 from training.chunks import iter_chunks
 from training.network import TSimCNENet
+
+
+def iter_embeddings(
+    model: TSimCNENet,
+    images: np.ndarray,
+    device: torch.device,
+    batch_size: int = 512,
+    progress: bool | None = None,
+    desc: str = "embedding",
+) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(start, coords, features) of images[start:start + batch_size], batch by batch, eval mode, fp32:
+    for callers that keep only what they derive from the features (export at 10^6 images)."""
+    model.eval()
+    with torch.inference_mode():
+        for start, block in iter_chunks(images, batch_size, desc=desc, progress=progress):
+            chunk = torch.from_numpy(block).to(device)
+            x = chunk.permute(0, 3, 1, 2).float() / 255.0
+            z, h = model(x)
+            yield start, z.float().cpu().numpy(), h.float().cpu().numpy()
 
 
 def embed_images(
@@ -25,13 +46,8 @@ def embed_images(
 ) -> tuple[np.ndarray, np.ndarray]:
     """2-D coordinates and backbone features of uint8 (N, H, W, 3) images, eval mode, fp32; a progress
     bar on a terminal (progress None) or when asked (True)."""
-    model.eval()
     coords, features = [], []
-    with torch.inference_mode():
-        for _, block in iter_chunks(images, batch_size, desc=desc, progress=progress):
-            chunk = torch.from_numpy(block).to(device)
-            x = chunk.permute(0, 3, 1, 2).float() / 255.0
-            z, h = model(x)
-            coords.append(z.float().cpu().numpy())
-            features.append(h.float().cpu().numpy())
+    for _, z, h in iter_embeddings(model, images, device, batch_size, progress, desc):
+        coords.append(z)
+        features.append(h)
     return np.concatenate(coords), np.concatenate(features)

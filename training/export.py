@@ -1,17 +1,21 @@
 """`tsimcne export`: a checkpoint -> a self-contained, verified model bundle (format: serving/bundle.py).
 
 Steps: load the final checkpoint (a stage-1/2 one only with allow_partial, marked in bundle.json);
-export the fp32 network to ONNX with a dynamic batch size; embed the training images with torch;
-run onnxruntime on up to PARITY_IMAGES of them and refuse to write the bundle unless
-max |onnxruntime - torch| <= PARITY_TOLERANCE * max(1, max |torch|); write the reference map, the
+export the fp32 network to ONNX with a dynamic batch size; run onnxruntime and torch on up to
+PARITY_IMAGES training images and refuse to write the bundle unless
+max |onnxruntime - torch| <= PARITY_TOLERANCE * max(1, max |torch|); embed the reference images with
+torch; calibrate the flag and build the feature index; write the reference map, the
 map picture and bundle.json with the sha256 of every file. Everything is written to a temporary folder
 beside the target and renamed into place at the end, so a failed export leaves nothing behind.
 
 The reference map is the training images' by default, or (`reference`) any other collection at the
 run's image size: labs train on a subset and map the whole archive. Every pass over the images
 (embedding, input statistics, thumbnails, parity) reads them in pieces with a progress bar
-(training/chunks.py), so a memory-mapped store of any size costs a piece of pixels at a time; only the
-per-image outputs (coordinates, features, statistics) are held whole.
+(training/chunks.py), so a memory-mapped store of any size costs a piece of pixels at a time. The
+feature projection is fitted on a sample's raw features; the projected features are written to the
+bundle's file batch by batch and the neighbour index is built from that file, so only the map
+coordinates, the input statistics (a few floats per image), the ids and the index are held whole:
+at 10^6 images well under the decoded images' size (benchmarks/README.md section 12).
 """
 
 from __future__ import annotations
@@ -20,12 +24,14 @@ import json
 import platform
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from serving.bundle import (
     COORDS_FILE,
@@ -47,9 +53,9 @@ from serving.neighbours import FaissIndex, NeighbourIndex
 from serving.preprocess import to_model_input
 from serving.versions import package_version
 from training.checkpoint import load_checkpoint
-from training.chunks import iter_chunks, read_rows
+from training.chunks import FileRows, NpyRowWriter, gather_rows, iter_chunks, read_rows
 from training.data import ImageDataset, load_dataset
-from training.embedding import embed_images
+from training.embedding import embed_images, iter_embeddings
 from training.errors import UserError
 from training.plot import plot_map
 from training.runs import dataset_for_state, final_checkpoint_path, model_from_state
@@ -58,6 +64,7 @@ PARITY_IMAGES = 256
 PARITY_TOLERANCE = 1e-4
 THUMBNAIL_SIDE = 32
 MAX_BATCH = 4096
+FEATURE_SPACE_SAMPLE = 20_000  # images whose raw features fit the projection (serving/detector.py FeatureSpace)
 
 
 @dataclass
@@ -101,24 +108,33 @@ def _thumbnail_size(images: np.ndarray) -> tuple[int, int]:
     return max(1, round(height * scale)), max(1, round(width * scale))
 
 
-def _add_thumbnails(reference_file: Path, images: np.ndarray) -> None:
-    """Append `thumbnails` (uint8 (N, h, w, 3), at most THUMBNAIL_SIDE px) to the reference .npz, written
-    a piece at a time: for a large collection they are as big as the images themselves at 32 px, too
-    big to hold. The member is an ordinary .npy in the zip, so np.load reads it like any other."""
+def _thumbnails(images: np.ndarray, size: tuple[int, int]) -> Iterator[np.ndarray]:
+    """The images at `size` (at most THUMBNAIL_SIDE px), a piece at a time: for a large collection
+    they are as big as the images themselves at 32 px, too big to hold."""
+    for _, block in iter_chunks(images, desc="thumbnails"):
+        yield (
+            block if tuple(block.shape[1:3]) == size else np.stack([resize_rgb(image, size, "area") for image in block])
+        )
+
+
+def _blocks_of(rows: FileRows, block: int = 65_536) -> Iterator[np.ndarray]:
+    for start in range(0, len(rows), block):
+        yield rows[start : start + block]
+
+
+def _append_member(archive_file: Path, name: str, dtype: np.dtype, shape: tuple[int, ...], pieces) -> None:
+    """Append array `name` to an .npz, written from `pieces` (consecutive row blocks) as they come. The
+    member is an ordinary .npy in the zip, so np.load reads it like any other."""
     import zipfile
 
-    size = _thumbnail_size(images)
-    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
-              "shape": (len(images), *size, 3)}  # fmt: skip
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": tuple(shape)}
     with (
-        zipfile.ZipFile(reference_file, mode="a", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as archive,
-        archive.open("thumbnails.npy", mode="w", force_zip64=True) as member,
+        zipfile.ZipFile(archive_file, mode="a", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as archive,
+        archive.open(f"{name}.npy", mode="w", force_zip64=True) as member,
     ):
         np.lib.format.write_array_header_1_0(member, header)
-        for _, block in iter_chunks(images, desc="thumbnails"):
-            if tuple(block.shape[1:3]) != size:
-                block = np.stack([resize_rgb(image, size, "area") for image in block])
-            member.write(np.ascontiguousarray(block).tobytes())
+        for piece in pieces:
+            member.write(np.ascontiguousarray(piece, dtype=dtype).tobytes())
 
 
 def _statistics(images: np.ndarray, prep: Preprocessing) -> np.ndarray:
@@ -128,48 +144,81 @@ def _statistics(images: np.ndarray, prep: Preprocessing) -> np.ndarray:
     )
 
 
+def _raw_features(model: torch.nn.Module, images: np.ndarray, rows: np.ndarray, block: int = 4096) -> np.ndarray:
+    """Backbone features of images[rows] (in that order), embedded `block` images at a time: the export
+    keeps only projected features, and a sample of raw ones is all the feature space and the
+    calibration need."""
+    pieces = []
+    for start in tqdm(range(0, len(rows), block), desc="sample features", unit="block", leave=False, disable=None):
+        chunk = gather_rows(images, rows[start : start + block])
+        pieces.append(embed_images(model, chunk, torch.device("cpu"), progress=False)[1])
+    return np.concatenate(pieces) if pieces else np.zeros((0, 0), dtype=np.float32)
+
+
 def _calibrate_flag(
     model: torch.nn.Module,
     dataset,
     coords: np.ndarray,
-    features: np.ndarray,
+    projected: FileRows,
+    space: FeatureSpace,
     prep: Preprocessing,
     calibration_data: str | Path | None,
     target_rate: float,
     what: str = "training",
-) -> tuple[CombinedCalibration, FeatureSpace, NeighbourIndex]:
-    """The flag's calibration, the feature space, and the feature index over ALL the bundle's reference
-    images as bundle.json's record describes it (the one calibrated with when calibration images are
-    held out; built again over the whole reference when 10 % of it was left out to calibrate)."""
+) -> tuple[CombinedCalibration, NeighbourIndex]:
+    """The flag's calibration, and the feature index over ALL the bundle's reference images as bundle.json's
+    record describes it (the one calibrated with when calibration images are held out; built again over
+    the whole reference when 10 % of it was left out to calibrate). `projected`: the reference's
+    projected features, read from the bundle's file as the index build needs them."""
     statistics = _statistics(dataset.images, prep)
-    space = FeatureSpace.fit(features)
     if calibration_data is not None:
         held = load_dataset(calibration_data, size=dataset.size, resize_method=prep.resize_method)
         if len(held) < 100:
             raise UserError(f"--calibration-data {calibration_data}: {len(held)} images; need at least 100")
         held_coords, held_features = embed_images(model, held.images, torch.device("cpu"))
-        calibration, index = calibrate_detector_and_index(
-            held_features, _statistics(held.images, prep), held_coords, features, statistics, coords,
+        return calibrate_detector_and_index(
+            held_features, _statistics(held.images, prep), held_coords, projected, statistics, coords,
             source=f"held-out images never trained on: {held.source} ({len(held)})", space=space,
             target_rate=target_rate,
         )  # fmt: skip
-        return calibration, space, index
     order = np.random.default_rng(0).permutation(len(coords))
     out, rest = order[: max(1, len(order) // 10)], order[max(1, len(order) // 10) :]
+    left_out_features = _raw_features(model, dataset.images, out)  # raw: the calibration projects its queries
     calibration, _ = calibrate_detector_and_index(
-        features[out], statistics[out], coords[out], features[rest], statistics[rest], coords[rest],
+        left_out_features, statistics[out], coords[out], projected.subset(rest), statistics[rest], coords[rest],
         source=f"{what} images, 10 % left out of the reference ({len(out)}; in-sample: the network saw them)",
         space=space, target_rate=target_rate,
     )  # fmt: skip
-    return calibration, space, feature_index(space.project(features), calibration.features.index)
+    return calibration, feature_index(projected, calibration.features.index)
 
 
-def _write_serving_arrays(coords: np.ndarray, projected: np.ndarray, index: NeighbourIndex, staging: Path) -> list[str]:
-    """The reference coordinates and projected features as plain .npy files and the FAISS feature index
-    (when export used FAISS), which serving memory-maps so that its workers share one copy
-    (serving/reference.py); the names written."""
+def _feature_space(model: torch.nn.Module, images: np.ndarray) -> FeatureSpace:
+    """The projection of the backbone features (serving/detector.py FeatureSpace), fitted on a seeded
+    sample of FEATURE_SPACE_SAMPLE images: with the calibration's, the only raw features export holds."""
+    sample = FEATURE_SPACE_SAMPLE
+    rows = np.random.default_rng(0).permutation(len(images))[:sample]
+    return FeatureSpace.fit(_raw_features(model, images, rows), sample=sample)
+
+
+def _embed_reference(
+    model: torch.nn.Module, images: np.ndarray, space: FeatureSpace, features_file: Path
+) -> np.ndarray:
+    """One pass over the reference images: their map coordinates (returned, N x 2) and their projected
+    features, written a batch at a time to `features_file` (.npy, float32, C order: what serving
+    memory-maps) instead of being held: at 10^6 images they are 0.5 GB, the raw ones as much again."""
+    pieces = []
+    with NpyRowWriter(features_file, (len(images), space.components.shape[0]), np.float32) as writer:
+        for _, block_coords, block_features in iter_embeddings(model, images, torch.device("cpu")):
+            pieces.append(block_coords)
+            writer.write(space.project(block_features))
+    return np.concatenate(pieces)
+
+
+def _write_serving_arrays(coords: np.ndarray, index: NeighbourIndex, staging: Path) -> list[str]:
+    """The reference coordinates as a plain .npy file and the FAISS feature index (when export used
+    FAISS), which serving memory-maps beside the projected features (written while embedding) so that
+    its workers share one copy (serving/reference.py); the names of the serving files."""
     np.save(staging / COORDS_FILE, np.ascontiguousarray(coords, dtype=np.float32), allow_pickle=False)
-    np.save(staging / FEATURES_FILE, np.ascontiguousarray(projected), allow_pickle=False)  # float32, C order
     written = [COORDS_FILE, FEATURES_FILE]
     if isinstance(index, FaissIndex):
         index.save(staging / FEATURE_INDEX_FILE)
@@ -199,7 +248,6 @@ def export_bundle(
     checkpoint, state = _exportable_checkpoint(Path(run_dir), allow_partial)
     model = model_from_state(state).float().eval()
     dataset = dataset_for_state(state) if reference is None else reference_dataset(state, reference)
-    coords, features = embed_images(model, dataset.images, torch.device("cpu"))
     _check_artefact_labels(artefact_labels or [], dataset.class_names)
     prep = Preprocessing(
         height=dataset.size[0],
@@ -208,15 +256,19 @@ def export_bundle(
         center_crop=center_crop,
     )
     what = "training" if reference is None else "reference"
-    calibration, space, index = _calibrate_flag(
-        model, dataset, coords, features, prep, calibration_data, target_rate, what
-    )
     staging = _staging_folder(out)
     try:
-        parity = _write_model(model, dataset, coords, prep, staging)
-        projected = space.project(features)  # once: N x D, written to reference.npz and as .npy
+        # The ONNX export first: torch.onnx's working memory is spent before the reference's arrays exist.
+        parity = _write_model(model, dataset, prep, staging)
+        space = _feature_space(model, dataset.images)
+        coords = _embed_reference(model, dataset.images, space, staging / FEATURES_FILE)
+        projected = FileRows(np.load(staging / FEATURES_FILE, mmap_mode="r"))
+        calibration, index = _calibrate_flag(
+            model, dataset, coords, projected, space, prep, calibration_data, target_rate, what
+        )
+        serving_arrays = _write_serving_arrays(coords, index, staging)
+        del index  # its copy of the vectors is saved; the rest of the export streams from the files
         _write_reference(dataset, coords, projected, space, staging)
-        serving_arrays = _write_serving_arrays(coords, projected, index, staging)
         plot_map(
             coords[:, :2],
             dataset.labels,
@@ -231,7 +283,7 @@ def export_bundle(
             preprocessing=prep,
             output_names=["coords", "features"],
             out_dim=int(coords.shape[1]),
-            feature_dim=int(features.shape[1]),
+            feature_dim=int(space.mean.shape[0]),
             class_names=list(dataset.class_names),
             partial=int(state["finished_stage"]) < 3,
             finished_stage=int(state["finished_stage"]),
@@ -285,10 +337,12 @@ def _staging_folder(out: Path) -> Path:
         raise UserError(f"{parent}: cannot write there ({exc.strerror or exc})") from exc
 
 
-def _write_model(model: torch.nn.Module, dataset, coords: np.ndarray, prep: Preprocessing, staging: Path) -> dict:
-    """model.onnx, refused unless onnxruntime reproduces torch on the training images; the parity figures."""
+def _write_model(model: torch.nn.Module, dataset, prep: Preprocessing, staging: Path) -> dict:
+    """model.onnx, refused unless onnxruntime reproduces torch on the first training images; the parity figures."""
     _export_onnx(model, dataset.size, staging / MODEL_FILE)
-    parity = _parity(staging / MODEL_FILE, dataset.images, coords, prep)
+    first = read_rows(dataset.images, 0, PARITY_IMAGES)
+    torch_coords, _ = embed_images(model, first, torch.device("cpu"), progress=False)
+    parity = _parity(staging / MODEL_FILE, first, torch_coords, prep)
     if not parity["passed"]:
         raise UserError(
             f"ONNX parity check failed: max |onnxruntime - torch| = {parity['max_abs_diff']:.3g} > "
@@ -297,8 +351,9 @@ def _write_model(model: torch.nn.Module, dataset, coords: np.ndarray, prep: Prep
     return parity
 
 
-def _write_reference(dataset, coords: np.ndarray, projected: np.ndarray, space: FeatureSpace, staging: Path) -> None:
-    """reference.npz: the training images' map, ids, labels, thumbnails and projected features."""
+def _write_reference(dataset, coords: np.ndarray, projected: FileRows, space: FeatureSpace, staging: Path) -> None:
+    """reference.npz: the reference images' map, ids, labels, projected features and thumbnails (the last
+    two streamed into the archive a piece at a time)."""
     reference = {
         "coords": coords.astype(np.float32),
         "ids": np.array(dataset.ids, dtype=str),
@@ -306,11 +361,14 @@ def _write_reference(dataset, coords: np.ndarray, projected: np.ndarray, space: 
     }
     if dataset.labels is not None:
         reference["labels"] = dataset.labels
-    reference["features"] = projected  # space.project(features): serving/detector.py FeatureSpace
     reference["feature_mean"], reference["feature_components"] = space.mean, space.components
     with open(staging / REFERENCE_FILE, "wb") as handle:
         np.savez_compressed(handle, **reference)
-    _add_thumbnails(staging / REFERENCE_FILE, dataset.images)
+    # features: space.project(backbone features), serving/detector.py FeatureSpace
+    _append_member(staging / REFERENCE_FILE, "features", projected.dtype, projected.shape, _blocks_of(projected))
+    size = _thumbnail_size(dataset.images)
+    _append_member(staging / REFERENCE_FILE, "thumbnails", np.dtype(np.uint8), (len(dataset.images), *size, 3),
+                   _thumbnails(dataset.images, size))  # fmt: skip
 
 
 def _provenance(checkpoint: Path, state: dict, dataset: ImageDataset, other_reference: bool) -> dict:
