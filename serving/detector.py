@@ -94,7 +94,7 @@ class PixelModel:
     @classmethod
     def fit(cls, statistics: np.ndarray) -> PixelModel:
         covariance = np.cov(statistics, rowvar=False) + 1e-9 * np.eye(statistics.shape[1])
-        return cls(statistics.mean(0), np.linalg.pinv(covariance))
+        return cls(statistics.mean(0, dtype=np.float64), np.linalg.pinv(covariance))  # float64 from float32 too
 
     def distance(self, statistics: np.ndarray) -> np.ndarray:
         centred = statistics - self.mean

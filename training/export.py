@@ -138,10 +138,16 @@ def _append_member(archive_file: Path, name: str, dtype: np.dtype, shape: tuple[
 
 
 def _statistics(images: np.ndarray, prep: Preprocessing) -> np.ndarray:
-    """Per-channel mean and spread of the model input of uint8 images (chunked to bound memory)."""
-    return np.concatenate(
-        [channel_statistics(to_model_input(list(block), prep)) for _, block in iter_chunks(images, desc="statistics")]
-    )
+    """serving/detector.py channel_statistics of the model input of uint8 images, computed a piece at a
+    time into one float32 array (27 values an image: 108 MB at 10^6 images; they only feed the pixel
+    model's mean and covariance, which are fitted in float64)."""
+    statistics = None
+    for start, block in iter_chunks(images, desc="statistics"):
+        values = channel_statistics(to_model_input(list(block), prep))
+        if statistics is None:
+            statistics = np.empty((len(images), values.shape[1]), dtype=np.float32)
+        statistics[start : start + len(values)] = values
+    return statistics
 
 
 def _raw_features(model: torch.nn.Module, images: np.ndarray, rows: np.ndarray, block: int = 4096) -> np.ndarray:
@@ -206,12 +212,14 @@ def _embed_reference(
     """One pass over the reference images: their map coordinates (returned, N x 2) and their projected
     features, written a batch at a time to `features_file` (.npy, float32, C order: what serving
     memory-maps) instead of being held: at 10^6 images they are 0.5 GB, the raw ones as much again."""
-    pieces = []
+    coords = None
     with NpyRowWriter(features_file, (len(images), space.components.shape[0]), np.float32) as writer:
-        for _, block_coords, block_features in iter_embeddings(model, images, torch.device("cpu")):
-            pieces.append(block_coords)
+        for start, block_coords, block_features in iter_embeddings(model, images, torch.device("cpu")):
+            if coords is None:  # one array filled in place (training/embedding.py says why)
+                coords = np.empty((len(images), block_coords.shape[1]), dtype=np.float32)
+            coords[start : start + len(block_coords)] = block_coords
             writer.write(space.project(block_features))
-    return np.concatenate(pieces)
+    return coords
 
 
 def _write_serving_arrays(coords: np.ndarray, index: NeighbourIndex, staging: Path) -> list[str]:
@@ -258,8 +266,6 @@ def export_bundle(
     what = "training" if reference is None else "reference"
     staging = _staging_folder(out)
     try:
-        # The ONNX export first: torch.onnx's working memory is spent before the reference's arrays exist.
-        parity = _write_model(model, dataset, prep, staging)
         space = _feature_space(model, dataset.images)
         coords = _embed_reference(model, dataset.images, space, staging / FEATURES_FILE)
         projected = FileRows(np.load(staging / FEATURES_FILE, mmap_mode="r"))
@@ -268,6 +274,8 @@ def export_bundle(
         )
         serving_arrays = _write_serving_arrays(coords, index, staging)
         del index  # its copy of the vectors is saved; the rest of the export streams from the files
+        # The ONNX export after the index is gone: torch.onnx keeps ~250 MB it does not give back.
+        parity = _write_model(model, dataset, prep, staging)
         _write_reference(dataset, coords, projected, space, staging)
         plot_map(
             coords[:, :2],
