@@ -47,6 +47,7 @@ from serving.calibration import (
 from serving.neighbours import (
     FaissIndex,
     NeighbourIndex,
+    as_rows,
     build_faiss_index,
     build_index,
     build_map_index,
@@ -130,12 +131,6 @@ class FeatureSpace:
         return ((unit_rows(features) - self.mean) @ self.components.T).astype(np.float32)
 
 
-def _rows_of(vectors: Any) -> Any:
-    """`vectors` as something with a shape that gives rows when sliced: an array, or rows read from a file
-    on demand (training/chunks.py FileRows), which stay on disk until an index is built from them."""
-    return vectors if hasattr(vectors, "shape") else np.asarray(vectors, dtype=np.float32)
-
-
 def feature_index(reference_projected: np.ndarray, record: FeatureIndex | None) -> NeighbourIndex:
     """The index over the reference features that `record` (bundle.json) describes, built as export built it
     (bundles without an index file: exported before it was saved, or served by rebuilding).
@@ -144,7 +139,7 @@ def feature_index(reference_projected: np.ndarray, record: FeatureIndex | None) 
     for PBC) is read once per block instead of once per image, which is what makes the flag cheap under
     load. A FAISS index in a bundle opened where faiss-cpu is missing is searched exactly instead (the
     same neighbours, or better than IVF's), with a warning."""
-    vectors = _rows_of(reference_projected)
+    vectors = as_rows(reference_projected)
     if record is None or record.kind == "exact":
         return build_index(np.asarray(vectors, dtype=np.float32), dtype=np.float32)
     if not faiss_available():
@@ -237,7 +232,7 @@ def plan_feature_index(
     serving/neighbours.py EXACT_LIMIT_BYTES), else IVF, whose nprobe is doubled
     from 8 until its recall@k against exact search on (up to `sample` of) `queries` reaches `target_recall`
     (or every cell is searched). Without faiss-cpu: exact numpy search."""
-    vectors = _rows_of(reference_projected)
+    vectors = as_rows(reference_projected)
     n, dims = vectors.shape
     k = int(min(k, n))
     picked = np.random.default_rng(0).permutation(len(queries))[:sample]

@@ -265,6 +265,13 @@ def ivf_cells(n: int) -> int:
     return int(max(1, min(4 * np.sqrt(n), n // 39)))
 
 
+def as_rows(vectors: object) -> np.ndarray:
+    """`vectors` as something with a shape that gives rows when sliced: an array, or rows read from a file
+    on demand (training/chunks.py FileRows), which stay on disk until an index is built from them;
+    anything else (lists) as a float32 array."""
+    return vectors if hasattr(vectors, "shape") else np.asarray(vectors, dtype=np.float32)
+
+
 def _training_sample(vectors: np.ndarray, nlist: int, seed: int) -> np.ndarray:
     """The vectors k-means trains the IVF cells on: all of them up to TRAIN_POINTS_PER_CELL per cell, else
     a seeded sample of that many (read in ascending row order). FAISS would sample up to 256 per cell
@@ -304,10 +311,7 @@ class FaissIndex:
     ) -> None:
         import faiss
 
-        if not hasattr(vectors, "shape"):
-            vectors = np.asarray(vectors)
-        # `vectors`: an array, or rows read from a file when sliced (training/chunks.py FileRows), so that
-        # export builds an index over 10^6 vectors without holding them besides the index's own copy.
+        vectors = as_rows(vectors)  # export builds over 10^6 rows on disk without holding them twice
         if len(vectors.shape) != 2 or len(vectors) == 0:
             raise ValueError(f"a neighbour index needs a non-empty (n, d) array, got shape {vectors.shape}")
         if kind not in ("flat", "ivf"):

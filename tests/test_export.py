@@ -277,6 +277,8 @@ def test_export_streams_the_reference_features_and_builds_an_ivf_index_from_them
     manifest = open_bundle(tmp_path / "streamed")
     assert manifest.calibration.features.index.kind == "faiss-ivf"
     assert manifest.calibration.features.index.reference_size == 96
+    # nothing else in the folder: the raw features' scratch file is gone
+    assert sorted(p.name for p in (tmp_path / "streamed").iterdir()) == sorted([*manifest.files, "bundle.json"])
     stored = np.load(tmp_path / "streamed" / "reference_features.npy")
     with np.load(tmp_path / "streamed" / "reference.npz") as reference:
         np.testing.assert_array_equal(reference["features"], stored)

@@ -52,7 +52,7 @@ def embed_images(
     bar on a terminal (progress None) or when asked (True)."""
     coords = features = None
     for start, z, h in iter_embeddings(model, images, device, batch_size, progress, desc):
-        if coords is None:  # filled in place: a list of per-batch arrays fragments the heap (glibc), see below
+        if coords is None:  # filled in place: a list of per-batch arrays fragments the heap (module docstring)
             coords = np.empty((len(images), z.shape[1]), dtype=np.float32)
             features = np.empty((len(images), h.shape[1]), dtype=np.float32)
         coords[start : start + len(z)] = z

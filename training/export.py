@@ -12,8 +12,9 @@ The reference map is the training images' by default, or (`reference`) any other
 run's image size: labs train on a subset and map the whole archive. Every pass over the images
 (embedding, input statistics, thumbnails, parity) reads them in pieces with a progress bar
 (training/chunks.py), so a memory-mapped store of any size costs a piece of pixels at a time. The
-feature projection is fitted on a sample's raw features; the projected features are written to the
-bundle's file batch by batch and the neighbour index is built from that file, so only the map
+network runs once over the reference: its raw features go to a scratch file, the feature projection is
+fitted on a sample of them, the projected features are written to the bundle's file a block at a time
+and the neighbour index is built from that file, so only the map
 coordinates, the input statistics (a few floats per image), the ids and the index are held whole:
 at 10^6 images well under the decoded images' size (benchmarks/README.md section 12).
 """
@@ -31,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from serving.bundle import (
     COORDS_FILE,
@@ -53,7 +53,7 @@ from serving.neighbours import FaissIndex, NeighbourIndex
 from serving.preprocess import to_model_input
 from serving.versions import package_version
 from training.checkpoint import load_checkpoint
-from training.chunks import FileRows, NpyRowWriter, gather_rows, iter_chunks, read_rows
+from training.chunks import FileRows, NpyRowWriter, iter_chunks, read_rows
 from training.data import ImageDataset, load_dataset
 from training.embedding import embed_images, iter_embeddings
 from training.errors import UserError
@@ -65,6 +65,7 @@ PARITY_TOLERANCE = 1e-4
 THUMBNAIL_SIDE = 32
 MAX_BATCH = 4096
 FEATURE_SPACE_SAMPLE = 20_000  # images whose raw features fit the projection (serving/detector.py FeatureSpace)
+RAW_FEATURES_FILE = ".raw_features.npy"  # the network's features before projection, while exporting
 
 
 @dataclass
@@ -150,21 +151,11 @@ def _statistics(images: np.ndarray, prep: Preprocessing) -> np.ndarray:
     return statistics
 
 
-def _raw_features(model: torch.nn.Module, images: np.ndarray, rows: np.ndarray, block: int = 4096) -> np.ndarray:
-    """Backbone features of images[rows] (in that order), embedded `block` images at a time: the export
-    keeps only projected features, and a sample of raw ones is all the feature space and the
-    calibration need."""
-    pieces = []
-    for start in tqdm(range(0, len(rows), block), desc="sample features", unit="block", leave=False, disable=None):
-        chunk = gather_rows(images, rows[start : start + block])
-        pieces.append(embed_images(model, chunk, torch.device("cpu"), progress=False)[1])
-    return np.concatenate(pieces) if pieces else np.zeros((0, 0), dtype=np.float32)
-
-
 def _calibrate_flag(
     model: torch.nn.Module,
     dataset,
     coords: np.ndarray,
+    raw: FileRows,
     projected: FileRows,
     space: FeatureSpace,
     prep: Preprocessing,
@@ -174,8 +165,8 @@ def _calibrate_flag(
 ) -> tuple[CombinedCalibration, NeighbourIndex]:
     """The flag's calibration, and the feature index over ALL the bundle's reference images as bundle.json's
     record describes it (the one calibrated with when calibration images are held out; built again over
-    the whole reference when 10 % of it was left out to calibrate). `projected`: the reference's
-    projected features, read from the bundle's file as the index build needs them."""
+    the whole reference when 10 % of it was left out to calibrate). `raw` / `projected`: the reference's
+    raw and projected features, read from their files as they are needed."""
     statistics = _statistics(dataset.images, prep)
     if calibration_data is not None:
         held = load_dataset(calibration_data, size=dataset.size, resize_method=prep.resize_method)
@@ -189,37 +180,42 @@ def _calibrate_flag(
         )  # fmt: skip
     order = np.random.default_rng(0).permutation(len(coords))
     out, rest = order[: max(1, len(order) // 10)], order[max(1, len(order) // 10) :]
-    left_out_features = _raw_features(model, dataset.images, out)  # raw: the calibration projects its queries
     calibration, _ = calibrate_detector_and_index(
-        left_out_features, statistics[out], coords[out], projected.subset(rest), statistics[rest], coords[rest],
+        raw[out], statistics[out], coords[out], projected.subset(rest), statistics[rest], coords[rest],
         source=f"{what} images, 10 % left out of the reference ({len(out)}; in-sample: the network saw them)",
         space=space, target_rate=target_rate,
     )  # fmt: skip
     return calibration, feature_index(projected, calibration.features.index)
 
 
-def _feature_space(model: torch.nn.Module, images: np.ndarray) -> FeatureSpace:
-    """The projection of the backbone features (serving/detector.py FeatureSpace), fitted on a seeded
-    sample of FEATURE_SPACE_SAMPLE images: with the calibration's, the only raw features export holds."""
-    sample = FEATURE_SPACE_SAMPLE
-    rows = np.random.default_rng(0).permutation(len(images))[:sample]
-    return FeatureSpace.fit(_raw_features(model, images, rows), sample=sample)
-
-
-def _embed_reference(
-    model: torch.nn.Module, images: np.ndarray, space: FeatureSpace, features_file: Path
-) -> np.ndarray:
-    """One pass over the reference images: their map coordinates (returned, N x 2) and their projected
-    features, written a batch at a time to `features_file` (.npy, float32, C order: what serving
-    memory-maps) instead of being held: at 10^6 images they are 0.5 GB, the raw ones as much again."""
+def _embed_reference(model: torch.nn.Module, images: np.ndarray, raw_file: Path) -> tuple[np.ndarray, FileRows]:
+    """The one network pass over the reference images: their map coordinates (returned, N x 2, filled in
+    place: training/embedding.py says why) and their raw backbone features, written a batch at a time to
+    `raw_file` and returned as rows read on demand: at 10^6 images they are 0.5-2 GB, not held."""
     coords = None
-    with NpyRowWriter(features_file, (len(images), space.components.shape[0]), np.float32) as writer:
+    with NpyRowWriter(raw_file, (len(images), model.backbone.feature_dim), np.float32) as writer:
         for start, block_coords, block_features in iter_embeddings(model, images, torch.device("cpu")):
-            if coords is None:  # one array filled in place (training/embedding.py says why)
+            if coords is None:
                 coords = np.empty((len(images), block_coords.shape[1]), dtype=np.float32)
             coords[start : start + len(block_coords)] = block_coords
-            writer.write(space.project(block_features))
-    return coords
+            writer.write(block_features)
+    return coords, FileRows(np.load(raw_file, mmap_mode="r"))
+
+
+def _feature_space(raw: FileRows) -> FeatureSpace:
+    """The projection of the backbone features (serving/detector.py FeatureSpace), fitted on a seeded
+    sample of FEATURE_SPACE_SAMPLE images' raw features."""
+    rows = np.random.default_rng(0).permutation(len(raw))[:FEATURE_SPACE_SAMPLE]
+    return FeatureSpace.fit(raw[rows], sample=FEATURE_SPACE_SAMPLE)
+
+
+def _write_projected(raw: FileRows, space: FeatureSpace, features_file: Path, block: int = 65_536) -> FileRows:
+    """The reference's projected features, written a block at a time to `features_file` (.npy, float32,
+    C order: what serving memory-maps) and returned as rows read on demand."""
+    with NpyRowWriter(features_file, (len(raw), space.components.shape[0]), np.float32) as writer:
+        for piece in _blocks_of(raw, block):
+            writer.write(space.project(piece))
+    return FileRows(np.load(features_file, mmap_mode="r"))
 
 
 def _write_serving_arrays(coords: np.ndarray, index: NeighbourIndex, staging: Path) -> list[str]:
@@ -266,12 +262,15 @@ def export_bundle(
     what = "training" if reference is None else "reference"
     staging = _staging_folder(out)
     try:
-        space = _feature_space(model, dataset.images)
-        coords = _embed_reference(model, dataset.images, space, staging / FEATURES_FILE)
-        projected = FileRows(np.load(staging / FEATURES_FILE, mmap_mode="r"))
+        raw_file = staging / RAW_FEATURES_FILE  # scratch: removed before the bundle is complete
+        coords, raw = _embed_reference(model, dataset.images, raw_file)
+        space = _feature_space(raw)
+        projected = _write_projected(raw, space, staging / FEATURES_FILE)
         calibration, index = _calibrate_flag(
-            model, dataset, coords, projected, space, prep, calibration_data, target_rate, what
+            model, dataset, coords, raw, projected, space, prep, calibration_data, target_rate, what
         )
+        del raw
+        raw_file.unlink()
         serving_arrays = _write_serving_arrays(coords, index, staging)
         del index  # its copy of the vectors is saved; the rest of the export streams from the files
         # The ONNX export after the index is gone: torch.onnx keeps ~250 MB it does not give back.
