@@ -41,6 +41,18 @@ class Server:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def wait_for_log(self, *texts: str, timeout: float = 90) -> str:
+        """The log once it holds every one of `texts`: /readyz answers when the first worker is up, not all."""
+        deadline = time.monotonic() + timeout
+        while True:
+            log = self.log_text()
+            if all(text in log for text in texts):
+                return log
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                missing = [text for text in texts if text not in log]
+                raise AssertionError(f"server log lacks {missing} after {timeout} s:\n{log[-3000:]}")
+            time.sleep(0.25)
+
     def stop(self) -> int:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)

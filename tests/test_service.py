@@ -352,14 +352,13 @@ def test_two_workers_share_the_metrics(service_bundle, tmp_path, cell) -> None:
     bundle, _ = service_bundle
     running = start_server(tmp_path, {"bundle": str(bundle), "workers": "2"}, home=tmp_path / "bentoml")
     try:
+        running.wait_for_log("[entry_service:tsimcne:1] serving bundle", "[entry_service:tsimcne:2] serving bundle")
         files = _files(write_good_images(tmp_path / "img", cell)[:2])
         with running.client() as client, ThreadPoolExecutor(4) as pool:
             replies = list(pool.map(lambda _: client.post("/embed", files=files), range(12)))
             exported = client.get("/metrics").text
         assert [r.status_code for r in replies] == [200] * 12
         assert metric_value(exported, "tsimcne_images_embedded_total") == 24
-        log = running.log_text()
-        assert "[entry_service:tsimcne:1] serving bundle" in log and "[entry_service:tsimcne:2] serving bundle" in log
     finally:
         running.stop()
 
