@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import run_cli
-from training.budget import STAGE_SHARES, epochs_for_budget, parse_budget
-from training.errors import UserError
+from training.budget import STAGE_SHARES, BudgetPlan, epochs_for_budget, parse_budget, replan
+from training.errors import TrainingStopped, UserError
 
 
 @pytest.mark.parametrize(
@@ -39,6 +41,18 @@ def test_too_short_a_budget_is_refused_with_the_time_one_epoch_needs() -> None:
         epochs_for_budget(20, (1.0, 0.5), 10)
 
 
+def test_replan_uses_the_measured_step_time_and_keeps_the_timed_one() -> None:
+    # timed at 2 s a step before training; the first epoch ran at 1 s a step: about twice the epochs
+    plan = BudgetPlan(10_000, (2.0, 1.0), 10, epochs_for_budget(9_990, (2.0, 1.0), 10), calibration_s=10)
+    again = replan(plan, 1.0)
+    assert again.replanned and not plan.replanned and again.timed_step_s == (2.0, 1.0)
+    assert again.step_s == (1.0, 0.5) and again.epochs == epochs_for_budget(9_990, (1.0, 0.5), 10)
+    assert again.epochs[0] == pytest.approx(2 * plan.epochs[0], abs=1)
+    planned = sum(e * 10 * s for e, s in zip(again.epochs, again.stage_step_s, strict=True))
+    assert planned <= 9_990
+    assert replan(plan, 1_000.0).epochs == (1, 1, 1)  # far slower than timed: still a whole run, never 0 epochs
+
+
 def test_budget_and_epochs_together_are_refused(tmp_path: Path) -> None:
     result = run_cli(
         *("train", "--data", "synthetic:64", "--name", "b", "--runs-dir", str(tmp_path), "--recipe", "tiny"),
@@ -58,6 +72,8 @@ def test_budgeted_run_trains_the_planned_epochs_and_resume_keeps_them(tmp_path: 
     config = json.loads((run / "config.json").read_text())
     assert config["epochs"] == plan["epochs"] and config["time_budget_s"] == 25
     assert plan["epochs"][0] > plan["epochs"][2] >= 1 and plan["step_s"][0] > plan["step_s"][1] > 0
+    assert plan["timed_step_s"][0] > 0 and "re-planned after the first epoch" in result.stdout
+    assert torch.load(run / "stage3.pt", weights_only=True)["config"]["epochs"] == plan["epochs"]
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     trained = [max((r["epoch"] for r in records if r["stage"] == s), default=0) for s in (1, 2, 3)]
     assert trained == plan["epochs"]
@@ -73,3 +89,31 @@ def test_cpu_recipe_trains_for_thirty_minutes_unless_epochs_are_given() -> None:
     explicit = build_config("cpu", {"data": "x", "epochs": (3, 1, 1)})
     assert explicit.time_budget_s is None and explicit.epochs == (3, 1, 1)
     assert build_config("reference", {"data": "x"}).time_budget_s is None
+
+
+def test_a_run_stopped_after_the_replan_resumes_with_the_replanned_epochs(tmp_path: Path) -> None:
+    """Ctrl-C in stage 1's third epoch (the re-plan came after its first): the checkpoint, config.json
+    and budget.json all hold the re-planned epochs, and the resumed run trains exactly those."""
+    from training.config import build_config
+    from training.run_training import load_resume_state, train_run
+
+    config = build_config("tiny", {"data": "synthetic:96", "image_size": (16, 16), "time_budget_s": 8.0})
+    run = tmp_path / "run"
+
+    def interrupt_after_second_epoch(record: dict) -> None:
+        if (record["stage"], record["epoch"]) == (1, 2):
+            signal.raise_signal(signal.SIGINT)  # what Ctrl-C does: the trainer saves after its next step
+
+    with pytest.raises(TrainingStopped):
+        train_run(config, run, show_progress=False, echo=lambda _m: None, on_epoch=interrupt_after_second_epoch)
+    plan = json.loads((run / "budget.json").read_text())
+    assert plan["timed_step_s"] is not None and plan["epochs"][0] > 2
+    saved = torch.load(run / "last.pt", weights_only=True)
+    assert (saved["position"]["stage"], saved["position"]["epoch"]) == (1, 2)  # stopped early in the third epoch
+    assert saved["config"]["epochs"] == plan["epochs"] == json.loads((run / "config.json").read_text())["epochs"]
+
+    resumed_config, state = load_resume_state(run)
+    train_run(resumed_config, run, resume_state=state, show_progress=False, echo=lambda _m: None)
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    trained = [max((r["epoch"] for r in records if r["stage"] == s), default=0) for s in (1, 2, 3)]
+    assert trained == plan["epochs"] and json.loads((run / "budget.json").read_text()) == plan

@@ -147,6 +147,7 @@ def _train_locked(
         plan = _plan_budget(trainer, run_dir, dist_info, echo)
         config = trainer.config
     summary = trainer.run()
+    config, plan = trainer.config, trainer.budget_plan or plan  # the budget's re-plan after the first epoch
     shutdown(dist_info)
     if summary.stopped_early:
         raise TrainingStopped(run_dir)

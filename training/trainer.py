@@ -28,14 +28,14 @@ from tqdm.auto import tqdm  # a notebook-aware bar in Jupyter, the usual one in 
 
 from training.augment import BatchAugmenter, get_preset, mean_border_colour
 from training.batches import image_source
-from training.budget import BudgetPlan, epochs_for_budget, measure_step_seconds
+from training.budget import BudgetPlan, epochs_for_budget, measure_step_seconds, replan
 from training.checkpoint import save_checkpoint
 from training.config import TrainConfig
 from training.data import ImageDataset
 from training.device import Runtime
 from training.distributed import DistInfo, all_reduce_mean, barrier
 from training.errors import UserError
-from training.files import atomic_write_text
+from training.files import atomic_write_json, atomic_write_text
 from training.flops import forward_flops_per_image, training_flops_per_image
 from training.global_batchnorm import use_global_batchnorm
 from training.loss import InfoNCELoss
@@ -137,6 +137,10 @@ class _EpochDone:
     lr: float  # the last step's learning rate
     seconds: float
     stop: bool  # a stop was requested at the epoch's last step
+    steady_step_s: float  # seconds a step after the epoch's first WARM_STEPS (allocator, kernel caches)
+
+
+WARM_STEPS = 2  # steps of an epoch left out of its steady step time
 
 
 def _steps_per_epoch(n_local: int, batch_local: int) -> int:
@@ -182,6 +186,7 @@ class StagedTrainer:
         self.elapsed_before = 0.0
         self._optimizer_state: dict[str, Any] | None = None
         self._partial_loss: float | None = None
+        self.budget_plan: BudgetPlan | None = None  # a new budgeted run: planned, then re-planned after epoch 1
         if resume_state is not None:
             self._restore(resume_state)
         if dist_info.enabled and config.sync_bn:
@@ -335,11 +340,32 @@ class StagedTrainer:
         calibration = time.perf_counter() - started
         epochs = epochs_for_budget(budget_s - calibration, step_s, steps)
         self.config = self.config.model_copy(update={"epochs": epochs})
-        return BudgetPlan(budget_s, step_s, steps, epochs, round(calibration, 2))
+        self.budget_plan = BudgetPlan(budget_s, step_s, steps, epochs, round(calibration, 2))
+        return self.budget_plan
+
+    def _replan_budget(self, run: _Stage, done: _EpochDone) -> None:
+        """After stage 1's first epoch: the budget planned again from its steady step time (training/budget.py),
+        the stage's schedule stretched to the new epochs, config.json and budget.json rewritten, and a
+        checkpoint saved so that a resumed run keeps the new plan."""
+        assert self.budget_plan is not None
+        step_s = done.steady_step_s
+        if self.dist.enabled:  # every rank plans with the slowest rank's time, so all agree on the epochs
+            slowest = torch.tensor([step_s], device=self.runtime.device)
+            torch.distributed.all_reduce(slowest, op=torch.distributed.ReduceOp.MAX)
+            step_s = float(slowest[0])
+        plan = replan(self.budget_plan, step_s)
+        self.budget_plan = plan
+        self.config = self.config.model_copy(update={"epochs": plan.epochs})
+        run.epochs = plan.epochs[0]
+        run.warmup_steps = effective_warmup_epochs(self.config.warmup_epochs[0], run.epochs) * run.steps_per_epoch
+        self.echo(plan.describe_replan())
+        if self.dist.is_main:
+            atomic_write_json(self.run_dir / "config.json", self.config.model_dump(mode="json"))
+            atomic_write_json(self.run_dir / "budget.json", plan.as_dict())
+        self._save(run.optimizer)
 
     def run(self) -> TrainSummary:
         self._started = time.perf_counter()
-        config = self.config
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.position.stage > 1 or self.position.epoch or self.position.step:
             self._trim_log()
@@ -352,7 +378,7 @@ class StagedTrainer:
             for stage in (1, 2, 3):
                 if stage < self.position.stage:
                     continue
-                epochs = config.epochs[stage - 1]
+                epochs = self.config.epochs[stage - 1]  # (stage 1's re-plan may change later stages')
                 self._prepare_stage(stage)
                 if epochs == 0:
                     self.echo(f"stage {stage} ({STAGE_NAMES[stage]}): 0 epochs, skipped")
@@ -412,17 +438,22 @@ class StagedTrainer:
         run = self._start_stage(stage, epochs, global_batch, batch_local)
         epoch_times: list[float] = []
         epoch_loss: float | None = None
-        for epoch in range(self.position.epoch, epochs):
+        epoch = self.position.epoch
+        while epoch < run.epochs:  # (run.epochs may change: the budget's re-plan after stage 1's first epoch)
             done = self._run_epoch(run, epoch, guard)
             if done is None:  # stopped mid-epoch; the checkpoint is saved
                 return False, None
             epoch_loss = self._finish_epoch(run, epoch, done, epoch_times)
-            if done.stop and epoch + 1 < epochs:
+            replanning = stage == 1 and epoch == 0 and self.budget_plan is not None and not self.budget_plan.replanned
+            if replanning:
+                self._replan_budget(run, done)
+            if done.stop and epoch + 1 < run.epochs:
                 self._save(run.optimizer)
                 self.echo(f"checkpoint saved after stage {stage}, epoch {epoch + 1}: {self.run_dir}")
                 return False, None
-            if (epoch + 1) % self.config.checkpoint_every == 0 and epoch + 1 < epochs:
+            if (epoch + 1) % self.config.checkpoint_every == 0 and epoch + 1 < run.epochs and not replanning:
                 self._save(run.optimizer)
+            epoch += 1
         return True, epoch_loss
 
     def _run_epoch(self, run: _Stage, epoch: int, guard: _SignalGuard) -> _EpochDone | None:
@@ -446,6 +477,7 @@ class StagedTrainer:
             dynamic_ncols=True,
         )
         lr, stop = run.base_lr, False
+        steady_from: tuple[float, int] | None = None  # (time, step) once WARM_STEPS steps are done
         total_steps = run.epochs * run.steps_per_epoch
         # read ahead when streamed from a store; closing stops the read-ahead thread however the epoch ends
         with contextlib.closing(self.source.iterate(batches[first_step:])) as images:
@@ -462,6 +494,8 @@ class StagedTrainer:
                     rate = images_seen / max(1e-9, time.perf_counter() - started)
                     bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.3g}", img_s=f"{rate:.0f}", refresh=False)
                 bar.update(1)
+                if step + 1 - first_step == WARM_STEPS:
+                    steady_from = (time.perf_counter(), step + 1)
                 stop = self._stop_requested(guard, last_step=step == len(batches) - 1)
                 if stop and step + 1 < len(batches):
                     bar.close()
@@ -471,7 +505,12 @@ class StagedTrainer:
                     self.echo(f"checkpoint saved at stage {stage}, epoch {epoch + 1}, step {step + 1}: {self.run_dir}")
                     return None
         bar.close()
-        return _EpochDone(loss_sum / len(batches), images_seen, lr, time.perf_counter() - started, stop)
+        ended = time.perf_counter()
+        if steady_from is not None and steady_from[1] < len(batches):
+            steady_step_s = (ended - steady_from[0]) / (len(batches) - steady_from[1])
+        else:  # too few steps to leave the first ones out
+            steady_step_s = (ended - started) / max(1, len(batches) - first_step)
+        return _EpochDone(loss_sum / len(batches), images_seen, lr, ended - started, stop, steady_step_s)
 
     def _finish_epoch(self, run: _Stage, epoch: int, done: _EpochDone, epoch_times: list[float]) -> float:
         """The epoch's mean loss (refused when not finite), its log line and message; the new position."""
