@@ -142,12 +142,10 @@ def _train_locked(
         config, dataset, run_dir, runtime, dist_info, resume_state, show_progress=show_progress, echo=echo,
         on_epoch=on_epoch,
     )  # fmt: skip
-    plan = None
     if resume_state is None and config.time_budget_s is not None:
-        plan = _plan_budget(trainer, run_dir, dist_info, echo)
-        config = trainer.config
+        trainer.plan_time_budget(config.time_budget_s)  # the epochs, into config.json and budget.json
     summary = trainer.run()
-    config, plan = trainer.config, trainer.budget_plan or plan  # the budget's re-plan after the first epoch
+    config, plan = trainer.config, trainer.budget_plan  # (the budget's plan as re-planned after epoch 1)
     shutdown(dist_info)
     if summary.stopped_early:
         raise TrainingStopped(run_dir)
@@ -200,13 +198,3 @@ def _describe(dataset: ImageDataset, runtime: Runtime, dist_info: DistInfo, conf
         + (f", {dist_info.world_size} processes" if dist_info.enabled else "")
         + (f", BatchNorm {'synchronised' if config.sync_bn else 'per process'}" if dist_info.enabled else "")
     )
-
-
-def _plan_budget(trainer, run_dir: Path, dist_info: DistInfo, echo: Callable[[str], None]) -> BudgetPlan:
-    """Epochs for the time budget from timed steps, written into config.json and budget.json."""
-    plan = trainer.plan_time_budget(trainer.config.time_budget_s)
-    if dist_info.is_main:
-        echo(plan.describe())
-        atomic_write_json(run_dir / "config.json", trainer.config.model_dump(mode="json"))
-        atomic_write_json(run_dir / "budget.json", plan.as_dict())
-    return plan

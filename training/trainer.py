@@ -33,7 +33,7 @@ from training.checkpoint import save_checkpoint
 from training.config import TrainConfig
 from training.data import ImageDataset
 from training.device import Runtime
-from training.distributed import DistInfo, all_reduce_mean, barrier
+from training.distributed import DistInfo, all_reduce_max, all_reduce_mean, barrier
 from training.errors import UserError
 from training.files import atomic_write_json, atomic_write_text
 from training.flops import forward_flops_per_image, training_flops_per_image
@@ -289,8 +289,7 @@ class StagedTrainer:
             return False
         self._steps_since_check = 0
         flag = torch.tensor([1.0 if guard.requested else 0.0], device=self.runtime.device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+        return bool(all_reduce_max(flag, self.dist).item())
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
         """The module a step calls: the network, under torchrun its DDP wrapper, compiled if asked."""
@@ -327,41 +326,43 @@ class StagedTrainer:
         """Indices of one full local batch, for timing steps (budget planning)."""
         return torch.arange(self.batch_sizes()[1])
 
+    def _slowest(self, seconds: tuple[float, ...]) -> tuple[float, ...]:
+        """Every rank plans with the slowest rank's times, so that all agree on the epochs."""
+        times = all_reduce_max(torch.tensor(seconds, dtype=torch.float64, device=self.runtime.device), self.dist)
+        return tuple(float(t) for t in times)
+
+    def _record_budget(self, plan: BudgetPlan, message: str) -> None:
+        """`plan`'s epochs into the config, config.json and budget.json; `message` says what was planned."""
+        self.budget_plan = plan
+        self.config = self.config.model_copy(update={"epochs": plan.epochs})
+        self.echo(message)
+        if self.dist.is_main:
+            atomic_write_json(self.run_dir / "config.json", self.config.model_dump(mode="json"))
+            atomic_write_json(self.run_dir / "budget.json", plan.as_dict())
+
     def plan_time_budget(self, budget_s: float) -> BudgetPlan:
-        """Time real steps, then fix every stage's epochs so the whole run fits `budget_s` (training/budget.py)."""
+        """Time real steps, then fix every stage's epochs so the whole run fits `budget_s` (training/budget.py);
+        the plan is written into config.json and budget.json."""
         started = time.perf_counter()
-        step_s = measure_step_seconds(self)
-        if self.dist.enabled:  # every rank plans with the slowest rank's times, so all agree on the epochs
-            times = torch.tensor(step_s, device=self.runtime.device)
-            torch.distributed.all_reduce(times, op=torch.distributed.ReduceOp.MAX)
-            step_s = (float(times[0]), float(times[1]))
+        step_s = self._slowest(measure_step_seconds(self))
         _, batch_local = self.batch_sizes()
         steps = _steps_per_epoch(len(self.dataset) // self.dist.world_size, batch_local)
         calibration = time.perf_counter() - started
         epochs = epochs_for_budget(budget_s - calibration, step_s, steps)
-        self.config = self.config.model_copy(update={"epochs": epochs})
-        self.budget_plan = BudgetPlan(budget_s, step_s, steps, epochs, round(calibration, 2))
-        return self.budget_plan
+        plan = BudgetPlan(budget_s, step_s, steps, epochs, round(calibration, 2))
+        self._record_budget(plan, plan.describe())
+        return plan
 
     def _replan_budget(self, run: _Stage, done: _EpochDone) -> None:
         """After stage 1's first epoch: the budget planned again from its steady step time (training/budget.py),
         the stage's schedule stretched to the new epochs, config.json and budget.json rewritten, and a
         checkpoint saved so that a resumed run keeps the new plan."""
         assert self.budget_plan is not None
-        step_s = done.steady_step_s
-        if self.dist.enabled:  # every rank plans with the slowest rank's time, so all agree on the epochs
-            slowest = torch.tensor([step_s], device=self.runtime.device)
-            torch.distributed.all_reduce(slowest, op=torch.distributed.ReduceOp.MAX)
-            step_s = float(slowest[0])
+        (step_s,) = self._slowest((done.steady_step_s,))
         plan = replan(self.budget_plan, step_s)
-        self.budget_plan = plan
-        self.config = self.config.model_copy(update={"epochs": plan.epochs})
+        self._record_budget(plan, plan.describe_replan())
         run.epochs = plan.epochs[0]
         run.warmup_steps = effective_warmup_epochs(self.config.warmup_epochs[0], run.epochs) * run.steps_per_epoch
-        self.echo(plan.describe_replan())
-        if self.dist.is_main:
-            atomic_write_json(self.run_dir / "config.json", self.config.model_dump(mode="json"))
-            atomic_write_json(self.run_dir / "budget.json", plan.as_dict())
         self._save(run.optimizer)
 
     def run(self) -> TrainSummary:
