@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.conftest import run_cli
-from training.budget import STAGE_SHARES, BudgetPlan, epochs_for_budget, parse_budget, replan
+from training.budget import SAFETY, STAGE_SHARES, BudgetPlan, epochs_for_budget, parse_budget, replan, replan_remaining
 from training.errors import TrainingStopped, UserError
 
 
@@ -53,6 +53,29 @@ def test_replan_uses_the_measured_step_time_and_keeps_the_timed_one() -> None:
     assert replan(plan, 1_000.0).epochs == (1, 1, 1)  # far slower than timed: still a whole run, never 0 epochs
 
 
+def test_later_stages_share_what_is_left_of_the_budget_at_the_speed_measured_last() -> None:
+    # 10,000 s at 1 s a step, 10 steps an epoch: stages planned for 70 / 5 / 25 % of the usable time
+    plan = BudgetPlan(10_000, (1.0, 0.5), 10, epochs_for_budget(10_000, (1.0, 0.5), 10), calibration_s=0)
+    usable = 10_000 * SAFETY
+    on_time = replan_remaining(plan, 2, elapsed_s=usable * 0.70, measured_step_s=1.0)
+    assert on_time.epochs == plan.epochs  # stage 1 ran as planned: nothing changes
+    # stage 1 ran 20 % over (the machine got busier) and steps are now 1.2 s: stages 2-3 shrink to fit
+    late = replan_remaining(plan, 2, elapsed_s=usable * 0.70 * 1.2, measured_step_s=1.2)
+    left = usable * (1 - 0.70 * 1.2)
+    assert late.epochs[0] == plan.epochs[0] and late.step_s == pytest.approx((1.2, 0.6))
+    assert late.epochs[1:] == (int(left * 5 / 30 / 6), int(left * 25 / 30 / 12))
+    assert late.stage_replans[-1].stage == 2 and late.stage_replans[-1].elapsed_s == pytest.approx(usable * 0.84)
+    spent = usable * 0.84 + late.epochs[1] * 6 + late.epochs[2] * 12
+    assert spent <= usable < spent + 12 + 6  # fills the budget to within an epoch of each later stage
+    # before stage 3, a fast stage 2 (0.25 s a step: half the planned 0.5) hands its speed-up to stage 3
+    fast = replan_remaining(late, 3, elapsed_s=usable * 0.84 + late.epochs[1] * 6, measured_step_s=0.3)
+    assert fast.step_s == pytest.approx((0.6, 0.3)) and fast.epochs[:2] == late.epochs[:2]
+    assert fast.epochs[2] == int((usable - usable * 0.84 - late.epochs[1] * 6) / 6)
+    assert len(fast.stage_replans) == 2
+    # nothing left: still one epoch of each stage to come, never 0
+    assert replan_remaining(plan, 2, elapsed_s=20_000, measured_step_s=1.0).epochs[1:] == (1, 1)
+
+
 def test_budget_and_epochs_together_are_refused(tmp_path: Path) -> None:
     result = run_cli(
         *("train", "--data", "synthetic:64", "--name", "b", "--runs-dir", str(tmp_path), "--recipe", "tiny"),
@@ -73,6 +96,9 @@ def test_budgeted_run_trains_the_planned_epochs_and_resume_keeps_them(tmp_path: 
     assert config["epochs"] == plan["epochs"] and config["time_budget_s"] == 25
     assert plan["epochs"][0] > plan["epochs"][2] >= 1 and plan["step_s"][0] > plan["step_s"][1] > 0
     assert plan["timed_step_s"][0] > 0 and "re-planned after the first epoch" in result.stdout
+    assert [r["stage"] for r in plan["stage_replans"]] == [2, 3]
+    assert plan["stage_replans"][-1]["epochs"] == plan["epochs"]
+    assert "re-planned before stage 2" in result.stdout and "re-planned before stage 3" in result.stdout
     assert torch.load(run / "stage3.pt", weights_only=True)["config"]["epochs"] == plan["epochs"]
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     trained = [max((r["epoch"] for r in records if r["stage"] == s), default=0) for s in (1, 2, 3)]

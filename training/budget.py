@@ -7,8 +7,12 @@ in the time the user has. Before training, a few real steps of each kind are tim
 of the network (so the run itself is untouched and stays exactly resumable), and the budget is split
 between the stages by fixed shares of time. Those few steps run slower than the steady state (measured:
 2.6 s against 1.9 s a step, so a 10-minute budget trained for 6.4), so the plan is made once more after
-the first epoch of stage 1 from that epoch's steady step time (`replan`). The epochs chosen are written
-into config.json (and the checkpoint); `--resume` continues with them, whatever the machine is doing then.
+the first epoch of stage 1 from that epoch's steady step time (`replan`). A machine's speed also changes
+during a run (another job starts on the next core: measured, a 120-minute budget trained 126 minutes), so
+before stages 2 and 3 the stages still to run share what is left of the budget, at the speed of the last
+epoch (`replan_remaining`): stage 1's drift is absorbed by the later stages instead of overrunning. The
+epochs chosen are written into config.json (and the checkpoint); `--resume` continues with them, whatever
+the machine is doing then (a resumed run does not plan again: the time spent before the stop is history).
 
 Shares (`STAGE_SHARES`): 70 % stage 1, 5 % stage 2, 25 % stage 3. The paper's schedule spends about
 69 / 1 / 30 % of its compute that way (1000 / 50 / 450 epochs; a stage-2 epoch costs about a third);
@@ -38,6 +42,16 @@ TIMED_STEPS = 3
 
 
 @dataclass(frozen=True)
+class StageReplan:
+    """One re-plan before a later stage: how much training time had been spent and what it then planned."""
+
+    stage: int
+    elapsed_s: float
+    step_s: tuple[float, float]
+    epochs: tuple[int, int, int]
+
+
+@dataclass(frozen=True)
 class BudgetPlan:
     budget_s: float
     step_s: tuple[float, float]  # measured seconds per full step (stages 1 and 3) and per stage-2 step
@@ -45,6 +59,7 @@ class BudgetPlan:
     epochs: tuple[int, int, int]
     calibration_s: float
     timed_step_s: tuple[float, float] | None = None  # before training; set once re-planned after epoch 1
+    stage_replans: tuple[StageReplan, ...] = ()  # before stages 2 and 3 (`replan_remaining`)
 
     @property
     def replanned(self) -> bool:
@@ -66,6 +81,14 @@ class BudgetPlan:
         return (
             f"time budget re-planned after the first epoch: {self.step_s[0]:.2f} s per step "
             f"(timed before training: {self.timed_step_s[0]:.2f} s) -> epochs {'/'.join(map(str, self.epochs))}"
+        )
+
+    def describe_stage_replan(self) -> str:
+        last = self.stage_replans[-1]
+        left = (self.budget_s - self.calibration_s) * SAFETY - last.elapsed_s
+        return (
+            f"time budget re-planned before stage {last.stage}: {format_budget(max(0.0, left))} left for the "
+            f"stages to come, {last.step_s[0]:.2f} s per step now -> epochs {'/'.join(map(str, self.epochs))}"
         )
 
     @property
@@ -132,6 +155,26 @@ def replan(plan: BudgetPlan, measured_step_s: float) -> BudgetPlan:
     except UserError:  # slower than timed: the shortest run there is
         epochs = (1, 1, 1)
     return replace(plan, step_s=step_s, epochs=epochs, timed_step_s=plan.step_s)
+
+
+def replan_remaining(plan: BudgetPlan, stage: int, elapsed_s: float, measured_step_s: float) -> BudgetPlan:
+    """Before `stage` (2 or 3): the stages from `stage` on share what is left of the budget after `elapsed_s`
+    seconds of training, in the proportions of STAGE_SHARES, at the speed measured in the last epoch run
+    (`measured_step_s`, a step of stage `stage - 1`; the other kind of step is scaled by the same factor).
+    Earlier stages keep their epochs; every stage still to run gets at least one epoch."""
+    if stage not in (2, 3):
+        raise ValueError(f"stage must be 2 or 3, not {stage}")
+    scale = measured_step_s / plan.stage_step_s[stage - 2]
+    step_s = (plan.step_s[0] * scale, plan.step_s[1] * scale)
+    per_epoch = [seconds * plan.steps_per_epoch for seconds in (step_s[0], step_s[1], step_s[0])]
+    left = (plan.budget_s - plan.calibration_s) * SAFETY - elapsed_s
+    shares_left = sum(STAGE_SHARES[stage - 1 :])
+    epochs = list(plan.epochs)
+    for index in range(stage - 1, 3):
+        epochs[index] = max(1, math.floor(max(0.0, left) * STAGE_SHARES[index] / shares_left / per_epoch[index]))
+    new_epochs = (epochs[0], epochs[1], epochs[2])
+    record = StageReplan(stage, round(elapsed_s, 2), step_s, new_epochs)
+    return replace(plan, step_s=step_s, epochs=new_epochs, stage_replans=(*plan.stage_replans, record))
 
 
 def time_steps(step: Callable[[], object], steps: int = TIMED_STEPS) -> float:

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm  # a notebook-aware bar in Jupyter, the usual one in 
 
 from training.augment import BatchAugmenter, get_preset, mean_border_colour
 from training.batches import image_source
-from training.budget import BudgetPlan, epochs_for_budget, measure_step_seconds, replan
+from training.budget import BudgetPlan, epochs_for_budget, measure_step_seconds, replan, replan_remaining
 from training.checkpoint import save_checkpoint
 from training.config import TrainConfig
 from training.data import ImageDataset
@@ -187,6 +187,7 @@ class StagedTrainer:
         self._optimizer_state: dict[str, Any] | None = None
         self._partial_loss: float | None = None
         self.budget_plan: BudgetPlan | None = None  # a new budgeted run: planned, then re-planned after epoch 1
+        self._last_step_s: tuple[int, float] | None = None  # (stage, steady step time) of the last epoch run here
         if resume_state is not None:
             self._restore(resume_state)
         if dist_info.enabled and config.sync_bn:
@@ -365,6 +366,16 @@ class StagedTrainer:
         run.warmup_steps = effective_warmup_epochs(self.config.warmup_epochs[0], run.epochs) * run.steps_per_epoch
         self._save(run.optimizer)
 
+    def _replan_before_stage(self, stage: int) -> None:
+        """Before stage 2 or 3 of a budgeted run: the stages to come share what is left of the budget, at the
+        last epoch's speed (training/budget.py); the new plan goes to config.json, budget.json and last.pt."""
+        assert self.budget_plan is not None and self._last_step_s is not None
+        elapsed = self.elapsed_before + time.perf_counter() - self._started
+        elapsed, step_s = self._slowest((elapsed, self._last_step_s[1]))
+        plan = replan_remaining(self.budget_plan, stage, elapsed, step_s)
+        self._record_budget(plan, plan.describe_stage_replan())
+        self._save(None)
+
     def run(self) -> TrainSummary:
         self._started = time.perf_counter()
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -379,7 +390,9 @@ class StagedTrainer:
             for stage in (1, 2, 3):
                 if stage < self.position.stage:
                     continue
-                epochs = self.config.epochs[stage - 1]  # (stage 1's re-plan may change later stages')
+                if self.budget_plan is not None and self._last_step_s is not None and self._last_step_s[0] == stage - 1:
+                    self._replan_before_stage(stage)  # (only in the process that ran the stage before)
+                epochs = self.config.epochs[stage - 1]  # (as the budget's re-plans left it)
                 self._prepare_stage(stage)
                 if epochs == 0:
                     self.echo(f"stage {stage} ({STAGE_NAMES[stage]}): 0 epochs, skipped")
@@ -445,6 +458,7 @@ class StagedTrainer:
             if done is None:  # stopped mid-epoch; the checkpoint is saved
                 return False, None
             epoch_loss = self._finish_epoch(run, epoch, done, epoch_times)
+            self._last_step_s = (stage, done.steady_step_s)
             replanning = stage == 1 and epoch == 0 and self.budget_plan is not None and not self.budget_plan.replanned
             if replanning:
                 self._replan_budget(run, done)
