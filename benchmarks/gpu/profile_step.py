@@ -1,6 +1,8 @@
 """Where a training step's time goes, on the device it runs on: the first thing to run on a lent GPU.
 
     python benchmarks/gpu/profile_step.py PBC_NPZ [--steps 20] [--width 64] [--batch 1024] [--device cuda]
+    python benchmarks/gpu/profile_step.py PBC_NPZ --device cpu --width 16 --stem-stride 2 --batch 512 \
+        --augmentation microscopy --skip-compile --steps 5     # the `cpu` recipe's step
 
 Times the trainer's own step (augmentation, forward, loss, backward, optimiser) eagerly and with
 torch.compile, then profiles the eager step with torch.profiler: the share of each named part, the top
@@ -57,6 +59,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--stem-stride", type=int, choices=(1, 2), default=1)
     parser.add_argument("--augmentation", default="default")
     parser.add_argument("--skip-compile", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("profile.json"))
@@ -65,7 +68,13 @@ def main() -> None:
 
     config = build_config(
         "reference",
-        {"data": args.data, "width": args.width, "batch_size": args.batch, "augmentation": args.augmentation},
+        {
+            "data": args.data,
+            "width": args.width,
+            "stem_stride": args.stem_stride,
+            "batch_size": args.batch,
+            "augmentation": args.augmentation,
+        },
     )
     runtime = resolve_runtime(args.device, config.precision, config.channels_last)
     dataset = load_dataset(config.data)
@@ -73,7 +82,8 @@ def main() -> None:
     images_per_step = trainer.batch_sizes()[1]
     flops = training_flops_per_image(trainer.forward_flops, 1)
     device_name = torch.cuda.get_device_name() if runtime.device.type == "cuda" else "cpu"
-    report: dict = {"device": device_name, "width": args.width, "batch": images_per_step, "variants": {}}
+    report: dict = {"device": device_name, "width": args.width, "stem_stride": args.stem_stride, "variants": {}}
+    report["batch"] = images_per_step
     for compiled in (False, True) if not args.skip_compile else (False,):
         rate = steps_per_second(trainer, compiled, args.steps) * images_per_step
         tflops = rate * flops / 1e12
