@@ -4,10 +4,11 @@ each scored (kNN accuracy, silhouette) and plotted against its wall clock.
     .venv/bin/python benchmarks/quality_vs_time.py [--minutes 10 30 120]
 
 Timed work: run it alone on the machine (another heavy process would change the epochs each budget plans).
-Under `taskset` it trains on the cores it is given (each result records how many; results and runs are
-kept per core count).
-Results: benchmarks/scratch/quality_vs_time/*.json (a finished budget is not trained again),
-docs/quality-vs-time.png, and the table printed for benchmarks/README.md.
+Under `taskset` it trains on the cores it is given. Results and runs are kept per budget, core count and
+learning rate (benchmarks/scratch/quality_vs_time/*.json; a finished one is not trained again); the plot
+(docs/quality-vs-time.png) draws one curve for each core count and learning rate measured so far, and the
+table of the budgets asked for is printed for benchmarks/README.md (`--plot-only`: trains nothing, tables
+and plots what is cached). Options it does not know (`--lr 0.06`) go to `tsimcne train`.
 """
 
 from __future__ import annotations
@@ -36,12 +37,25 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0))
 
 
+def planned_lr(recipe: str, extra: list[str]) -> float:
+    """The stage-1 learning rate `tsimcne train --recipe RECIPE EXTRA...` will use (part of a result's key)."""
+    from training.config import build_config
+
+    overrides: dict = {"data": "-"}
+    if "--lr" in extra:
+        overrides["base_lr"] = float(extra[extra.index("--lr") + 1])
+    if "--batch-size" in extra:
+        overrides["batch_size"] = int(extra[extra.index("--batch-size") + 1])
+    config = build_config(recipe, overrides)
+    return round(config.lr_for_stage(1, config.batch_size), 6)
+
+
 def run_budget(minutes: float, data: Path, recipe: str, extra: list[str]) -> dict:
-    cores = usable_cores()
-    result_file = SCRATCH / f"{recipe}-{minutes:g}min-{cores}core.json"
+    cores, lr = usable_cores(), planned_lr(recipe, extra)
+    name = f"{recipe}-{minutes:g}min-{cores}core-lr{lr:g}"
+    result_file = SCRATCH / f"{name}.json"
     if result_file.is_file():
         return json.loads(result_file.read_text())
-    name = f"{recipe}-{minutes:g}min-{cores}core"
     cli = [sys.executable, "-m", "training.cli"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     train = [*cli, "train", "--data", str(data), "--name", name, "--runs-dir", str(SCRATCH / "runs"), "--overwrite"]
@@ -62,28 +76,40 @@ def run_budget(minutes: float, data: Path, recipe: str, extra: list[str]) -> dic
         "silhouette": metrics["silhouette"],
         "linear_probe": metrics["linear_probe"]["linear_accuracy"],
         "cores": cores,
+        "lr": lr,
     }
     atomic_write_json(result_file, result)
     return result
 
 
-def plot(results: list[dict], path: Path) -> None:
+def curves(recipe: str) -> dict[tuple[int, float], list[dict]]:
+    """Every result measured so far for `recipe`, by (cores, lr), each curve in order of time."""
+    groups: dict[tuple[int, float], list[dict]] = {}
+    for path in sorted(SCRATCH.glob(f"{recipe}-*min-*core-lr*.json")):
+        result = json.loads(path.read_text())
+        groups.setdefault((result["cores"], result["lr"]), []).append(result)
+    return {key: sorted(group, key=lambda r: r["wall_minutes"]) for key, group in sorted(groups.items())}
+
+
+def plot(groups: dict[tuple[int, float], list[dict]], recipe: str, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), dpi=120)
-    minutes = [r["wall_minutes"] for r in results]
+    colours = ["#1f77b4", "#2ca02c", "#9467bd", "#8c564b", "#e377c2"]
+    all_minutes = sorted({r["budget_minutes"] for group in groups.values() for r in group})
     for ax, key, label in ((axes[0], "knn_accuracy", "kNN accuracy"), (axes[1], "silhouette", "silhouette")):
-        cores = results[0]["cores"]
-        line = f"cpu recipe, {cores} CPU core{'s' if cores > 1 else ''}"
-        ax.plot(minutes, [r[key] for r in results], "o-", color="#1f77b4", label=line)
+        for colour, ((cores, lr), results) in zip(colours, groups.items(), strict=False):
+            line = f"{recipe} recipe, lr {lr:g}, {cores} CPU core{'s' if cores > 1 else ''}"
+            minutes = [r["wall_minutes"] for r in results]
+            ax.plot(minutes, [r[key] for r in results], "o-", color=colour, label=line)
         ax.axhline(TARGETS[key], color="#d62728", linestyle="--", linewidth=1, label=f"target {TARGETS[key]}")
         ax.axhline(PAPER_GPU[key], color="#7f7f7f", linestyle=":", linewidth=1, label=f"paper, GPU {PAPER_GPU[key]}")
         ax.set_xscale("log")
         ax.minorticks_off()  # only the measured budgets are labelled
-        ax.set_xticks(minutes, [f"{m:.0f}" for m in minutes])
+        ax.set_xticks(all_minutes, [f"{m:.0f}" for m in all_minutes])
         ax.set_xlabel("training wall clock (minutes)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -100,16 +126,23 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=PBC)
     parser.add_argument("--recipe", default="cpu")
     parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "quality-vs-time.png")
+    parser.add_argument("--plot-only", action="store_true", help="train nothing: table and plot of what is cached")
     args, extra = parser.parse_known_args()
-    results = [run_budget(m, args.data, args.recipe, extra) for m in args.minutes]
-    print("| budget | wall clock | epochs | kNN accuracy | silhouette | linear probe |")
-    print("|---|---|---|---|---|---|")
-    for r in results:
-        print(
-            f"| {r['budget_minutes']:g} min | {r['wall_minutes']:.1f} min | {'/'.join(map(str, r['epochs']))} "
-            f"| {r['knn_accuracy']:.3f} | {r['silhouette']:.3f} | {r['linear_probe']:.3f} |"
-        )
-    plot(results, args.plot)
+    if args.plot_only:
+        groups = curves(args.recipe)
+    else:
+        results = [run_budget(m, args.data, args.recipe, extra) for m in args.minutes]
+        groups = {(results[0]["cores"], results[0]["lr"]): results}
+    print("| cores | lr | budget | wall clock | epochs | kNN accuracy | silhouette | linear probe |")
+    print("|---|---|---|---|---|---|---|---|")
+    for (cores, lr), results in groups.items():
+        for r in results:
+            print(
+                f"| {cores} | {lr:g} | {r['budget_minutes']:g} min | {r['wall_minutes']:.1f} min "
+                f"| {'/'.join(map(str, r['epochs']))} | {r['knn_accuracy']:.3f} | {r['silhouette']:.3f} "
+                f"| {r['linear_probe']:.3f} |"
+            )
+    plot(curves(args.recipe), args.recipe, args.plot)
     print(f"plot written to {args.plot}")
 
 

@@ -35,3 +35,14 @@ def test_reference_learning_rates() -> None:
     assert config.lr_for_stage(2, 1024) == pytest.approx(0.12)
     assert config.lr_for_stage(3, 1024) == pytest.approx(1.2e-4)
     assert config.lr_for_stage(1, 512) == pytest.approx(0.06)
+
+
+def test_cpu_recipe_doubles_the_lr_per_batch_size_and_an_explicit_lr_wins() -> None:
+    from training.config import build_config
+
+    cpu = build_config("cpu", {"data": "synthetic"})
+    assert cpu.lr_for_stage(1, 512) == pytest.approx(0.12) and cpu.lr_for_stage(3, 512) == pytest.approx(0.012)
+    assert build_config("cpu", {"data": "synthetic", "batch_size": 256}).lr_for_stage(1, 256) == pytest.approx(0.06)
+    assert build_config("cpu", {"data": "synthetic", "base_lr": 0.05}).lr_for_stage(1, 512) == pytest.approx(0.05)
+    old_run = TrainConfig.model_validate({"data": "synthetic", "batch_size": 512})  # a config.json from before
+    assert old_run.lr_for_stage(1, 512) == pytest.approx(0.06)
