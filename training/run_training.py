@@ -145,7 +145,7 @@ def _train_locked(
     if resume_state is None and config.time_budget_s is not None:
         trainer.plan_time_budget(config.time_budget_s)  # the epochs, into config.json and budget.json
     summary = trainer.run()
-    config, plan = trainer.config, trainer.budget_plan  # (the budget's plan as re-planned after epoch 1)
+    config, plan = trainer.config, trainer.budget_plan  # (the budget's plan as last re-planned)
     shutdown(dist_info)
     if summary.stopped_early:
         raise TrainingStopped(run_dir)
