@@ -68,8 +68,14 @@ class BudgetPlan:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def usable_s(self) -> float:
+        """Training seconds the stages may fill: the budget less the timing before training and SAFETY."""
+        return (self.budget_s - self.calibration_s) * SAFETY
+
     def describe(self) -> str:
-        planned = sum(e * self.steps_per_epoch * s for e, s in zip(self.epochs, self.stage_step_s, strict=True))
+        per_epoch = epoch_seconds(self.step_s, self.steps_per_epoch)
+        planned = sum(e * seconds for e, seconds in zip(self.epochs, per_epoch, strict=True))
         return (
             f"time budget {format_budget(self.budget_s)}: {self.step_s[0]:.2f} s per training step, "
             f"{self.step_s[1]:.2f} s per stage-2 step -> epochs {'/'.join(map(str, self.epochs))} "
@@ -85,7 +91,7 @@ class BudgetPlan:
 
     def describe_stage_replan(self) -> str:
         last = self.stage_replans[-1]
-        left = (self.budget_s - self.calibration_s) * SAFETY - last.elapsed_s
+        left = self.usable_s - last.elapsed_s
         return (
             f"time budget re-planned before stage {last.stage}: {format_budget(max(0.0, left))} left for the "
             f"stages to come, {last.step_s[0]:.2f} s per step now -> epochs {'/'.join(map(str, self.epochs))}"
@@ -93,7 +99,17 @@ class BudgetPlan:
 
     @property
     def stage_step_s(self) -> tuple[float, float, float]:
-        return (self.step_s[0], self.step_s[1], self.step_s[0])
+        return stage_step_seconds(self.step_s)
+
+
+def stage_step_seconds(step_s: tuple[float, float]) -> tuple[float, float, float]:
+    """Seconds a step of stages 1, 2 and 3 from (full step, stage-2 step): stage 3 trains the whole network."""
+    return (step_s[0], step_s[1], step_s[0])
+
+
+def epoch_seconds(step_s: tuple[float, float], steps_per_epoch: int) -> tuple[float, ...]:
+    """Seconds an epoch of each stage takes."""
+    return tuple(seconds * steps_per_epoch for seconds in stage_step_seconds(step_s))
 
 
 def parse_budget(text: str | None) -> float | None:
@@ -130,7 +146,7 @@ def format_budget(seconds: float) -> str:
 
 def epochs_for_budget(budget_s: float, step_s: tuple[float, float], steps_per_epoch: int) -> tuple[int, int, int]:
     """Split `budget_s` by STAGE_SHARES; every stage gets at least one epoch or the budget is refused."""
-    per_epoch = (step_s[0] * steps_per_epoch, step_s[1] * steps_per_epoch, step_s[0] * steps_per_epoch)
+    per_epoch = epoch_seconds(step_s, steps_per_epoch)
     minimum = sum(per_epoch)
     if budget_s * SAFETY < minimum:
         raise UserError(
@@ -166,8 +182,8 @@ def replan_remaining(plan: BudgetPlan, stage: int, elapsed_s: float, measured_st
         raise ValueError(f"stage must be 2 or 3, not {stage}")
     scale = measured_step_s / plan.stage_step_s[stage - 2]
     step_s = (plan.step_s[0] * scale, plan.step_s[1] * scale)
-    per_epoch = [seconds * plan.steps_per_epoch for seconds in (step_s[0], step_s[1], step_s[0])]
-    left = (plan.budget_s - plan.calibration_s) * SAFETY - elapsed_s
+    per_epoch = epoch_seconds(step_s, plan.steps_per_epoch)
+    left = plan.usable_s - elapsed_s
     shares_left = sum(STAGE_SHARES[stage - 1 :])
     epochs = list(plan.epochs)
     for index in range(stage - 1, 3):

@@ -82,8 +82,13 @@ def main() -> None:
     images_per_step = trainer.batch_sizes()[1]
     flops = training_flops_per_image(trainer.forward_flops, 1)
     device_name = torch.cuda.get_device_name() if runtime.device.type == "cuda" else "cpu"
-    report: dict = {"device": device_name, "width": args.width, "stem_stride": args.stem_stride, "variants": {}}
-    report["batch"] = images_per_step
+    report: dict = {
+        "device": device_name,
+        "width": args.width,
+        "stem_stride": args.stem_stride,
+        "batch": images_per_step,
+        "variants": {},
+    }
     for compiled in (False, True) if not args.skip_compile else (False,):
         rate = steps_per_second(trainer, compiled, args.steps) * images_per_step
         tflops = rate * flops / 1e12
