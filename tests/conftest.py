@@ -17,6 +17,22 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data" / "bloodcells"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, give each worker cores of its own before anything imports torch.
+
+    Torch (and every `tsimcne`/`bentoml` subprocess a test starts, which inherit the affinity) sizes its thread
+    pool to the cores it may use (training/device.usable_cores); two workers each using every core
+    oversubscribe them, which on a 2-core machine is 10-20x slower, not 2x.
+    """
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if not worker or not count or not hasattr(os, "sched_setaffinity"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    index, workers = int(worker.removeprefix("gw")), int(count)
+    if workers > 1 and len(cores) >= workers:
+        os.sched_setaffinity(0, cores[index::workers])
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run `tsimcne ARGS` as a real subprocess and capture its output."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
