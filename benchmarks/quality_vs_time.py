@@ -24,17 +24,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from training.cores import usable_cores  # noqa: E402
 from training.files import atomic_write, atomic_write_json  # noqa: E402
 
 PBC = ROOT.parent / "shared" / "data" / "bloodcells" / "pbc_28.npz"
 SCRATCH = Path(os.environ.get("TSIMCNE_QVT_SCRATCH", ROOT / "benchmarks" / "scratch" / "quality_vs_time"))
 TARGETS = {"knn_accuracy": 0.85, "silhouette": 0.35}
 PAPER_GPU = {"knn_accuracy": 0.929, "silhouette": 0.50}  # BloodMNIST, full schedule (Nwabufo et al.)
-
-
-def usable_cores() -> int:
-    """CPU cores this process may run on (taskset / a container's cpuset), not the machine's count."""
-    return len(os.sched_getaffinity(0))
 
 
 def planned_lr(recipe: str, extra: list[str]) -> float:

@@ -9,7 +9,6 @@ N images needs the destination plus two pieces, not twice the data.
 
 from __future__ import annotations
 
-import os
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,6 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from serving.images import ImageDecodeError, read_image, resize_rgb
+from training.cores import usable_cores
 from training.errors import DataError
 
 PIECE_BYTES = 32 << 20  # decoded bytes per piece (two pieces are in flight)
@@ -57,11 +57,7 @@ def check_not_upscaled(image: np.ndarray, size: tuple[int, int], source: str, al
 
 def default_workers() -> int:
     """Decoding threads: Pillow releases the GIL while decoding, so a few per usable core help."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(2, min(16, 2 * cores))
+    return max(2, min(16, 2 * usable_cores()))
 
 
 def _pieces(count: int, first: int, later: Callable[[], int]) -> Iterator[tuple[int, int]]:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from training.cores import usable_cores
 from training.errors import UserError
 
 
@@ -55,13 +56,6 @@ def cpu_has_native_bf16() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 _M_TRIM_THRESHOLD = -1
