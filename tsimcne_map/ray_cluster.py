@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass
 from types import ModuleType
 
+from training.cores import usable_cores
 from training.errors import UserError
 
 RAY_EXTRA = "cluster"  # pyproject.toml's extra that installs Ray Data
@@ -33,14 +34,6 @@ def import_ray() -> ModuleType:
     return ray
 
 
-def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity: `taskset -c 1` gives 1), not the machine's count."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # no affinity on this platform (macOS)
-        return os.cpu_count() or 1
-
-
 def connect(address: str | None) -> str:
     """Join the cluster at `address` (or RAY_ADDRESS), else start a local Ray; a line saying which."""
     ray = import_ray()
@@ -53,7 +46,7 @@ def connect(address: str | None) -> str:
         except ConnectionError as exc:
             raise UserError(f"cannot join the Ray cluster at {address}: {exc}") from None
         return f"the Ray cluster at {address}"
-    cpus = usable_cpus()
+    cpus = usable_cores()
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     return f"a local Ray with {cpus} CPU(s) (started here; --ray-address or RAY_ADDRESS joins a cluster)"
 
