@@ -6,11 +6,16 @@ benchmarks/flagging/artefacts.py with --artefact). t-SimCNE with the `microscopy
 as a user would (nobody tells it what was injected). For each injected group: the share of its images' 15 nearest
 map neighbours that belong to the same group, against the share expected if the group were scattered at random.
 
-    .venv/bin/python benchmarks/poster/fig5.py [--seeds 0] [--epochs 12,2,4] [--artefact "pen mark"]
+    .venv/bin/python benchmarks/poster/fig5.py [--seeds 0] [--epochs 12,2,4] [--lr 0.06] [--artefact "pen mark"]
+
+Another artefact kind, other epochs or another rate than the tables' (pen mark, 12/2/4, lr 0.06) write their report
+and picture under a name that says so (e.g. fig5-blur-defocus-e33-5-8-lr0.12.md,
+docs/poster-fig5-pbc-blur-defocus-e33-5-8-lr0.12.png), beside the tables' own.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -20,13 +25,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1] / "flagging"))
 
 import artefacts
-from common import DOCS, SCRATCH, Setting, arguments, class_names, markdown_table, write_report
+from common import DOCS, SCRATCH, TABLE_EPOCHS, TABLE_LR, Setting, arguments, class_names, markdown_table, write_report
 from methods import tsimcne
 from poster import plot
 
 from training.files import atomic_savez
 
 K = 15
+DEFAULT_ARTEFACT = "pen mark"
 N_DUPLICATES, N_ARTEFACTS = 100, 50
 
 
@@ -64,10 +70,10 @@ def group_shares(coords: np.ndarray, labels: np.ndarray, group: int) -> tuple[fl
 
 def main() -> None:
     parser = arguments("Poster Fig. 5 on PBC")
-    parser.add_argument("--artefact", default="pen mark", choices=sorted(artefacts.STRONG))
+    parser.add_argument("--artefact", default=DEFAULT_ARTEFACT, choices=sorted(artefacts.STRONG))
     args = parser.parse_args()
     data = make_collection(args.data, args.artefact)
-    setting = Setting(args.epochs, data, args.width)
+    setting = Setting(args.epochs, data, args.width, args.lr)
     names = class_names(data)
     n_types = len(names) - 2
     rows, first = [], None
@@ -79,19 +85,24 @@ def main() -> None:
         for group in (n_types, n_types + 1):
             share, chance = group_shares(coords, labels, group)
             rows.append([names[group], str(seed), f"{share:.1%}", f"{chance:.2%}", f"{share / chance:.0f}x"])
+    schedule = f"epochs {'/'.join(map(str, args.epochs))}, lr {args.lr:g}"
+    tables_schedule = (tuple(args.epochs), args.lr) == (TABLE_EPOCHS, TABLE_LR)
+    kind = re.sub(r"[^a-z0-9]+", "-", args.artefact.lower()).strip("-")
+    suffix = "" if args.artefact == DEFAULT_ARTEFACT else f"-{kind}"
+    suffix += "" if tables_schedule else f"-e{'-'.join(map(str, args.epochs))}-lr{args.lr:g}"
     header = ["injected group", "seed", f"share of its {K} map neighbours in the group", "random scatter", "ratio"]
     coords, labels, result = first
     note = (
         f"{args.data.name} + {N_DUPLICATES} perturbed copies of one image + {N_ARTEFACTS} images with "
-        f"'{args.artefact}'; t-SimCNE, `microscopy` augmentations, epochs {'/'.join(map(str, args.epochs))}; "
+        f"'{args.artefact}'; t-SimCNE, `microscopy` augmentations, {schedule}; "
         f"map kNN {result['knn_accuracy']:.3f}, silhouette {result['silhouette']:.3f} (all labels).\n\n"
     )
-    write_report("fig5", note + markdown_table(header, rows))
+    write_report(f"fig5{suffix}", note + markdown_table(header, rows))
     title = (
         f"PBC with {N_DUPLICATES} copies of one image and {N_ARTEFACTS} images with '{args.artefact}'\n"
-        f"t-SimCNE, microscopy augmentations, epochs {'/'.join(map(str, args.epochs))} (benchmarks/poster/fig5.py)"
+        f"t-SimCNE, microscopy augmentations, {schedule} (benchmarks/poster/fig5.py)"
     )
-    plot(coords, labels, names, n_types, DOCS / "poster-fig5-pbc.png", title=title)
+    plot(coords, labels, names, n_types, DOCS / f"poster-fig5-pbc{suffix}.png", title=title)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ def main() -> None:
     rows, panels = [], []
     sizes = red_cells()
     for title, data in (("red cells, size only", sizes), (args.data.stem, args.data)):
-        setting = Setting(args.epochs, data, args.width)
+        setting = Setting(args.epochs, data, args.width, args.lr)
         for preset in PRESETS:
             runs = [tsimcne(preset, seed, setting) for seed in args.seeds]
             knn, silhouette = [r["knn_accuracy"] for r in runs], [r["silhouette"] for r in runs]
