@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from training.cores import usable_cores  # noqa: E402
+from serving.cores import usable_cores  # noqa: E402
 from training.files import atomic_write, atomic_write_json  # noqa: E402
 
 PBC = ROOT.parent / "shared" / "data" / "bloodcells" / "pbc_28.npz"

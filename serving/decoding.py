@@ -1,12 +1,16 @@
-"""Turning one request's uploads into model-sized images, with bounded memory and time.
+"""Turning one request's uploads into the model batch, with bounded memory and time.
 
 One image may hold up to `max_pixels`, but one request may carry `max_images` of them: 64 images of
 40 Mpx decoded and held together are ~7.7 GB. So, per request:
-1. every file's header is read first (nothing decoded) and the request is refused when its images hold
-   more than `max_request_pixels` pixels together (RequestTooLarge: HTTP 413), or an image is over the
-   per-image limits (a problem naming the file: HTTP 422);
-2. each image is brought to the model's size (serving/preprocess.py fit_image) as soon as it is
-   decoded, so a request holds the full-size pixels of one image at a time: its largest image's;
+1. every file's header was read while the body streamed in (serving/upload_body.py), nothing decoded, and
+   the request is refused when its images hold more than `max_request_pixels` pixels together
+   (`check_request_pixels`: HTTP 413) or an image is over the per-image limits (a problem naming the file:
+   HTTP 422);
+2. each image is brought to the model's size (serving/preprocess.py fit_image) as soon as it is decoded,
+   so a request holds the full-size pixels of one image at a time, and the fitted images are stacked into
+   the float32 model batch in the same step: decoding, fitting and stacking are one hop to a decoding
+   thread (or none: a request of small images, at most `inline_pixels` together, is decoded on the event
+   loop, where a thread hop would cost more than the decoding);
 3. the full-size pixels being decoded at once in a worker are bounded to `concurrency` x `max_pixels`
    (a PixelBudget): each request reserves its largest image's pixels before it decodes, so any number
    of small-image requests decode side by side while big ones take turns;
@@ -23,19 +27,15 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import numpy as np
 
 from serving.bundle import Preprocessing
-from serving.images import ImageDecodeError, check_size, decode_image, read_header
-from serving.preprocess import fit_image
-
-
-class Upload(Protocol):
-    name: str
-    data: bytes
+from serving.images import ImageDecodeError
+from serving.preprocess import fit_image, stack_fitted
+from serving.upload_body import Upload
 
 
 class RequestTooLarge(Exception):
@@ -48,17 +48,19 @@ class DeadlineExceeded(Exception):
 
 @dataclass
 class DecodedUploads:
-    images: list[np.ndarray]  # at the model's size, RGB uint8, in upload order; empty when there are problems
+    batch: np.ndarray | None  # float32 (N, 3, H, W), the readable images in upload order; None when there are problems
     problems: list[dict[str, str]] = field(default_factory=list)  # {"file", "error", "reason"} per unusable file
-    pixels: int = 0  # what the headers declared, all images together
 
 
-@dataclass
-class _Headers:
-    readable: list[tuple[int, Upload]]  # (position in the upload, file) of the files whose header passed
-    problems: dict[int, dict[str, str]]  # by position in the upload
-    pixels: int  # all readable images together
-    largest: int  # the largest readable image: what decoding this request holds at full size at once
+def check_request_pixels(uploads: Sequence[Upload], max_request_pixels: int) -> None:
+    """RequestTooLarge when the images of one request declare more pixels together than allowed."""
+    readable = [upload for upload in uploads if upload.opened is not None]
+    pixels = sum(upload.pixels for upload in readable)
+    if pixels > max_request_pixels:
+        raise RequestTooLarge(
+            f"the {len(readable)} images of this request hold {pixels:,} pixels together, over the limit of "
+            f"{max_request_pixels:,} pixels per request (setting max_request_pixels); send them in several requests"
+        )
 
 
 class PixelBudget:
@@ -104,54 +106,53 @@ class PixelBudget:
 
 
 class UploadDecoder:
-    """`await decoder.decode(files, deadline)` for each request; one decoder per worker process."""
+    """`await decoder.decode(uploads, deadline)` for each request; one decoder per worker process."""
 
     def __init__(
         self,
         prep: Preprocessing,
         max_pixels: int,
-        max_request_pixels: int,
         concurrency: int,
+        inline_pixels: int = 0,
         on_active: Callable[[int], None] | None = None,
     ) -> None:
         self.prep = prep
         self.max_pixels = max_pixels
-        self.max_request_pixels = max_request_pixels
         self.concurrency = concurrency
-        self.on_active = on_active  # called with the number of requests decoding now (a metrics gauge)
+        self.inline_pixels = inline_pixels
+        self.on_active = on_active  # called with the number of requests decoding in threads now (a metrics gauge)
         self._budget: PixelBudget | None = None
         self._active = 0
+        self._threads = ThreadPoolExecutor(max(2, concurrency), thread_name_prefix="decode")
 
-    async def decode(self, files: Sequence[Upload], deadline: float) -> DecodedUploads:
-        """RequestTooLarge, DeadlineExceeded, or the fitted images and the problems found (`deadline`
-        is a time.monotonic() value)."""
+    async def decode(self, uploads: Sequence[Upload], deadline: float) -> DecodedUploads:
+        """DeadlineExceeded, or the model batch and the problems found (`deadline` is a time.monotonic()
+        value). Each upload's header has been read (`Upload.open`)."""
+        readable = [upload for upload in uploads if upload.opened is not None]
+        if not readable:
+            return DecodedUploads(None, _problems(uploads, {}))
+        if sum(upload.pixels for upload in readable) <= self.inline_pixels:
+            return self._decode_all(uploads, deadline, None)
         if self._budget is None:  # made in the worker's event loop
             self._budget = PixelBudget(self.concurrency * self.max_pixels)
         budget = self._budget
-        headers = await asyncio.to_thread(self._read_headers, files)
-        if headers.pixels > self.max_request_pixels:
-            raise RequestTooLarge(
-                f"the {len(headers.readable)} images of this request hold {headers.pixels:,} pixels together, over "
-                f"the limit of {self.max_request_pixels:,} pixels per request (setting max_request_pixels); "
-                "send them in several requests"
-            )
-        if not headers.readable:
-            return DecodedUploads([], _in_order(headers.problems), headers.pixels)
+        largest = max(upload.pixels for upload in readable)
         try:
             async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
-                await budget.acquire(headers.largest)
+                await budget.acquire(largest)
         except TimeoutError:
             raise DeadlineExceeded(
-                f"waited to decode its {headers.largest:,}-pixel image until the time budget ran out (the "
+                f"waited to decode its {largest:,}-pixel image until the time budget ran out (the "
                 f"service is busy decoding; at most {self.concurrency} x {self.max_pixels:,} pixels at once)"
             ) from None
         stop = threading.Event()
         self._set_active(+1)
-        work = asyncio.ensure_future(asyncio.to_thread(self._decode_all, headers, deadline, stop))
+        loop = asyncio.get_running_loop()
+        work = loop.run_in_executor(self._threads, self._decode_all, uploads, deadline, stop)
 
         def finished(_: asyncio.Future) -> None:
             self._set_active(-1)
-            budget.release(headers.largest)
+            budget.release(largest)
 
         work.add_done_callback(finished)
         try:
@@ -165,39 +166,32 @@ class UploadDecoder:
         if self.on_active is not None:
             self.on_active(self._active)
 
-    def _read_headers(self, files: Sequence[Upload]) -> _Headers:
-        headers = _Headers(readable=[], problems={}, pixels=0, largest=0)
-        for index, file in enumerate(files):
-            try:
-                header = read_header(file.data, file.name, self.max_pixels)
-                check_size(header, file.name, self.max_pixels)
-            except ImageDecodeError as exc:
-                headers.problems[index] = {"file": file.name, "error": str(exc), "reason": exc.reason}
+    def _decode_all(self, uploads: Sequence[Upload], deadline: float, stop: threading.Event | None) -> DecodedUploads:
+        problems: dict[int, ImageDecodeError] = {}
+        fitted: list[np.ndarray] = []
+        readable = sum(upload.opened is not None for upload in uploads)
+        for index, upload in enumerate(uploads):
+            if upload.opened is None:
                 continue
-            headers.readable.append((index, file))
-            headers.pixels += header.pixels
-            headers.largest = max(headers.largest, header.pixels)
-        return headers
-
-    def _decode_all(self, headers: _Headers, deadline: float, stop: threading.Event) -> DecodedUploads:
-        problems = dict(headers.problems)
-        images: list[np.ndarray] = []
-        for done, (index, file) in enumerate(headers.readable):
-            if stop.is_set() or time.monotonic() > deadline:
-                raise DeadlineExceeded(
-                    f"the time budget ran out after decoding {done} of {len(headers.readable)} images"
-                )
+            if (stop is not None and stop.is_set()) or time.monotonic() > deadline:
+                raise DeadlineExceeded(f"the time budget ran out after decoding {len(fitted)} of {readable} images")
             try:
-                decoded = decode_image(file.data, file.name, max_pixels=self.max_pixels)
+                decoded = upload.opened.decode()
             except ImageDecodeError as exc:
-                problems[index] = {"file": file.name, "error": str(exc), "reason": exc.reason}
+                problems[index] = exc
                 continue
-            images.append(fit_image(decoded, self.prep))
+            fitted.append(fit_image(decoded, self.prep))
             del decoded  # the full-size pixels go now, before the next image is decoded
-        if problems:
-            return DecodedUploads([], _in_order(problems), headers.pixels)
-        return DecodedUploads(images, [], headers.pixels)
+        if problems or any(upload.problem is not None for upload in uploads):
+            return DecodedUploads(None, _problems(uploads, problems))
+        return DecodedUploads(stack_fitted(fitted, self.prep))
 
 
-def _in_order(problems: dict[int, dict[str, str]]) -> list[dict[str, str]]:
-    return [problems[index] for index in sorted(problems)]
+def _problems(uploads: Sequence[Upload], found: dict[int, ImageDecodeError]) -> list[dict[str, str]]:
+    """Every unusable file, in upload order: those whose header could not be read, and those found when decoding."""
+    problems = []
+    for index, upload in enumerate(uploads):
+        error = upload.problem or found.get(index)
+        if error is not None:
+            problems.append({"file": upload.name, "error": str(error), "reason": error.reason})
+    return problems

@@ -177,14 +177,22 @@ def open_feature_index(
 ) -> tuple[NeighbourIndex, dict[str, str]]:
     """The feature index a serving worker searches, and how it got it (logged, and shown in GET /info).
 
-    From the bundle's index file when there is one (memory-mapped: the workers share one copy), else
-    rebuilt from bundle.json's record (`feature_index`). gpu=True (the model runs on CUDA): a FAISS index is
+    A flat (exact) index on the CPU: numpy's exact search over the bundle's memory-mapped features (the same
+    neighbours as FAISS's flat index, faster on the batches a service runs). An IVF index: the bundle's index
+    file when there is one (memory-mapped: the workers share one copy), else rebuilt from bundle.json's
+    record (`feature_index`). gpu=True (the model runs on CUDA): a FAISS index is
     moved to the GPU when this faiss has GPU support and sees a device; where that fails it stays on the
     CPU, and the reason is recorded."""
+    mapped = isinstance(reference_projected, np.memmap)
     vectors = np.asarray(reference_projected)
     kind = record.kind if record is not None else "exact"
-    if index_file is not None and record is not None and kind != "exact" and faiss_available():
-        index: NeighbourIndex = load_feature_index(index_file, record, len(vectors), vectors.shape[1])
+    if kind == "faiss-flat" and not gpu:
+        # Exact search either way: numpy's matrix product over the memory-mapped features answers a batch of
+        # queries 1.5-3.5x faster than FAISS's flat index on one thread, the neighbours the same.
+        index: NeighbourIndex = build_index(vectors, dtype=np.float32)
+        source = f"the bundle's features{', memory-mapped' if mapped else ''} (exact numpy search)"
+    elif index_file is not None and record is not None and kind != "exact" and faiss_available():
+        index = load_feature_index(index_file, record, len(vectors), vectors.shape[1])
         source = "bundle file, memory-mapped" if index.memory_mapped else "bundle file, read into memory"
     else:
         index = feature_index(vectors, record)

@@ -12,6 +12,7 @@ artefact label, else `out_of_distribution` when its score exceeds 1.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,8 +29,19 @@ FLAGS = (IN_DISTRIBUTION, OUT_OF_DISTRIBUTION, ARTEFACT)
 @dataclass
 class Assessment:
     scores: np.ndarray  # (N,) float64: above 1 is flagged
-    evidence: list[dict[str, float]]  # per image: each measurement over its own threshold
-    duplicates: np.ndarray  # (N,) int: another image of the batch that looks the same, or -1
+    evidence: np.ndarray  # (N, len(names)) float64: each measurement over its own threshold
+    names: tuple[str, ...]  # what the evidence columns measure
+    duplicates: np.ndarray  # (N,) int: another image of the same call (in batch positions) that looks the same, or -1
+
+
+def call_slices(total: int, calls: Sequence[int] | None) -> list[slice]:
+    """The consecutive calls (sizes) a batch of `total` images gathers, as slices; None: one call."""
+    if calls is None:
+        return [slice(0, total)]
+    if sum(calls) != total or any(size < 1 for size in calls):
+        raise ValueError(f"calls of sizes {list(calls)} do not make up a batch of {total}")
+    ends = np.cumsum(calls).tolist()
+    return [slice(end - size, end) for size, end in zip(calls, ends, strict=True)]
 
 
 class PositionFlag:
@@ -46,11 +58,13 @@ class PositionFlag:
         feature_distance: np.ndarray | None,
         batch: np.ndarray | None,
         kth: np.ndarray,
+        calls: Sequence[int] | None = None,
     ) -> Assessment:
         """Scores, evidence and duplicates from the features, their k-th neighbour distance, the model
-        input batch and the k-th map-neighbour distance (what the position-only flag ignores is None)."""
+        input batch and the k-th map-neighbour distance (what the position-only flag ignores is None);
+        `calls`: the sizes of the calls the batch gathers (duplicates are looked for within each)."""
         scores, _ = score_from_kth_distance(kth, self.calibration)
-        return Assessment(scores, [{"position": float(q)} for q in scores], np.full(len(scores), -1))
+        return Assessment(scores, scores[:, None], ("position",), np.full(len(scores), -1))
 
 
 class CombinedFlag:
@@ -72,17 +86,20 @@ class CombinedFlag:
         feature_distance: np.ndarray | None,
         batch: np.ndarray | None,
         kth: np.ndarray,
+        calls: Sequence[int] | None = None,
     ) -> Assessment:
         """Scores, evidence and duplicates from the features, their k-th neighbour distance, the model
-        input batch and the k-th map-neighbour distance (what the position-only flag ignores is None)."""
+        input batch and the k-th map-neighbour distance (what the position-only flag ignores is None);
+        `calls`: the sizes of the calls the batch gathers (duplicates are looked for within each)."""
         if features is None or feature_distance is None or batch is None:
             raise ValueError("the model input batch and its features are needed for the combined flag")
         found = self.detector.evidence(feature_distance, channel_statistics(batch), kth)
-        evidence = [
-            {"features": float(f), "pixels": float(p), "position": float(q)}
-            for f, p, q in zip(found.features, found.pixels, found.position, strict=True)
-        ]
-        return Assessment(found.score, evidence, self.detector.duplicates(features))
+        evidence = np.stack([found.features, found.pixels, found.position], axis=1)
+        duplicates = np.full(len(features), -1, dtype=np.int64)
+        for call in call_slices(len(features), calls):
+            twins = self.detector.duplicates(features[call])
+            duplicates[call] = np.where(twins >= 0, twins + call.start, -1)
+        return Assessment(found.score, evidence, ("features", "pixels", "position"), duplicates)
 
 
 def choose_flag(
@@ -97,7 +114,10 @@ def choose_flag(
     return PositionFlag(calibration if calibration is not None else calibrate(reference.coords))
 
 
-def flag_name(majority_label: str | None, beyond_threshold: bool, artefact_labels: set[str]) -> str:
-    if majority_label is not None and majority_label in artefact_labels:
-        return ARTEFACT
-    return OUT_OF_DISTRIBUTION if beyond_threshold else IN_DISTRIBUTION
+def flag_names(artefact: np.ndarray, scores: np.ndarray) -> list[str]:
+    """Each image's flag: `artefact` where most of its map neighbours carry an artefact label, else
+    `out_of_distribution` where its score is above 1, else `in_distribution`."""
+    return [
+        ARTEFACT if is_artefact else OUT_OF_DISTRIBUTION if score > 1.0 else IN_DISTRIBUTION
+        for is_artefact, score in zip(np.asarray(artefact).tolist(), np.asarray(scores).tolist(), strict=True)
+    ]

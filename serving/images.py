@@ -196,16 +196,27 @@ def _tiff_orientation(page) -> int | None:
         return None
 
 
-def _decode_tiff(data: bytes, source: str, max_pixels: int) -> np.ndarray:
+def _open_tiff(data: bytes, source: str):
     import tifffile
 
     try:
-        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+        tif = tifffile.TiffFile(io.BytesIO(data))
+    except Exception as exc:  # tifffile raises many types for broken files
+        raise ImageDecodeError(f"{source}: not a readable TIFF ({exc})") from exc
+    try:
+        return tif, _tiff_header(tif.pages[0])
+    except Exception as exc:
+        tif.close()
+        raise ImageDecodeError(f"{source}: not a readable TIFF ({exc})") from exc
+
+
+def _decode_tiff(tif, data: bytes, source: str, max_pixels: int) -> np.ndarray:
+    try:
+        with tif:
             page = tif.pages[0]
-            check_size(_tiff_header(page), source, max_pixels)
             orientation = _tiff_orientation(page)
             if page.photometric == 5 and page.samplesperpixel > 1:  # SEPARATED (CMYK): let Pillow convert
-                return _decode_with_pillow(data, source, max_pixels)
+                return _decode_pillow(_open_with_pillow(data, source, max_pixels), source, max_pixels)
             array = page.asarray()
     except ImageDecodeError:
         raise
@@ -243,9 +254,7 @@ def _open_with_pillow(data: bytes, source: str, max_pixels: int) -> Image.Image:
         raise ImageDecodeError(f"{source}: broken or truncated image ({exc})") from exc
 
 
-def _decode_with_pillow(data: bytes, source: str, max_pixels: int) -> np.ndarray:
-    image = _open_with_pillow(data, source, max_pixels)
-    check_size(_pillow_header(image), source, max_pixels)
+def _decode_pillow(image: Image.Image, source: str, max_pixels: int) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -272,30 +281,53 @@ def _pillow_rgb(image: Image.Image, source: str) -> np.ndarray:
     return np.asarray(image).copy()
 
 
-def read_header(data: bytes, source: str = "<upload>", max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageHeader:
-    """What decoding `data` would produce, from its header only (nothing is decoded); ImageDecodeError
-    names `source` when the header cannot be read."""
+class OpenedImage:
+    """A file whose header has been read and nothing decoded yet: what decoding will produce (`header`),
+    and `decode()`, which decodes from the same opened file (the service reads each upload's header as its
+    part arrives, to enforce the pixel limits, and decodes it later without opening it again)."""
+
+    __slots__ = ("_data", "_opened", "header", "max_pixels", "source")
+
+    def __init__(self, data: bytes, source: str, header: ImageHeader, opened: object, max_pixels: int) -> None:
+        self._data, self.source, self.header, self._opened, self.max_pixels = data, source, header, opened, max_pixels
+
+    def check_size(self) -> None:
+        """ImageDecodeError (reason "too_large") when decoding would exceed `max_pixels` or its bytes."""
+        check_size(self.header, self.source, self.max_pixels)
+
+    def decode(self) -> np.ndarray:
+        """Upright RGB uint8 (H, W, 3); ImageDecodeError naming the file when it is over the limits or broken.
+        Once only: the opened file is consumed."""
+        self.check_size()
+        opened, self._opened = self._opened, None
+        if opened is None:
+            raise ValueError(f"{self.source}: already decoded")
+        if isinstance(opened, Image.Image):
+            return _decode_pillow(opened, self.source, self.max_pixels)
+        return _decode_tiff(opened, self._data, self.source, self.max_pixels)
+
+
+def open_image(data: bytes, source: str = "<upload>", max_pixels: int = DEFAULT_MAX_PIXELS) -> OpenedImage:
+    """Read `data`'s header (nothing is decoded); ImageDecodeError names `source` when it cannot be read."""
     if not data:
         raise ImageDecodeError(f"{source}: empty file (0 bytes)", reason="empty")
     if _is_tiff(data):
-        import tifffile
+        tif, header = _open_tiff(data, source)
+        return OpenedImage(data, source, header, tif, max_pixels)
+    image = _open_with_pillow(data, source, max_pixels)
+    return OpenedImage(data, source, _pillow_header(image), image, max_pixels)
 
-        try:
-            with tifffile.TiffFile(io.BytesIO(data)) as tif:
-                return _tiff_header(tif.pages[0])
-        except Exception as exc:  # tifffile raises many types for broken files
-            raise ImageDecodeError(f"{source}: not a readable TIFF ({exc})") from exc
-    return _pillow_header(_open_with_pillow(data, source, max_pixels))
+
+def read_header(data: bytes, source: str = "<upload>", max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageHeader:
+    """What decoding `data` would produce, from its header only (nothing is decoded); ImageDecodeError
+    names `source` when the header cannot be read."""
+    return open_image(data, source, max_pixels).header
 
 
 def decode_image(data: bytes, source: str = "<upload>", max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode encoded image bytes into upright RGB uint8 (H, W, 3); ImageDecodeError names `source` on
     failure, and refuses before decoding an image whose header declares more than `max_pixels`."""
-    if not data:
-        raise ImageDecodeError(f"{source}: empty file (0 bytes)", reason="empty")
-    if _is_tiff(data):
-        return _decode_tiff(data, source, max_pixels)
-    return _decode_with_pillow(data, source, max_pixels)
+    return open_image(data, source, max_pixels).decode()
 
 
 def read_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None) -> np.ndarray:

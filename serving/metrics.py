@@ -8,7 +8,14 @@ Label values are bounded: flag kinds, the bundle's class names, a few decode-err
 
 from __future__ import annotations
 
+from collections import Counter as Tally
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 from prometheus_client import Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from serving.placing import PlacedImage
 
 IMAGES_EMBEDDED = Counter("tsimcne_images_embedded", "Images placed on the map")
 IMAGES_FLAGGED = Counter("tsimcne_images_flagged", "Images flagged, by kind", ["kind"])
@@ -38,6 +45,14 @@ DECODING_REQUESTS = Gauge(
     "Requests decoding their images now (summed over workers)",
     multiprocess_mode="livesum",
 )
+# POST /embed is answered in front of BentoML's request middlewares (serving/embed_route.py), so it keeps its
+# own request count and latency; BentoML's bentoml_service_request_* cover the other routes.
+EMBED_REQUESTS = Counter("tsimcne_embed_requests", "POST /embed requests answered, by HTTP status", ["status"])
+EMBED_SECONDS = Histogram(
+    "tsimcne_embed_request_seconds",
+    "Time from a POST /embed request's arrival to its answer",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, float("inf")),
+)
 BUNDLE_INFO = Gauge(
     "tsimcne_bundle_info",
     "The bundle being served (value 1; the labels carry name, bundle.json sha256 and the provider)",
@@ -46,21 +61,28 @@ BUNDLE_INFO = Gauge(
 )
 
 
-def record_placements(flags: list[str], scores: list[float], regions: list[str | None], duplicates: int = 0) -> None:
-    IMAGES_EMBEDDED.inc(len(flags))
-    DUPLICATES.inc(duplicates)
-    for flag, score, region in zip(flags, scores, regions, strict=True):
-        if flag != "in_distribution":
-            IMAGES_FLAGGED.labels(kind=flag).inc()
-        FLAG_SCORE.observe(score)
-        LANDED_IN_REGION.labels(label=region or "none").inc()
+def record_batch(placed: Sequence[PlacedImage], model_seconds: float) -> None:
+    """One model run's metrics, counted together: a few writes a batch instead of several an image."""
+    MODEL_SECONDS.observe(model_seconds)
+    BATCH_IMAGES.observe(len(placed))
+    IMAGES_EMBEDDED.inc(len(placed))
+    duplicates = sum(image.duplicate_of is not None for image in placed)
+    if duplicates:
+        DUPLICATES.inc(duplicates)
+    for kind, count in Tally(image.flag for image in placed if image.flag != "in_distribution").items():
+        IMAGES_FLAGGED.labels(kind=kind).inc(count)
+    for label, count in Tally(image.majority_label or "none" for image in placed).items():
+        LANDED_IN_REGION.labels(label=label).inc(count)
+    for image in placed:
+        FLAG_SCORE.observe(image.score)
 
 
 DECODE_REASONS = ("undecodable", "too_large", "empty")
 REJECT_REASONS = (
     "empty", "wrong_field", "not_a_file", "content_type", "malformed", "too_many_images", "too_large", "bad_image",
-    "too_many_pixels", "over_budget",
+    "too_many_pixels", "over_budget", "unauthorised", "not_ready",
 )  # fmt: skip
+EMBED_STATUSES = ("200", "400", "401", "405", "413", "415", "422", "503")
 
 
 def initialise(class_names: list[str]) -> None:
@@ -73,3 +95,5 @@ def initialise(class_names: list[str]) -> None:
         DECODE_ERRORS.labels(reason=reason)
     for reason in REJECT_REASONS:
         REJECTED_REQUESTS.labels(reason=reason)
+    for status in EMBED_STATUSES:
+        EMBED_REQUESTS.labels(status=status)

@@ -73,21 +73,33 @@ def blocks(count: int, rows: int) -> Iterator[slice]:
         yield slice(start, min(start + rows, count))
 
 
-def pairwise_distances(
+def squared_distances(
     points: np.ndarray, reference: np.ndarray, reference_sq: np.ndarray | None = None, dtype: type = np.float64
 ) -> np.ndarray:
-    """Euclidean distances (n_points, n_reference), without an (n, m, d) temporary. The whole matrix at
-    once: callers with a large reference go through an index, which calls this per block of queries.
+    """Squared Euclidean distances (n_points, n_reference) without an (n, m, d) temporary, clipped at 0:
+    one matrix product and two in-place updates of its result. The whole matrix at once: callers with a
+    large reference go through an index, which calls this per block of queries.
 
     reference_sq: the reference points' squared norms (in `dtype`), when the caller keeps them: a service
     placing a few images on a large map would otherwise spend most of this function recomputing them.
     dtype: float64 by default; float32 halves the memory read for large feature references.
     """
-    points, reference = points.astype(dtype), reference.astype(dtype, copy=False)
+    points, reference = points.astype(dtype, copy=False), reference.astype(dtype, copy=False)
     if reference_sq is None:
-        reference_sq = (reference**2).sum(1)
-    squared = (points**2).sum(1)[:, None] + reference_sq[None, :] - 2.0 * points @ reference.T
-    return np.sqrt(np.clip(squared, 0.0, None, out=squared), out=squared)
+        reference_sq = np.einsum("ij,ij->i", reference, reference)
+    squared = points @ reference.T
+    squared *= -2.0
+    squared += reference_sq[None, :]
+    squared += np.einsum("ij,ij->i", points, points)[:, None]
+    return np.clip(squared, 0.0, None, out=squared)
+
+
+def pairwise_distances(
+    points: np.ndarray, reference: np.ndarray, reference_sq: np.ndarray | None = None, dtype: type = np.float64
+) -> np.ndarray:
+    """Euclidean distances (n_points, n_reference): `squared_distances`' square roots."""
+    squared = squared_distances(points, reference, reference_sq, dtype)
+    return np.sqrt(squared, out=squared)
 
 
 def kth_smallest(distances: np.ndarray, k: int) -> np.ndarray:
@@ -128,7 +140,7 @@ class ExactIndex:
         self.vectors = vectors if vectors.dtype == dtype and vectors.flags.c_contiguous else vectors.astype(dtype)
         self.dtype = dtype
         self.budget = budget
-        self._squared = np.einsum("ij,ij->i", self.vectors, self.vectors)
+        self._squared_norms = np.einsum("ij,ij->i", self.vectors, self.vectors)
 
     def __len__(self) -> int:
         return len(self.vectors)
@@ -138,20 +150,21 @@ class ExactIndex:
         """Queries per block."""
         return rows_within(self.budget, len(self), np.dtype(self.dtype).itemsize)
 
-    def _distances(self, queries: np.ndarray) -> np.ndarray:
-        return pairwise_distances(queries, self.vectors, self._squared, self.dtype)
+    def _squared(self, queries: np.ndarray) -> np.ndarray:
+        return squared_distances(queries, self.vectors, self._squared_norms, self.dtype)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        # Per block: one partial sort, then only the k candidates are ordered.
+        # Per block: one partial sort of the squared distances, then only the k candidates are ordered and
+        # rooted.
         queries = np.asarray(queries)
         k = min(k, len(self))
         found = np.empty((len(queries), k), dtype=np.float64), np.empty((len(queries), k), dtype=np.int64)
         for rows in blocks(len(queries), self.rows):
-            distances = self._distances(queries[rows])
-            candidates = np.argpartition(distances, k - 1, axis=1)[:, :k]
-            candidate_distances = np.take_along_axis(distances, candidates, axis=1)
-            order = candidate_distances.argsort(axis=1, kind="stable")
-            found[0][rows] = np.take_along_axis(candidate_distances, order, axis=1)
+            squared = self._squared(queries[rows])
+            candidates = np.argpartition(squared, k - 1, axis=1)[:, :k]
+            candidate_squared = np.take_along_axis(squared, candidates, axis=1)
+            order = candidate_squared.argsort(axis=1, kind="stable")
+            found[0][rows] = np.sqrt(np.take_along_axis(candidate_squared, order, axis=1))
             found[1][rows] = np.take_along_axis(candidates, order, axis=1)
         return found
 
@@ -159,7 +172,7 @@ class ExactIndex:
         queries = np.asarray(queries)
         out = np.empty(len(queries))
         for rows in blocks(len(queries), self.rows):
-            out[rows] = kth_smallest(self._distances(queries[rows]), k)
+            out[rows] = np.sqrt(kth_smallest(self._squared(queries[rows]), k))
         return out
 
     def save(self, path: Path) -> None:
@@ -243,6 +256,15 @@ def faiss_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def set_faiss_threads(threads: int) -> None:
+    """FAISS's OpenMP threads for searches in this process (a service worker: its share of the cores; FAISS
+    would otherwise start one per core in every worker, and OpenMP threads wait busily)."""
+    if faiss_available():
+        import faiss
+
+        faiss.omp_set_num_threads(max(1, threads))
 
 
 def faiss_gpus() -> int:

@@ -6,6 +6,7 @@ same arithmetic in numpy, so serving with onnxruntime reproduces the torch embed
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +25,9 @@ def fit_image(image: np.ndarray, prep: Preprocessing) -> np.ndarray:
     return resize_rgb(center_crop(image, crop) if crop else image, (prep.height, prep.width), prep.resize_method)
 
 
-def stack_fitted(images: list[np.ndarray], prep: Preprocessing) -> np.ndarray:
-    """Images already through fit_image -> float32 (N, 3, H, W) in [0, 1]."""
-    batch = np.stack(images)
+def stack_fitted(images: Sequence[np.ndarray] | np.ndarray, prep: Preprocessing) -> np.ndarray:
+    """Images already through fit_image (a list, or one uint8 (N, H, W, 3) array) -> float32 (N, 3, H, W) in [0, 1]."""
+    batch = np.asarray(images) if isinstance(images, np.ndarray) else np.stack(images)
     return np.ascontiguousarray(batch.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(prep.divide_by)
 
 

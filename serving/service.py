@@ -3,7 +3,8 @@
     bentoml serve serving.service:MapService --arg bundle=models/demo      (or TSIMCNE_BUNDLE=models/demo)
     bentoml serve serving.service:MapService --arg model_tag=demo:latest   (a bundle in BentoML's model store)
 
-Routes: POST /embed (multipart field `images`, one or many files), GET /map, GET /info, /metrics,
+Routes: POST /embed (multipart field `images`, one or many files, or one image as the body; answered in
+front of BentoML's own request path by serving/embed_route.py), GET /map, GET /info, /metrics,
 /healthz /livez /readyz, /docs.json (OpenAPI), /docs (API page); the map page at / with reference
 thumbnails at /thumbnail?index={index} (serving/webpage.py). Settings: serving/settings.py. The bundle is opened and
 verified once per worker, with onnxruntime on CUDA when there is a GPU (or when `provider=cuda`
@@ -18,51 +19,51 @@ own process and in each worker), so tests and tools import it freely.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
 import signal
 import sys
-import time
 from pathlib import Path
 
 import bentoml
-import numpy as np
+from bentoml.exceptions import BentoMLException
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from pydantic import Field
-from starlette.responses import JSONResponse
+from starlette.responses import Response
 
 from serving import metrics
-from serving.api_models import EmbeddedImage, EmbedResponse, InfoResponse, Limits
-from serving.batching import MicroBatcher
+from serving.api_models import EmbedResponse, InfoResponse, Limits
 from serving.bundle import MANIFEST, REFERENCE_FILE, BundleError, open_bundle, sha256_file
 from serving.calibration import public_calibration
-from serving.decoding import DeadlineExceeded, RequestTooLarge, UploadDecoder
-from serving.embedder import BundleEmbedder
-from serving.errors import json_error
-from serving.guards import BearerTokenAuth, BodySizeLimit, UploadGuard
+from serving.embed_route import ROUTE as EMBED_ROUTE
+from serving.embed_route import EmbedHandler, EmbedRoute
+from serving.guards import BearerTokenAuth, BodySizeLimit
 from serving.map_format import ReferenceMap
 from serving.map_route import map_router
-from serving.preprocess import stack_fitted
+from serving.neighbours import set_faiss_threads
+from serving.placing import Placer
 from serving.public import public_evaluation
-from serving.settings import ServiceSettings, SettingsError, load_settings
+from serving.settings import ServiceSettings, SettingsError, load_settings, worker_plan
 from serving.store import bundle_path_from_store
 from serving.uploads import UploadedFile
 from serving.versions import installed_versions
 from serving.webpage import Thumbnails, page_router, validation_error
 
 logger = logging.getLogger("bentoml.tsimcne")
-UPLOAD_FIELD = "images"
 
 
-def _prepare_environment() -> None:
-    """numpy's BLAS threads busy-wait after each matrix product and take the cores from the event loop and
-    onnxruntime: one BLAS thread per worker served 40 % more requests in a load test (benchmarks/README.md).
-    Set at start-up in `bentoml serve` itself, before it starts its workers, so they inherit it; an
-    explicit OPENBLAS_NUM_THREADS in the environment wins."""
+def _prepare_environment(threads: int) -> None:
+    """Thread pools that busy-wait must not take the cores from the event loops and onnxruntime: numpy's
+    BLAS threads spin after each matrix product (one BLAS thread per worker served 40 % more requests in a
+    load test, benchmarks/README.md), and FAISS's OpenMP threads spin after each search; OpenMP's count is
+    per thread, so an `omp_set_num_threads` in the worker's main thread does not reach its model thread,
+    which searches (with two OpenMP threads in each of two workers, the 1,000,000-image bundle served a
+    third of the requests). Set at start-up in `bentoml serve` itself, before it starts its workers, so they
+    inherit it; explicit OPENBLAS_NUM_THREADS / OMP_NUM_THREADS in the environment win."""
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
 
 
 def _settings() -> ServiceSettings:
@@ -105,21 +106,6 @@ def _check_bundle_before_start(settings: ServiceSettings) -> None:
         sys.exit(f"error: {exc}")
 
 
-def _error(
-    ctx: bentoml.Context,
-    status: int,
-    message: str,
-    detail: list[dict] | None = None,
-    reason: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> JSONResponse:
-    """A 4xx (or 503) JSON answer counted by `reason`; BentoML takes the status from the context of an API."""
-    if reason is not None:
-        metrics.REJECTED_REQUESTS.labels(reason=reason).inc()
-    ctx.response.status_code = status
-    return json_error(status, message, detail, headers)
-
-
 def _stop_server() -> None:
     """Make `bentoml serve` exit when a worker cannot start, instead of idling forever never ready.
 
@@ -149,15 +135,55 @@ def info() -> InfoResponse:
 web.include_router(page_router(thumbnails=lambda: bentoml.get_current_service().thumbnails))
 
 
+class MapServiceDefinition(bentoml.Service):
+    """BentoML's service object with POST /embed answered in front of BentoML's app (serving/embed_route.py).
+
+    `@bentoml.service(service_class=...)` is BentoML's hook for this: `to_asgi` is what each worker serves,
+    so the hot route wraps it there and every other route is BentoML's own, unchanged."""
+
+    def to_asgi(self, is_main: bool = True):
+        app = super().to_asgi(is_main)
+        settings: ServiceSettings = self.inner.settings
+        route = EmbedRoute(app, _current_handler, token=settings.api_token, log_requests=settings.access_log)
+        if settings.tracing_sample_rate is not None:
+            from bentoml._internal.configuration.containers import BentoMLContainer
+            from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware
+
+            # BentoML's tracing middleware never sees /embed (it is answered in front of it): trace it alike.
+            route.serve_embed = OpenTelemetryMiddleware(
+                route.serve_embed, tracer_provider=BentoMLContainer.tracer_provider.get()
+            )
+        return route
+
+
+def _current_handler() -> EmbedHandler | None:
+    """The worker's /embed handler, once its service instance has opened the bundle."""
+    try:
+        return bentoml.get_current_service().embed_handler
+    except (BentoMLException, AttributeError):
+        return None
+
+
+def _tracing(settings: ServiceSettings) -> dict:
+    """BentoML's tracing config: off for every route unless a sample rate is set."""
+    if settings.tracing_sample_rate is None:
+        return {"excluded_urls": [".*"]}  # no route traced: OpenTelemetry's middleware skips at once
+    return {"sample_rate": settings.tracing_sample_rate}
+
+
 def build_service(settings: ServiceSettings):
     """The BentoML service for `settings`: its class (workers, the stored bundle it packages) and its
     middlewares depend on them, so it is made here, at start-up, not when the module is imported."""
+    plan = worker_plan(settings)
 
     @bentoml.asgi_app(web, path="/")
     @bentoml.service(
         name="tsimcne",
-        workers=settings.workers,
+        workers=plan.workers,
         traffic={"timeout": 120},
+        logging={"access": {"enabled": settings.access_log}},
+        tracing=_tracing(settings),
+        service_class=MapServiceDefinition,
     )
     class MapService:
         """Place microscopy images on a t-SimCNE map and flag those that land away from the collection."""
@@ -178,56 +204,38 @@ def build_service(settings: ServiceSettings):
 
         def _open_bundle(self) -> None:
             folder = _bundle_folder(settings)
-            self.embedder = BundleEmbedder(
-                folder,
-                provider=settings.provider,
-                neighbours=settings.neighbours,
-                threads=settings.threads,
+            set_faiss_threads(plan.threads)
+            placer = Placer(
+                folder, provider=settings.provider, neighbours=settings.neighbours, threads=plan.threads,
                 spin=settings.spin,
-            )
-            manifest = self.embedder.manifest
+            )  # fmt: skip
+            manifest = placer.manifest
+            self.placer = placer
             self.bundle_sha256 = sha256_file(folder / MANIFEST)
             logger.info(
-                "serving bundle %s (%s, sha256 %s) with onnxruntime %s",
-                manifest.name,
-                folder,
-                self.bundle_sha256[:12],
-                self.embedder.provider,
-            )
+                "serving bundle %s (%s, sha256 %s) with onnxruntime %s; %s",
+                manifest.name, folder, self.bundle_sha256[:12], placer.provider, plan.describe(),
+            )  # fmt: skip
             # Where the feature index came from (the bundle's file, memory-mapped, or rebuilt) and its device.
-            logger.info("neighbour index: %s", json.dumps(self.embedder.neighbour_index))
-            metrics.BUNDLE_INFO.labels(manifest.name, self.bundle_sha256, self.embedder.provider).set(1)
+            logger.info("neighbour index: %s", json.dumps(placer.neighbour_index))
+            metrics.BUNDLE_INFO.labels(manifest.name, self.bundle_sha256, placer.provider).set(1)
             metrics.initialise(manifest.class_names)
-            self.batcher = MicroBatcher(self._run_model, max_images=settings.max_batch_images)
-            self.decoder = UploadDecoder(
-                manifest.preprocessing,
-                max_pixels=settings.max_pixels,
-                max_request_pixels=settings.max_request_pixels,
-                concurrency=settings.decode_concurrency,
-                on_active=metrics.DECODING_REQUESTS.set,
-            )
-            reference = self.embedder.reference
+            reference = placer.reference
             self.reference_map = ReferenceMap(
                 manifest.name, manifest.class_names, reference.coords, reference.label_indices, reference.ids
             )
             self.reference_map.prepare()  # the page's binary /map, made once per worker before /readyz says yes
             self.thumbnails = Thumbnails(folder / REFERENCE_FILE)
             self.info = self._info()
-            # Warm-up: the first onnxruntime run allocates; do it before /readyz says yes.
-            prep = manifest.preprocessing
-            self.embedder.run_model(np.zeros((1, 3, prep.height, prep.width), dtype=np.float32))
+            # Warm-up: the first onnxruntime run allocates, the indexes page in; before /readyz says yes.
+            placer.warm_up()
+            self.embed_handler = EmbedHandler(placer, self.bundle_sha256, settings)
 
         def __is_ready__(self) -> bool:
             return self.ready
 
-        def _run_model(self, batch: np.ndarray) -> np.ndarray:
-            with metrics.MODEL_SECONDS.time():
-                outputs = self.embedder.infer(batch)
-            metrics.BATCH_IMAGES.observe(len(batch))
-            return outputs
-
         def _info(self) -> InfoResponse:
-            manifest = self.embedder.manifest
+            manifest = self.placer.manifest
             service_versions = installed_versions(
                 ("tsimcne-map", "bentoml", "onnxruntime", "onnxruntime-gpu", "numpy", "faiss-cpu", "faiss-gpu-cu12")
             )
@@ -237,12 +245,12 @@ def build_service(settings: ServiceSettings):
                 created=manifest.created,
                 classes=manifest.class_names,
                 artefact_labels=manifest.artefact_labels,
-                reference_images=len(self.embedder.reference),
+                reference_images=len(self.placer.reference),
                 image_size=(manifest.preprocessing.height, manifest.preprocessing.width),
-                provider=self.embedder.provider,
-                neighbours=self.embedder.k,
-                neighbour_index=self.embedder.neighbour_index,
-                calibration=public_calibration(self.embedder.calibration),
+                provider=self.placer.provider,
+                neighbours=self.placer.k,
+                neighbour_index=self.placer.neighbour_index,
+                calibration=public_calibration(self.placer.calibration),
                 evaluation=public_evaluation(manifest.evaluation),
                 partial=manifest.partial,
                 limits=Limits(
@@ -256,71 +264,32 @@ def build_service(settings: ServiceSettings):
                 versions={"bundle": manifest.versions, "service": service_versions},
             )
 
-        @bentoml.api(route="/embed")
+        @bentoml.api(route=EMBED_ROUTE)
         async def embed(
             self,
             images: list[UploadedFile] = Field(  # noqa: B008 - pydantic field declaration, evaluated once
                 default_factory=list, description="image files (PNG, JPEG, TIFF incl. 16-bit, grayscale, RGBA)"
             ),
-            ctx: bentoml.Context = None,  # type: ignore[assignment]  # BentoML fills it in
         ) -> EmbedResponse:
             """Place images on the map: position, flag and score, nearest reference images, majority label.
 
+            Send the files as multipart/form-data in the field `images` (one or many), or one image as the
+            whole body with `Content-Type: image/png` (`image/jpeg`, `image/tiff`, `image/gif`, `image/bmp`,
+            `image/webp` or `application/octet-stream`) and its name in `?filename=`.
             Errors are JSON `{"error": "...", "detail": [{"file", "error"}]}`: 400 empty request, wrong
             multipart field, text instead of a file, malformed body; 401 missing or wrong bearer token (when
-            the service has one); 413 body over max_upload_mb, more than max_images files, or images holding
-            more than max_request_pixels pixels together; 415 not multipart/form-data; 422 a file that is
-            not a usable image or is over max_pixels (`detail` names each such file); 503 when the request's
-            time budget (request_budget_s) ran out before it was placed.
+            the service has one); 405 not a POST; 413 body over max_upload_mb, more than max_images files, or
+            images holding more than max_request_pixels pixels together; 415 neither multipart/form-data nor an
+            image type; 422 a file that is not a usable image or is over max_pixels (`detail` names each such
+            file); 503 when the request's time budget (request_budget_s) ran out before it was placed.
             """
-            # Wrong fields, text values, malformed bodies and too many files were already answered by UploadGuard.
-            if not images:
-                return _error(
-                    ctx,
-                    400,
-                    f"empty request: send one or more image files in the multipart field '{UPLOAD_FIELD}'",
-                    reason="empty",
-                )
-            deadline = time.monotonic() + settings.request_budget_s
-            try:
-                decoded = await self.decoder.decode(images, deadline)
-            except RequestTooLarge as exc:
-                return _error(ctx, 413, str(exc), reason="too_many_pixels")
-            except DeadlineExceeded as exc:
-                return _over_budget(ctx, settings, str(exc))
-            if decoded.problems:
-                for problem in decoded.problems:
-                    metrics.DECODE_ERRORS.labels(reason=problem["reason"]).inc()
-                problems = [{"file": p["file"], "error": p["error"]} for p in decoded.problems]
-                listed = ", ".join(p["file"] for p in problems)
-                message = f"{len(problems)} of {len(images)} uploads are not usable images: {listed}"
-                return _error(ctx, 422, message, problems, reason="bad_image")
-            batch = await asyncio.to_thread(stack_fitted, decoded.images, self.embedder.manifest.preprocessing)
-            try:
-                async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
-                    outputs = await self.batcher.run(batch)
-            except TimeoutError:
-                return _over_budget(ctx, settings, "the time budget ran out while the images waited for the model")
-            placements = await asyncio.to_thread(self.embedder.placements, outputs, batch)
-            metrics.record_placements(
-                [p.flag for p in placements],
-                [p.score for p in placements],
-                [p.majority_label for p in placements],
-                duplicates=sum(p.duplicate_of is not None for p in placements),
-            )
-            return EmbedResponse(
-                bundle=self.embedder.manifest.name,
-                bundle_sha256=self.bundle_sha256,
-                images=[
-                    EmbeddedImage.from_placement(
-                        file.name,
-                        placement,
-                        images[placement.duplicate_of].name if placement.duplicate_of is not None else None,
-                    )
-                    for file, placement in zip(images, placements, strict=True)
-                ],
-            )
+            # Over HTTP, POST /embed never gets here: serving/embed_route.py answers it in front of BentoML.
+            # This method declares the route's schema (OpenAPI, BentoML's clients) and serves in-process calls
+            # with the same handler.
+            answer = await self.embed_handler.answer_files(images)
+            return Response(answer.body, answer.status, answer.headers, media_type="application/json")
 
+    MapService.inner.settings = settings  # read by MapServiceDefinition.to_asgi in each worker
     # Outermost first: an unauthenticated request is refused before its body is read.
     MapService.add_asgi_middleware(BearerTokenAuth, token=settings.api_token)
     MapService.add_asgi_middleware(
@@ -328,22 +297,7 @@ def build_service(settings: ServiceSettings):
         max_bytes=settings.max_upload_bytes,
         on_reject=metrics.REJECTED_REQUESTS.labels(reason="too_large").inc,
     )
-    MapService.add_asgi_middleware(
-        UploadGuard,
-        path="/embed",
-        field=UPLOAD_FIELD,
-        max_files=settings.max_images,
-        on_reject=lambda reason: metrics.REJECTED_REQUESTS.labels(reason=reason).inc(),
-    )
     return MapService
-
-
-def _over_budget(ctx: bentoml.Context, settings: ServiceSettings, what: str) -> JSONResponse:
-    message = (
-        f"request not completed within its time budget of {settings.request_budget_s:g} s (setting "
-        f"request_budget_s): {what}; retry later, or send fewer or smaller images"
-    )
-    return _error(ctx, 503, message, reason="over_budget", headers={"Retry-After": "5"})
 
 
 def __getattr__(name: str):
@@ -352,8 +306,8 @@ def __getattr__(name: str):
     bundle stop `bentoml serve` there with one line and exit code 1."""
     if name != "MapService":
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    _prepare_environment()
     settings = _settings()
+    _prepare_environment(worker_plan(settings).threads)
     _check_bundle_before_start(settings)
     service = build_service(settings)
     globals()["MapService"] = service  # later look-ups (and BentoML's own search of the module) find it

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from serving.cores import usable_cores
 
 ENV_PREFIX = "TSIMCNE_"
 
@@ -39,10 +43,25 @@ class ServiceSettings(BaseModel):
         60.0, gt=0, le=110, description="seconds a request may wait for and spend in decoding and the model"
     )
     max_batch_images: int = Field(256, ge=1, le=4096, description="images per model run across requests")
-    threads: int = Field(0, ge=0, le=256, description="onnxruntime intra-op threads; 0 = onnxruntime's choice")
-    workers: int = Field(1, ge=1, le=64, description="service processes; each opens the bundle and the model")
+    workers: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="service processes, each with the bundle open; default: one per usable CPU core (one on a GPU)",
+    )
+    threads: int = Field(
+        0, ge=0, le=256, description="onnxruntime intra-op threads per worker; 0 = the usable cores divided by workers"
+    )
     spin: bool = Field(False, description="let onnxruntime's idle threads spin (faster on cores of their own)")
     api_token: str | None = Field(None, description="when set, requests need 'Authorization: Bearer <token>'")
+    access_log: bool = Field(False, description="log every request (BentoML's access log and one line per /embed)")
+    tracing_sample_rate: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="OpenTelemetry: share of requests traced (BentoML's tracing config says where spans go); "
+        "unset: /embed and the map routes are not traced",
+    )
 
     @field_validator("api_token")
     @classmethod
@@ -85,3 +104,48 @@ def load_settings(
             known = ", ".join(ServiceSettings.model_fields)
             raise SettingsError(f"{source}: unknown setting; known settings: {known}") from exc
         raise SettingsError(f"{source}: {first['msg']}") from exc
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    workers: int
+    threads: int  # onnxruntime (and FAISS) threads in each worker
+    reason: str
+
+    def describe(self) -> str:
+        return f"{self.workers} worker(s) x {self.threads} onnxruntime thread(s) ({self.reason})"
+
+
+def worker_plan(settings: ServiceSettings, cores: int | None = None, gpu: bool | None = None) -> WorkerPlan:
+    """How many service processes, and onnxruntime threads in each, for these settings on this machine.
+
+    On CPUs: one worker per usable core, each with one thread (the cores divided between the workers).
+    Measured on 2 cores (benchmarks/README.md, "/embed against its floors"): a request's HTTP and Python work
+    is single-threaded per process, so two one-thread workers answer far more requests than one worker whose
+    model runs on two threads. On a GPU: one worker, which batches every request for the device.
+    Explicit `workers` and `threads` settings win."""
+    cores = usable_cores() if cores is None else cores
+    gpu = _model_on_gpu(settings.provider) if gpu is None else gpu
+    if settings.workers is not None:
+        workers, reason = settings.workers, "workers set"
+    elif gpu:
+        workers, reason = 1, "one worker for the GPU"
+    else:
+        workers, reason = cores, f"one per usable CPU core ({cores})"
+    threads = settings.threads or max(1, cores // workers)
+    if settings.threads:
+        reason += ", threads set"
+    return WorkerPlan(workers, threads, reason)
+
+
+def _model_on_gpu(provider: str) -> bool:
+    """Whether the model will run on CUDA: demanded, or `auto` with onnxruntime's CUDA build and a device."""
+    if provider == "cpu":
+        return False
+    if provider == "cuda":
+        return True
+    try:
+        import onnxruntime
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers() and Path("/dev/nvidiactl").exists()

@@ -21,7 +21,7 @@ def pytest_configure(config: pytest.Config) -> None:
     """Under pytest-xdist, give each worker cores of its own before anything imports torch.
 
     Torch (and every `tsimcne`/`bentoml` subprocess a test starts, which inherit the affinity) sizes its thread
-    pool to the cores it may use (training/cores.usable_cores); two workers each using every core
+    pool to the cores it may use (serving/cores.usable_cores); two workers each using every core
     oversubscribe them, which on a 2-core machine is 10-20x slower, not 2x.
     """
     worker, count = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("PYTEST_XDIST_WORKER_COUNT")

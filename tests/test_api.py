@@ -4,6 +4,7 @@ on its export, Bundle.place with /embed's fields, resume after an interrupt, err
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 import signal
 import subprocess
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.api_models import EmbeddedImage
+from serving.placing import PlacedImage as PlacedRecord
 from tests.conftest import ROOT, run_cli
 from training.export import PARITY_TOLERANCE
 from training.synthetic import make_synthetic_cells
@@ -102,8 +103,8 @@ def test_place_gives_the_fields_of_embed(bundle, new_files, tmp_path) -> None:
     placed = bundle.place(new_files)
     assert len(placed) == 10 and not placed.skipped
     first = placed[0]
-    assert isinstance(first, EmbeddedImage) and PlacedImage is EmbeddedImage  # /embed's own response model
-    assert set(first.model_dump()) >= EMBED_FIELDS and first.filename == str(new_files[0])
+    assert isinstance(first, PlacedRecord) and PlacedImage is PlacedRecord  # /embed's own record type
+    assert set(dataclasses.asdict(first)) >= EMBED_FIELDS and first.filename == str(new_files[0])
     assert first.flag in ("in_distribution", "out_of_distribution", "artefact")
     assert set(first.evidence) == {"features", "pixels", "position"} and len(first.neighbours) == 5
     assert first.majority_label in bundle.class_names

@@ -13,9 +13,9 @@ from pydantic import TypeAdapter, ValidationError
 
 from serving.bundle import MANIFEST, REFERENCE_FILE, BundleError, open_bundle, sha256_file
 from serving.calibration import Calibration, CombinedCalibration, PositionCalibration
-from serving.embedder import BundleEmbedder
 from serving.flagging import calibrate
 from serving.flags import CombinedFlag, PositionFlag
+from serving.placing import Placer
 from training.data import load_dataset
 
 # What `tsimcne export` wrote before the combined flag (serving/flagging.py calibrate, as a dict).
@@ -53,7 +53,7 @@ def test_export_writes_a_typed_combined_calibration(service_bundle) -> None:
     assert isinstance(calibration, CombinedCalibration) and calibration.method == "features+pixels"
     raw = json.loads((bundle / MANIFEST).read_text())["calibration"]
     assert TypeAdapter(Calibration).validate_python(raw) == calibration  # the JSON is exactly the model
-    assert isinstance(BundleEmbedder(bundle, "cpu").flag, CombinedFlag)
+    assert isinstance(Placer(bundle, "cpu").flag, CombinedFlag)
 
 
 @pytest.mark.parametrize("kind", ["position-only", "none", "combined-without-features"])
@@ -68,7 +68,7 @@ def test_bundles_from_before_the_combined_flag_still_open_and_place(service_bund
     else:
         combined = json.loads((bundle / MANIFEST).read_text())["calibration"]
         old = _copy_with(bundle, tmp_path, combined, drop_features=True)
-    embedder = BundleEmbedder(old, "cpu")
+    embedder = Placer(old, "cpu")
     assert isinstance(embedder.flag, PositionFlag) and embedder.outputs == ["coords"]
     if kind == "position-only":
         assert embedder.calibration == PositionCalibration(**json.loads((old / MANIFEST).read_text())["calibration"])
@@ -77,7 +77,7 @@ def test_bundles_from_before_the_combined_flag_still_open_and_place(service_bund
     else:  # computed from the map when opened
         assert isinstance(embedder.calibration, PositionCalibration)
     images = list(load_dataset(data, size=(16, 16)).images[:12])
-    placed = embedder.place(images)
+    placed = embedder.place_images(images)
     assert all(set(p.evidence) == {"position"} and p.score >= 0 for p in placed)
     assert all(p.duplicate_of is None for p in placed)
     assert sum(p.flag == "out_of_distribution" for p in placed) <= 2  # training images sit on the map

@@ -89,7 +89,8 @@ def test_the_feature_index_is_recorded_and_served_as_calibrated(fitted) -> None:
     record = detector.calibration.features.index
     assert record is not None and record.kind == "faiss-flat" and record.recall == 1.0
     assert (record.reference_size, record.recall_k, record.recall_queries) == (3000, 15, 1000)
-    assert isinstance(detector.index, FaissIndex) and detector.index.kind == "flat"
+    # Served with exact search as calibrated: numpy's, over the features (faster on a CPU than FAISS's flat).
+    assert isinstance(detector.index, ExactIndex) and detector.index_info["kind"] == "faiss-flat"
 
 
 def test_above_the_exact_limit_an_ivf_index_is_tuned_to_the_recall_target() -> None:
@@ -142,9 +143,12 @@ def test_a_saved_index_is_opened_memory_mapped_and_checked_against_its_record(tm
     assert rebuilt["source"] == "rebuilt from bundle.json"
     with pytest.raises(BundleError, match=r"reference_features\.faiss: holds 2000 vectors"):
         open_feature_index(reference[:1000], record, tmp_path / "reference_features.faiss")
+    # A flat record's file is read where FAISS searches it (a GPU); on a CPU numpy searches the features.
     flat = FeatureIndex(kind="faiss-flat", **fields)
     with pytest.raises(BundleError, match=r"reference_features\.faiss: a ivf index, but .* faiss-flat"):
-        open_feature_index(reference, flat, tmp_path / "reference_features.faiss")
+        open_feature_index(reference, flat, tmp_path / "reference_features.faiss", gpu=True)
     (tmp_path / "broken.faiss").write_bytes(b"not an index")
     with pytest.raises(BundleError, match=r"broken\.faiss: not a readable FAISS index"):
-        open_feature_index(reference, flat, tmp_path / "broken.faiss")
+        open_feature_index(reference, flat, tmp_path / "broken.faiss", gpu=True)
+    on_cpu, info = open_feature_index(reference, flat, tmp_path / "broken.faiss")
+    assert isinstance(on_cpu, ExactIndex) and info["source"] == "the bundle's features (exact numpy search)"

@@ -179,7 +179,7 @@ def test_embed_bad_arguments(run_and_bundle, tmp_path) -> None:
 
 
 def test_bundle_carries_a_flag_calibration_and_embed_reports_it(run_and_bundle, tmp_path) -> None:
-    from serving.embedder import BundleEmbedder
+    from serving.placing import Placer
     from training.data import load_dataset
 
     _, bundle = run_and_bundle
@@ -188,13 +188,13 @@ def test_bundle_carries_a_flag_calibration_and_embed_reports_it(run_and_bundle, 
     # The feature index the flag was calibrated with, and its recall against exact search, in bundle.json.
     index = manifest.calibration.features.index
     assert index.kind == "faiss-flat" and index.recall == 1.0 and index.recall_queries == manifest.calibration.images
-    embedder = BundleEmbedder(bundle, "cpu")
-    assert embedder.flag.detector.index.kind == "flat"  # served with the same index
-    placed = embedder.place(list(load_dataset("synthetic:96", size=(16, 16)).images[:20]))
+    embedder = Placer(bundle, "cpu")
+    assert embedder.flag.detector.index.kind == "exact"  # served with exact search, as calibrated
+    placed = embedder.place_images(list(load_dataset("synthetic:96", size=(16, 16)).images[:20]))
     assert all(p.flag in ("in_distribution", "out_of_distribution") and p.score >= 0 for p in placed)
     assert sum(p.flag == "in_distribution" for p in placed) >= 18  # training images sit on the map
     noise = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
-    assert embedder.place([noise])[0].score > 0
+    assert embedder.place_images([noise])[0].score > 0
 
 
 def test_unwritable_output_folder(run_and_bundle, tmp_path) -> None:
@@ -206,7 +206,7 @@ def test_unwritable_output_folder(run_and_bundle, tmp_path) -> None:
 
 
 def test_center_crop_declared_at_export_is_applied_to_new_images(run_and_bundle, tmp_path) -> None:
-    from serving.embedder import BundleEmbedder
+    from serving.placing import Placer
     from training.data import load_dataset
 
     run, _ = run_and_bundle
@@ -217,8 +217,8 @@ def test_center_crop_declared_at_export_is_applied_to_new_images(run_and_bundle,
     image = load_dataset("synthetic:96", size=(16, 16)).images[5]
     framed = np.zeros((40, 40, 3), np.uint8)  # the training image inside a wide dark frame
     framed[12:28, 12:28] = image
-    placed = BundleEmbedder(out, "cpu").place([framed])[0]
-    assert placed.neighbour_ids[0] == "5"  # the crop recovers the training image exactly
+    placed = Placer(out, "cpu").place_images([framed])[0]
+    assert placed.neighbours[0].id == "5"  # the crop recovers the training image exactly
 
 
 def test_embed_writes_parquet(run_and_bundle, tmp_path) -> None:

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from serving.bundle import open_bundle
-from serving.embedder import BundleEmbedder
+from serving.placing import Placer
 from tests.attack_files import planar_tiff, solid_png, stored_pixels, with_orientation
 from tests.conftest import run_cli
 from tests.servers import metric_value, run_server_to_exit, start_server, write_broken_files, write_good_images
@@ -184,8 +184,9 @@ def test_request_shape_errors_are_4xx_naming_the_problem(server, cell, tmp_path)
 
 
 def test_embed_searches_the_index_saved_in_the_bundle(server, service_bundle, cell, tmp_path) -> None:
-    """The served bundle's feature index is read from its file (memory-mapped), not rebuilt, and places
-    images exactly as the same bundle without the saved index and arrays (the older layout, rebuilt)."""
+    """The served bundle's features are memory-mapped from its file and searched exactly (the bundle's flat
+    index), and place images exactly as the same bundle without the saved index and arrays (the older layout,
+    features read from reference.npz)."""
     bundle, _ = service_bundle
     assert {"reference_features.faiss", "reference_features.npy", "reference_coords.npy"} <= set(
         open_bundle(bundle).files
@@ -198,17 +199,17 @@ def test_embed_searches_the_index_saved_in_the_bundle(server, service_bundle, ce
     assert info["neighbour_index"]["map"] == "kd-tree"
     assert info["neighbour_index"]["features"] == {
         "kind": "faiss-flat",
-        "source": "bundle file, memory-mapped",
+        "source": "the bundle's features, memory-mapped (exact numpy search)",
         "device": "cpu",
         "device_reason": "the model runs on the CPU",
     }
-    assert '"source": "bundle file, memory-mapped"' in server.log_text()  # the start-up log says it too
+    assert "the bundle's features, memory-mapped" in server.log_text()  # the start-up log says it too
     old = _without_saved_index(bundle, tmp_path / "old")
-    rebuilt = BundleEmbedder(old, "cpu")
-    assert rebuilt.neighbour_index["features"]["source"] == "rebuilt from bundle.json"
-    expected = rebuilt.place([np.asarray(Image.open(p).convert("RGB")) for p in paths])
+    rebuilt = Placer(old, "cpu")
+    assert rebuilt.neighbour_index["features"]["source"] == "the bundle's features (exact numpy search)"
+    expected = rebuilt.place_images([np.asarray(Image.open(p).convert("RGB")) for p in paths])
     for image, placement in zip(response.json()["images"], expected, strict=True):
-        assert [n["index"] for n in image["neighbours"]] == placement.neighbour_indices
+        assert [n["index"] for n in image["neighbours"]] == [n.index for n in placement.neighbours]
         assert image["score"] == pytest.approx(placement.score, rel=1e-5)
 
 
@@ -238,7 +239,7 @@ def test_map_info_and_openapi(server, service_bundle) -> None:
     assert info["limits"]["max_images"] == MAX_IMAGES and info["calibration"]["threshold"] > 0
     assert info["artefact_labels"] == ["thromboid"] and not info["auth_required"]
     assert {"/embed", "/map", "/info", "/readyz", "/metrics"} <= set(spec["paths"])
-    flag = spec["components"]["schemas"]["EmbeddedImage"]["properties"]["flag"]
+    flag = spec["components"]["schemas"]["PlacedImage"]["properties"]["flag"]
     assert set(flag["enum"]) == {"in_distribution", "out_of_distribution", "artefact"}
 
 
@@ -493,3 +494,101 @@ def test_info_shows_no_local_paths(service_bundle, tmp_path) -> None:
     assert info.json()["evaluation"]["data"] == data.name
     for private in (str(data.parent), str(tmp_path), str(bundle.parent)):
         assert private not in info.text, private
+
+
+def test_one_image_as_the_raw_body(server, cell, tmp_path) -> None:
+    """`Content-Type: image/...` with the file as the body: the same answer as multipart, the name from
+    ?filename=, the same limits and errors."""
+    good = write_good_images(tmp_path, cell)[0]
+    broken = write_broken_files(tmp_path, cell)
+    with server.client() as client:
+        multipart = client.post("/embed", files=_files([good]))
+        raw = client.post(
+            "/embed",
+            params={"filename": "scan 7.png"},
+            content=good.read_bytes(),
+            headers={"content-type": "image/png"},
+        )
+        unnamed = client.post("/embed", content=good.read_bytes(), headers={"content-type": "application/octet-stream"})
+        bad = client.post(
+            "/embed", params={"filename": "cut.jpg"}, content=broken["truncated.jpg"].read_bytes(),
+            headers={"content-type": "image/jpeg"},
+        )  # fmt: skip
+        big = client.post("/embed", content=b"\0" * (1024 * 1024 + 1), headers={"content-type": "image/tiff"})
+        text = client.post("/embed", content=b"a cell", headers={"content-type": "text/plain"})
+        empty = client.post("/embed", content=b"", headers={"content-type": "image/png"})
+    assert raw.status_code == 200, raw.text
+    placed, expected = raw.json()["images"][0], multipart.json()["images"][0]
+    assert placed["filename"] == "scan 7.png" and unnamed.json()["images"][0]["filename"] == "upload"
+    assert {k: v for k, v in placed.items() if k != "filename"} == {
+        k: v for k, v in expected.items() if k != "filename"
+    }
+    assert bad.status_code == 422 and bad.json()["detail"] == [
+        {"file": "cut.jpg", "error": bad.json()["detail"][0]["error"]}
+    ]
+    assert "cut.jpg: broken or truncated image" in bad.json()["detail"][0]["error"]
+    assert big.status_code == 413 and "exceeds the limit of 1,048,576 bytes" in big.json()["error"]
+    assert text.status_code == 415
+    assert "'text/plain'" in text.json()["error"] and "image/png" in text.json()["error"]
+    assert empty.status_code == 400 and "empty request" in empty.json()["error"]
+
+
+def test_embed_takes_posts_only(server) -> None:
+    with server.client() as client:
+        response = client.get("/embed")
+    assert response.status_code == 405 and response.headers["allow"] == "POST"
+    assert "takes POST requests" in response.json()["error"]
+
+
+def test_embed_counts_its_requests_by_status(server, cell, tmp_path) -> None:
+    good = write_good_images(tmp_path, cell)[0]
+    with server.client() as client:
+        before = client.get("/metrics").text
+        client.post("/embed", files=_files([good]))
+        client.post("/embed", files=_files([good]))
+        client.post("/embed", json={"x": 1})
+        after = client.get("/metrics").text
+
+    def delta(name: str, **labels: str) -> float:
+        return metric_value(after, name, **labels) - metric_value(before, name, **labels)
+
+    assert delta("tsimcne_embed_requests_total", status="200") == 2
+    assert delta("tsimcne_embed_requests_total", status="415") == 1
+    assert delta("tsimcne_embed_request_seconds_count") == 3
+
+
+def test_each_request_body_is_parsed_once(service_bundle, tmp_path, cell) -> None:
+    """Counted from outside the service: every multipart parser any process of `bentoml serve` makes is logged
+    (tests/probes/sitecustomize.py), BentoML's own included; one per multipart request, none for a raw body."""
+    from tests.conftest import ROOT
+
+    bundle, _ = service_bundle
+    log = tmp_path / "parsers.log"
+    env = {"PYTHONPATH": str(ROOT / "tests" / "probes"), "TSIMCNE_TEST_PARSER_LOG": str(log)}
+    running = start_server(tmp_path, {"bundle": str(bundle), "workers": "2"}, home=tmp_path / "bentoml", env=env)
+    try:
+        running.wait_for_log("[entry_service:tsimcne:1] serving bundle", "[entry_service:tsimcne:2] serving bundle")
+        paths = write_good_images(tmp_path / "img", cell)
+        made_at_start = len(log.read_text().splitlines()) if log.exists() else 0
+        with running.client() as client, ThreadPoolExecutor(4) as pool:
+            replies = list(pool.map(lambda n: client.post("/embed", files=_files(paths[: 1 + n % 4])), range(12)))
+            raw = client.post("/embed", content=paths[0].read_bytes(), headers={"content-type": "image/png"})
+        assert [r.status_code for r in replies] == [200] * 12 and raw.status_code == 200
+        assert len(log.read_text().splitlines()) - made_at_start == 12
+    finally:
+        running.stop()
+
+
+def test_access_log_and_tracing_are_settings(service_bundle, tmp_path, cell) -> None:
+    """Both off by default (the module's server logs no access lines); on, /embed is logged and traced."""
+    bundle, _ = service_bundle
+    args = {"bundle": str(bundle), "workers": "1", "access_log": "true", "tracing_sample_rate": "1.0"}
+    running = start_server(tmp_path, args, home=tmp_path / "bentoml")
+    try:
+        with running.client() as client:
+            assert client.post("/embed", files=_files(write_good_images(tmp_path, cell)[:1])).status_code == 200
+            assert client.get("/info").status_code == 200
+        log = running.wait_for_log("path=/embed", "path=/info")
+    finally:
+        running.stop()
+    assert "status=200" in log and "Traceback" not in log

@@ -19,8 +19,8 @@ from typing import Protocol
 import numpy as np
 from tqdm.auto import tqdm
 
+from serving.cores import usable_cores
 from serving.images import ImageDecodeError, read_image, resize_rgb
-from training.cores import usable_cores
 from training.errors import DataError
 
 PIECE_BYTES = 32 << 20  # decoded bytes per piece (two pieces are in flight)

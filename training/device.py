@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from training.cores import usable_cores
+from serving.cores import usable_cores
 from training.errors import UserError
 
 

@@ -7,9 +7,9 @@ works in a serving-only install (`pip install ".[serve]"`).
     placed[0].flag, placed[0].x, placed[0].neighbours[0].label
     placed.to_frame()                                            # a pandas DataFrame, one row per image
 
-The records are the service's own response model (serving/api_models.py `EmbeddedImage`), so a pipeline
-and the HTTP service see the same fields; `filename` holds the image's id (its path, or its index for
-arrays).
+The records are what the service answers (serving/placing.py `PlacedImage`, made by the same `Placer`), so
+a pipeline and the HTTP service see the same fields; `filename` holds the image's id (its path, or its
+index for arrays).
 """
 
 from __future__ import annotations
@@ -21,17 +21,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from serving.api_models import EmbeddedImage
 from serving.bundle import BundleManifest
-from serving.embedder import DEFAULT_NEIGHBOURS, BundleEmbedder, Placement
 from serving.images import ImageDecodeError
+from serving.placing import DEFAULT_NEIGHBOURS, PlacedImage, Placer
 from training.errors import UserError
 from tsimcne_map._inputs import ImageItem, collect_images
 
 if TYPE_CHECKING:
     import pandas
-
-PlacedImage = EmbeddedImage  # one placed image: x, y, flag, score, evidence, duplicate_of, neighbours, majority
 
 
 @dataclass(frozen=True)
@@ -60,32 +57,10 @@ class Placements(list[PlacedImage]):
         """One flat row per input image, in input order, with the columns of `tsimcne embed`'s table: id,
         x, y, flag, score, majority_label, majority_share, neighbour_ids/_labels/_distances/_indices (lists),
         evidence_features/_pixels/_position, duplicate_of ("" when none), error ("" when placed)."""
-        rows = []
-        for placed, index in self._order:
-            if not placed:
-                rows.append({"id": self.skipped[index].id, "error": self.skipped[index].error})
-                continue
-            image = self[index]
-            labels = [n.label for n in image.neighbours]
-            rows.append(
-                {
-                    "id": image.filename,
-                    "x": image.x,
-                    "y": image.y,
-                    "neighbour_ids": [n.id for n in image.neighbours],
-                    "neighbour_indices": [n.index for n in image.neighbours],
-                    "neighbour_labels": labels if None not in labels else [],
-                    "neighbour_distances": [n.distance for n in image.neighbours],
-                    "majority_label": image.majority_label,
-                    "majority_share": image.majority_share,
-                    "flag": image.flag,
-                    "score": image.score,
-                    **{f"evidence_{name}": value for name, value in image.evidence.items()},
-                    "duplicate_of": image.duplicate_of or "",
-                    "error": "",
-                }
-            )
-        return rows
+        return [
+            self[index].row() if placed else {"id": self.skipped[index].id, "error": self.skipped[index].error}
+            for placed, index in self._order
+        ]
 
     def to_frame(self) -> pandas.DataFrame:
         """`rows()` as a pandas DataFrame (pandas must be installed: `pip install pandas`)."""
@@ -112,8 +87,8 @@ class ReferenceMap:
 class Bundle:
     """A verified model bundle (`tsimcne export` / `TSimCNE.export`), ready to place images."""
 
-    def __init__(self, embedder: BundleEmbedder) -> None:
-        self._embedder = embedder
+    def __init__(self, placer: Placer) -> None:
+        self._placer = placer
 
     @classmethod
     def open(
@@ -123,11 +98,11 @@ class Bundle:
         the file otherwise. provider: "auto" (CUDA when onnxruntime can use it), "cpu" or "cuda" (refused
         without a GPU); neighbours: reference images reported per image (default 5); threads:
         onnxruntime's CPU threads (0: its choice)."""
-        return cls(BundleEmbedder(path, provider=provider, neighbours=neighbours, threads=threads))
+        return cls(Placer(path, provider=provider, neighbours=neighbours, threads=threads))
 
     @property
     def path(self) -> Path:
-        return self._embedder.folder
+        return self._placer.folder
 
     @property
     def name(self) -> str:
@@ -136,7 +111,7 @@ class Bundle:
     @property
     def manifest(self) -> BundleManifest:
         """bundle.json: preprocessing, classes, provenance, evaluation, parity, the typed flag calibration."""
-        return self._embedder.manifest
+        return self._placer.manifest
 
     @property
     def class_names(self) -> list[str]:
@@ -145,10 +120,10 @@ class Bundle:
     @property
     def provider(self) -> str:
         """The onnxruntime execution provider actually in use."""
-        return self._embedder.provider
+        return self._placer.provider
 
     def __repr__(self) -> str:
-        return f"Bundle({str(self.path)!r}, {len(self._embedder.reference):,} reference images, {self.provider})"
+        return f"Bundle({str(self.path)!r}, {len(self._placer.reference):,} reference images, {self.provider})"
 
     def place(
         self,
@@ -184,23 +159,28 @@ class Bundle:
                     if not skip_unreadable:
                         raise
                     problems[position] = f"{exc}"
-            found = self._embedder.place([image for _, image in decoded]) if decoded else []
             ids = [item.id for item in items[start : start + batch_size]]
+            found = (
+                self._placer.place(self._placer.prepare([image for _, image in decoded]), [i.id for i, _ in decoded])
+                if decoded
+                else []
+            )
             add_batch(placements, ids, problems, found)
         return placements
 
     def transform(self, images: object, batch_size: int = 64) -> np.ndarray:
         """Map coordinates only, float32 (N, 2), of the same inputs as `place` (unreadable files raise)."""
         items = collect_images(images)
+        placer = self._placer
         chunks = [
-            self._embedder.coordinates([item.decode() for item in items[start : start + batch_size]])
+            placer.coordinates(placer.prepare([item.decode() for item in items[start : start + batch_size]]))
             for start in range(0, len(items), batch_size)
         ]
         return np.concatenate(chunks).astype(np.float32)
 
     def reference_map(self) -> ReferenceMap:
         """The training images' positions, labels and ids (GET /map)."""
-        reference = self._embedder.reference
+        reference = self._placer.reference
         return ReferenceMap(
             coords=reference.coords.copy(),
             labels=reference.label_indices.copy(),
@@ -218,21 +198,18 @@ class Bundle:
             raise UserError(f"bundle written to {self.path}, but BentoML's model store refused it: {exc}") from exc
 
 
-def add_batch(placements: Placements, ids: list[str], problems: dict[int, str], found: list[Placement]) -> None:
+def add_batch(placements: Placements, ids: list[str], problems: dict[int, str], found: list[PlacedImage]) -> None:
     """One batch's results into `placements`, in input order: `ids` of the whole batch, `problems` (position
-    -> why unreadable) and `found`, the embedder's placements of the readable ones in order. Shared by
-    `Bundle.place` and the Ray engine (tsimcne_map/ray_embed.py), so both build the same records."""
-    good = [image_id for position, image_id in enumerate(ids) if position not in problems]
-    if len(good) != len(found):
-        raise ValueError(f"{len(good)} readable images but {len(found)} placements")
-    placed = iter(zip(good, found, strict=True))
+    -> why unreadable) and `found`, the records of the readable ones in order (`Placer.place`). Shared by
+    `Bundle.place` and the Ray engine (tsimcne_map/ray_embed.py)."""
+    if len(ids) - len(problems) != len(found):
+        raise ValueError(f"{len(ids) - len(problems)} readable images but {len(found)} placements")
+    placed = iter(found)
     for position, image_id in enumerate(ids):
         if position in problems:
             placements._skip(SkippedImage(image_id, problems[position]))
-            continue
-        name, placement = next(placed)
-        twin = good[placement.duplicate_of] if placement.duplicate_of is not None else None
-        placements._add(EmbeddedImage.from_placement(name, placement, twin))
+        else:
+            placements._add(next(placed))
 
 
 def _data_frame(data: object) -> pandas.DataFrame:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from serving.bundle import Preprocessing
-from serving.preprocess import fit_image, stack_fitted
+from serving.preprocess import to_model_input
 from training.augment import get_preset
 from training.budget import parse_budget
 from training.config import RECIPES, TrainConfig, build_config
@@ -280,7 +280,7 @@ class TSimCNE:
         with torch.inference_mode():
             for start in range(0, len(items), batch_size):
                 chunk = items[start : start + batch_size]
-                batch = stack_fitted([fit_image(item.decode(), prep) for item in chunk], prep)
+                batch = to_model_input([item.decode() for item in chunk], prep)  # as Placer.prepare does
                 coords, _ = network(torch.from_numpy(batch).to(device))
                 chunks.append(coords.float().cpu().numpy())
         return np.concatenate(chunks).astype(np.float32)

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from types import ModuleType
 
-from training.cores import usable_cores
+from serving.cores import usable_cores
 from training.errors import UserError
 
 RAY_EXTRA = "cluster"  # pyproject.toml's extra that installs Ray Data

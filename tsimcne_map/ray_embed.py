@@ -7,9 +7,10 @@ written are the same as `Bundle.place` writes, `duplicate_of` included (it looks
    bundle's size (serving/preprocess.py `fit_image`), as the service does; an unreadable file keeps its
    error text instead of pixels. With GPUs a `map` of CPU tasks anywhere in the cluster, feeding the GPU
    actors; on CPUs the actors decode their own chunks (ray_cluster.py `plan_actors` says why);
-3. `map_batches` with a pool of actors, each opening the bundle once (onnxruntime on CPU or a GPU):
-   `stack_fitted` + `BundleEmbedder.infer` + `placements`, i.e. `BundleEmbedder.place`, then the records of
-   `Bundle.place` (tsimcne_map/bundle.py `add_batch`) as Arrow tables of tsimcne_map/placement_table.py;
+3. `map_batches` with a pool of actors, each opening the bundle once (onnxruntime on CPU or a GPU): the
+   placement pipeline of the service and `Bundle.place` (serving/placing.py `Placer.place`), its records
+   merged as `Bundle.place` merges them (tsimcne_map/bundle.py `add_batch`) and written as Arrow tables of
+   tsimcne_map/placement_table.py;
 4. `write_parquet` into a temporary folder beside the output, renamed onto it when every shard is written.
 """
 
@@ -27,7 +28,7 @@ import numpy as np
 
 from serving.bundle import Preprocessing, open_bundle
 from serving.images import ImageDecodeError, read_image
-from serving.preprocess import fit_image, stack_fitted
+from serving.preprocess import fit_image
 from training.errors import UserError
 from tsimcne_map.placement_table import placement_table
 from tsimcne_map.ray_cluster import connect, import_ray, onnxruntime_has_cuda, plan_actors
@@ -68,12 +69,12 @@ class PlacingActor:
     """Ray actor: opens (and verifies) the bundle once, then places the decoded chunks it is handed."""
 
     def __init__(self, bundle: str, provider: str, neighbours: int, threads: int, base: str) -> None:
-        from serving.embedder import BundleEmbedder
+        from serving.placing import Placer
 
         self.base = base  # the driver's working folder, for paths listed relative to it
         # spin=False: idle onnxruntime threads sleep instead of taking the CPU from the decoding tasks
-        self.embedder = BundleEmbedder(bundle, provider=provider, neighbours=neighbours, threads=threads, spin=False)
-        self.prep = self.embedder.manifest.preprocessing
+        self.placer = Placer(bundle, provider=provider, neighbours=neighbours, threads=threads, spin=False)
+        self.prep = self.placer.manifest.preprocessing
         self.shape = (self.prep.height, self.prep.width, 3)
 
     def __call__(self, batch: Any) -> Any:
@@ -94,8 +95,8 @@ class PlacingActor:
             found = []
             if len(problems) < len(ids):
                 fitted = np.frombuffer(row["pixels"], dtype=np.uint8).reshape(-1, *self.shape)
-                batch = stack_fitted(list(fitted), self.prep)
-                found = self.embedder.placements(self.embedder.infer(batch), batch)
+                readable = [image_id for position, image_id in enumerate(ids) if position not in problems]
+                found = self.placer.place(self.placer.model_input(fitted), readable)
             add_batch(placements, ids, problems, found)
         except Exception as exc:  # one failed chunk becomes error rows; the job goes on
             placements = Placements()

@@ -3,9 +3,9 @@
     python benchmarks/gpu/ort_speed.py BUNDLE --data pbc_28.npz [--n 4096] [--out result.json]
 
 For each provider: raw `session.run` images/s at batch 1, 8, 64 and 256 (best of 3 passes over the same
-preprocessed float32 images), then `BundleEmbedder.place` (what the service does per model batch:
+preprocessed float32 images), then `Placer.place` (what the service does per model batch:
 preprocessing, the network, neighbours and the flag) at batch 64. The CUDA run goes through
-BundleEmbedder(provider="cuda"), so it also checks that the shipped code finds the CUDA libraries and gets
+Placer(provider="cuda"), so it also checks that the shipped code finds the CUDA libraries and gets
 the CUDA execution provider (it raises when it does not). Results are printed and written as JSON.
 """
 
@@ -23,20 +23,20 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.timing import best_of
-from serving.embedder import BundleEmbedder
+from serving.placing import Placer
 
 
-def measure(embedder: BundleEmbedder, images: np.ndarray, batches: tuple[int, ...]) -> dict:
+def measure(embedder: Placer, images: np.ndarray, batches: tuple[int, ...]) -> dict:
     model_input = embedder.prepare(list(images))
     result: dict = {"provider": embedder.provider, "raw_images_per_s": {}}
     for batch in batches:
         chunks = [model_input[i : i + batch] for i in range(0, len(model_input), batch)]
-        embedder.run_model(chunks[0])  # warm-up: CUDA kernels are chosen on first use of a shape
-        seconds = best_of(3, lambda chunks=chunks: [embedder.run_model(c) for c in chunks])
+        embedder.model.run(embedder.outputs, chunks[0])  # warm-up: CUDA kernels are chosen on first use of a shape
+        seconds = best_of(3, lambda chunks=chunks: [embedder.model.run(embedder.outputs, c) for c in chunks])
         result["raw_images_per_s"][str(batch)] = round(len(model_input) / seconds, 1)
     rgb = [images[i : i + 64] for i in range(0, len(images), 64)]
-    embedder.place(list(rgb[0]))
-    seconds = best_of(3, lambda: [embedder.place(list(c)) for c in rgb])
+    embedder.place_images(list(rgb[0]))
+    seconds = best_of(3, lambda: [embedder.place_images(list(c)) for c in rgb])
     result["place_images_per_s_batch64"] = round(len(images) / seconds, 1)
     return result
 
@@ -62,9 +62,9 @@ def main() -> None:
     import onnxruntime as ort
 
     report["onnxruntime"] = ort.__version__
-    report["cpu"] = measure(BundleEmbedder(args.bundle, provider="cpu"), images, batches)
+    report["cpu"] = measure(Placer(args.bundle, provider="cpu"), images, batches)
     print(json.dumps(report["cpu"]), flush=True)
-    report["cuda"] = measure(BundleEmbedder(args.bundle, provider="cuda"), images, batches)
+    report["cuda"] = measure(Placer(args.bundle, provider="cuda"), images, batches)
     print(json.dumps(report["cuda"]), flush=True)
     if args.out:
         args.out.write_text(json.dumps(report, indent=2) + "\n")

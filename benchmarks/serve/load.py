@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks" / "scale"))  # worker_memory.rollup
 
-from serving.embedder import BundleEmbedder  # noqa: E402
+from serving.placing import Placer  # noqa: E402
 from tests.servers import metric_value, start_server  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "bloodcells" / "pbc_28.npz"
@@ -54,7 +54,7 @@ def write_images(npz: Path, out: Path, count: int, seed: int = 0) -> list[np.nda
 
 def raw_onnxruntime(bundle: Path, images: list[np.ndarray], seconds: float, threads: int, batch: int = 64) -> float:
     """Images per second of the model alone (input already prepared), as the service would run it."""
-    embedder = BundleEmbedder(bundle, provider="cpu", threads=threads)
+    embedder = Placer(bundle, provider="cpu", threads=threads)
     prepared = embedder.prepare(images[:batch])
     feed = {embedder.manifest.input_name: prepared}
     embedder.session.run(None, feed)  # warm-up

@@ -1,0 +1,236 @@
+"""POST /embed: the hot route, answered in front of BentoML's per-request machinery.
+
+Measured on 2 cores (benchmarks/README.md, "/embed against its floors"), BentoML's request path costs several
+times what the upload itself does: its request-metrics, tracing, timeout and context middlewares, routing,
+the API's multipart parsing into pydantic and the answer's validation and serialisation. So the service's
+ASGI app is wrapped (serving/service.py `MapServiceDefinition.to_asgi`, through the `service_class` hook of
+`@bentoml.service`) by `EmbedRoute`, which answers POST /embed itself and hands every other request to
+BentoML's app unchanged. What a request costs here, each thing done once:
+- the bearer token checked from the headers (serving/guards.py);
+- the body read once as it streams, limits enforced on the way, multipart parsed once, each image's header
+  read once as its part completes (serving/upload_body.py);
+- decoding + fitting + stacking in one step on a decoding thread (serving/decoding.py);
+- the model run, the placement of the whole batch and each request's answer serialised (orjson, from the
+  typed records, no re-validation) in the worker's one model thread (serving/batching.py,
+  serving/placing.py), shared by every request of a batch;
+- request metrics: a count and a latency per request, the placement metrics once per model run.
+The same answers (`EmbedHandler.answer`) serve the API method BentoML declares for /embed (its OpenAPI
+schema, in-process calls), so both paths place and refuse alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+
+from serving import metrics
+from serving.batching import MicroBatcher
+from serving.decoding import DeadlineExceeded, RequestTooLarge, UploadDecoder, check_request_pixels
+from serving.errors import error_body
+from serving.guards import token_problem
+from serving.placing import Placer
+from serving.settings import ServiceSettings
+from serving.upload_body import BodyLimits, ClientGone, Refusal, Upload, read_uploads
+
+ROUTE = "/embed"
+UPLOAD_FIELD = "images"
+# A request whose images declare at most this many pixels together is decoded on the event loop: a thread hop
+# costs more than decoding a few small images (measured: benchmarks/README.md, "/embed against its floors").
+INLINE_DECODE_PIXELS = 65_536
+access_log = logging.getLogger("bentoml.access")
+
+
+@dataclass(slots=True)
+class Answer:
+    status: int
+    body: bytes
+    headers: dict[str, str] | None = None
+
+
+@dataclass(slots=True)
+class _Job:
+    batch: np.ndarray
+    names: list[str]
+
+
+class EmbedHandler:
+    """Everything /embed does after the body is read: limits, decoding, the batched placement, the answer.
+    One per worker, made when the service opens its bundle."""
+
+    def __init__(self, placer: Placer, bundle_sha256: str, settings: ServiceSettings) -> None:
+        self.placer = placer
+        self.settings = settings
+        prep = placer.manifest.preprocessing
+        self.decoder = UploadDecoder(
+            prep,
+            max_pixels=settings.max_pixels,
+            concurrency=settings.decode_concurrency,
+            inline_pixels=INLINE_DECODE_PIXELS,
+            on_active=metrics.DECODING_REQUESTS.set,
+        )
+        self.batcher: MicroBatcher[_Job, bytes] = MicroBatcher(self._place, max_images=settings.max_batch_images)
+        self.limits = BodyLimits(
+            settings.max_upload_bytes, settings.max_images, settings.max_pixels, UPLOAD_FIELD, ROUTE
+        )
+        head = orjson.dumps({"bundle": placer.manifest.name, "bundle_sha256": bundle_sha256})
+        self._head = head[:-1] + b',"images":'  # every answer starts the same way
+
+    async def answer(self, uploads: Sequence[Upload]) -> Answer:
+        """The answer to a request whose uploads have been read (each header opened)."""
+        try:
+            return await self._answer(uploads)
+        except Refusal as refusal:
+            return refused(refusal)
+
+    async def answer_files(self, files: Sequence[Any]) -> Answer:
+        """The same for uploads that arrived some other way (objects with `.name` and `.data`)."""
+        if not files:
+            return refused(self.limits.empty())
+        if len(files) > self.limits.max_files:
+            return refused(self.limits.too_many())
+        uploads = [Upload(file.name, file.data) for file in files]
+        for upload in uploads:
+            upload.open(self.settings.max_pixels)
+        return await self.answer(uploads)
+
+    async def _answer(self, uploads: Sequence[Upload]) -> Answer:
+        settings = self.settings
+        try:
+            check_request_pixels(uploads, settings.max_request_pixels)
+        except RequestTooLarge as exc:
+            raise Refusal(413, "too_many_pixels", str(exc)) from None
+        deadline = time.monotonic() + settings.request_budget_s
+        try:
+            decoded = await self.decoder.decode(uploads, deadline)
+        except DeadlineExceeded as exc:
+            raise _over_budget(settings, str(exc)) from None
+        if decoded.batch is None:
+            for problem in decoded.problems:
+                metrics.DECODE_ERRORS.labels(reason=problem["reason"]).inc()
+            problems = [{"file": p["file"], "error": p["error"]} for p in decoded.problems]
+            listed = ", ".join(p["file"] for p in problems)
+            message = f"{len(problems)} of {len(uploads)} uploads are not usable images: {listed}"
+            raise Refusal(422, "bad_image", message, problems)
+        job = _Job(decoded.batch, [upload.name for upload in uploads])
+        try:
+            async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
+                body = await self.batcher.run(job, len(job.names))
+        except TimeoutError:
+            raise _over_budget(settings, "the time budget ran out while the images waited for the model") from None
+        return Answer(200, body)
+
+    def _place(self, jobs: Sequence[_Job]) -> list[bytes]:
+        """In the model thread: one model run and placement for all `jobs`, then each job's answer."""
+        batch = jobs[0].batch if len(jobs) == 1 else np.concatenate([job.batch for job in jobs])
+        names = jobs[0].names if len(jobs) == 1 else [name for job in jobs for name in job.names]
+        timings: dict[str, float] = {}
+        placed = self.placer.place(batch, names, calls=[len(job.names) for job in jobs], timings=timings)
+        metrics.record_batch(placed, timings["model"])
+        answers, start = [], 0
+        for job in jobs:
+            stop = start + len(job.names)
+            answers.append(self._head + orjson.dumps(placed[start:stop]) + b"}")
+            start = stop
+        return answers
+
+    async def close(self) -> None:
+        await self.batcher.close()
+
+
+def refused(refusal: Refusal) -> Answer:
+    """A Refusal as the answer the client gets, counted by its reason."""
+    metrics.REJECTED_REQUESTS.labels(reason=refusal.reason).inc()
+    return Answer(refusal.status, orjson.dumps(error_body(refusal.message, refusal.detail)), refusal.headers)
+
+
+def _over_budget(settings: ServiceSettings, what: str) -> Refusal:
+    message = (
+        f"request not completed within its time budget of {settings.request_budget_s:g} s (setting "
+        f"request_budget_s): {what}; retry later, or send fewer or smaller images"
+    )
+    return Refusal(503, "over_budget", message, headers={"Retry-After": "5"})
+
+
+class EmbedRoute:
+    """ASGI: POST /embed answered here (`handler()` gives the worker's EmbedHandler once it has one), every
+    other request passed to `app` (BentoML's)."""
+
+    def __init__(
+        self,
+        app: Any,
+        handler: Callable[[], EmbedHandler | None],
+        token: str | None = None,
+        log_requests: bool = False,
+    ) -> None:
+        self.app = app
+        self.handler = handler
+        self.token = token.encode() if token else None
+        self.log_requests = log_requests
+        self.serve_embed: Any = self._serve  # what answers /embed (tracing may wrap it: serving/service.py)
+        self._counted = {status: metrics.EMBED_REQUESTS.labels(status=status) for status in metrics.EMBED_STATUSES}
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] == ROUTE:
+            await self.serve_embed(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    async def _serve(self, scope: dict, receive: Any, send: Any) -> None:
+        started = time.perf_counter()
+        try:
+            answer = await self._answer(scope, receive)
+        except ClientGone:
+            return
+        await _send(send, answer)
+        seconds = time.perf_counter() - started
+        status = str(answer.status)
+        counter = self._counted.get(status) or metrics.EMBED_REQUESTS.labels(status=status)
+        counter.inc()
+        metrics.EMBED_SECONDS.observe(seconds)
+        if self.log_requests:
+            client = scope.get("client") or ("-", 0)
+            access_log.info(
+                "%s:%s (scheme=%s,method=%s,path=%s,type=%s) (status=%d,size=%d) %.3fms",
+                client[0], client[1], scope.get("scheme"), scope["method"], ROUTE,
+                _header(scope, b"content-type"), answer.status, len(answer.body), seconds * 1000,
+            )  # fmt: skip
+
+    async def _answer(self, scope: dict, receive: Any) -> Answer:
+        if scope["method"] != "POST":
+            return Answer(
+                405, orjson.dumps(error_body(f"{ROUTE} takes POST requests (got {scope['method']})")), {"Allow": "POST"}
+            )
+        problem = token_problem(scope, self.token)
+        if problem is not None:
+            challenge = {"WWW-Authenticate": 'Bearer realm="tsimcne"'}
+            return refused(Refusal(401, "unauthorised", problem, headers=challenge))
+        handler = self.handler()
+        if handler is None:
+            return refused(Refusal(503, "not_ready", "the service is starting: retry in a few seconds"))
+        try:
+            uploads = await read_uploads(scope, receive, handler.limits)
+        except Refusal as refusal:
+            return refused(refusal)
+        return await handler.answer(uploads)
+
+
+async def _send(send: Any, answer: Answer) -> None:
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(answer.body)).encode())]
+    if answer.headers:
+        headers += [(key.lower().encode(), value.encode()) for key, value in answer.headers.items()]
+    await send({"type": "http.response.start", "status": answer.status, "headers": headers})
+    await send({"type": "http.response.body", "body": answer.body})
+
+
+def _header(scope: dict, name: bytes) -> str:
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return ""
