@@ -152,3 +152,12 @@ def test_a_saved_index_is_opened_memory_mapped_and_checked_against_its_record(tm
         open_feature_index(reference, flat, tmp_path / "broken.faiss", gpu=True)
     on_cpu, info = open_feature_index(reference, flat, tmp_path / "broken.faiss")
     assert isinstance(on_cpu, ExactIndex) and info["source"] == "the bundle's features (exact numpy search)"
+
+
+@pytest.mark.parametrize("shape", [(8, 3, 784), (2, 3, 1), (3, 3, 5), (4, 3, 1024)])
+def test_percentiles_are_numpys_to_the_bit(shape) -> None:
+    from serving.detector import percentiles
+
+    values = (np.random.default_rng(1).integers(0, 256, shape) / 255).astype(np.float32)
+    expected = np.percentile(values.astype(np.float64), [1, 99], axis=2)
+    assert np.array_equal(percentiles(values, (1, 99)), expected)

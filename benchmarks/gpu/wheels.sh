@@ -20,4 +20,13 @@ for wheel in .whl/pydantic_core-*.whl; do
 done
 [ -n "$(ls .whl/pydantic_core-"$need"-* 2>/dev/null)" ] || python3 -m pip download --quiet --no-deps \
     --only-binary=:all: --python-version 3.12 --implementation cp "${platforms[@]}" -d .whl "pydantic-core==$need"
+if [ "${SERVE:-0}" = 1 ]; then
+    # SERVE=1: also what `bentoml serve` needs for benchmarks/gpu/serve_hot_path.sh (bentoml and its
+    # dependencies, faiss, scipy, orjson, uvloop, httptools), resolved for the device's Python 3.12.
+    python3 -m pip download --quiet --only-binary=:all: --python-version 3.12 --implementation cp \
+        "${platforms[@]}" -d .whl "bentoml>=1.4.30,<1.5" "faiss-cpu>=1.8" "scipy>=1.11" "orjson>=3.9" \
+        "uvloop>=0.19" "httptools>=0.6" "prometheus-client>=0.20" "fastapi>=0.110" "httpx>=0.27"
+    rm -f .whl/numpy-* .whl/torch-* .whl/nvidia_* .whl/onnxruntime-* .whl/pillow-*  # the device's own
+fi
+du -sh .whl
 ls -la .whl

@@ -51,6 +51,7 @@ LUA = Path(__file__).with_name("post.lua")
 BIN = Path(sys.executable).parent
 BOUNDARY = "tsimcne-benchmark-7f3a9c"
 BODIES = 64
+WRK = os.environ.get("WRK", "wrk")  # the load generator (WRK=path: a copy carried to a machine without it)
 
 
 @dataclass
@@ -148,10 +149,15 @@ def _ready(port: int, server: Server) -> bool:
         return False
 
 
-def wait_for_workers(log: Path, workers: int, timeout: float = 120) -> None:
+def wait_for_workers(log: Path, workers: int | None = None, timeout: float = 180) -> None:
+    """Until every worker logged that it started: `workers`, or as many as the service says it plans."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if len(set(re.findall(r"\[entry_service:\w+:(\d+)\] Service \w+ initialized", log.read_text()))) >= workers:
+        text = log.read_text()
+        planned = re.search(r"(\d+) worker\(s\) x", text)
+        expected = workers or (int(planned.group(1)) if planned else None)
+        started = set(re.findall(r"\[entry_service:\w+:(\d+)\] Service \w+ initialized", text))
+        if expected is not None and len(started) >= expected:
             return
         time.sleep(0.5)
 
@@ -169,7 +175,7 @@ def stop(process: subprocess.Popen) -> None:
 def wrk(port: int, case: str, bodies: list[Path], seconds: float) -> dict:
     content_type = f"multipart/form-data; boundary={BOUNDARY}" if case.startswith("multipart") else "image/png"
     url = f"http://127.0.0.1:{port}/embed" + ("?filename=cell.png" if case.startswith("raw") else "")
-    command = ["wrk", "-t1", "-c16", f"-d{seconds:g}s", "--latency", "-s", str(LUA), url, "--", content_type]
+    command = [WRK, "-t1", "-c16", f"-d{seconds:g}s", "--latency", "-s", str(LUA), url, "--", content_type]
     result = subprocess.run([*command, *map(str, bodies)], capture_output=True, text=True, check=True)
     found = re.search(r"^WRK_RESULT (.*)$", result.stdout, flags=re.MULTILINE)
     if found is None:
@@ -220,20 +226,21 @@ def measure(server: Server, bodies: dict[str, list[Path]], seconds: float, warm_
     return rows
 
 
-def soak(bundle: Path, bodies: list[Path], seconds: float, logs: Path) -> dict:
+def soak(bundle: Path, bodies: list[Path], seconds: float, logs: Path, provider: str = "cpu") -> dict:
     """`seconds` of /embed at full load (16 connections, one image a request) with every worker's RSS read
     every 10 s; the figure: the last reading against the one after the first minute."""
     import psutil
 
-    server = _embed(bundle, "embed")
+    server = _embed(bundle, "embed", provider=provider)
+    server.env["BENTOML_HOME"] = str(logs / "bentoml-home")
     port = free_port()
     log = logs / "soak.log"
     process = start(server, port, log)
-    wait_for_workers(log, 2)
+    wait_for_workers(log)
     samples: list[dict] = []
     try:
         load = subprocess.Popen(
-            ["wrk", "-t1", "-c16", f"-d{seconds:g}s", "-s", str(LUA), f"http://127.0.0.1:{port}/embed", "--",
+            [WRK, "-t1", "-c16", f"-d{seconds:g}s", "-s", str(LUA), f"http://127.0.0.1:{port}/embed", "--",
              f"multipart/form-data; boundary={BOUNDARY}", *map(str, bodies)],
             stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
@@ -310,7 +317,7 @@ def machine() -> dict:
             versions[package] = version(package)
         except Exception:
             versions[package] = None
-    wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.splitlines()[0:1]
+    wrk_version = subprocess.run([WRK, "-v"], capture_output=True, text=True).stdout.splitlines()[0:1]
     return {
         "cpu": cpu,
         "usable_cores": len(os.sched_getaffinity(0)),
@@ -350,10 +357,11 @@ def main() -> None:
     parser.add_argument("--warm-up", type=float, default=5)
     parser.add_argument("--only", help="run only the servers whose name contains this text")
     parser.add_argument("--soak", type=float, default=0, help="also run /embed this many seconds, RSS every 10 s")
+    parser.add_argument("--provider", default="cpu", help="onnxruntime provider of the /embed rows (cuda on a GPU)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    if shutil.which("wrk") is None:
-        sys.exit("error: wrk is not installed (apt-get install wrk)")
+    if shutil.which(WRK) is None:
+        sys.exit(f"error: {WRK} not found: install wrk (apt-get install wrk) or name it in WRK=")
     for bundle in (args.bundle,):
         if not (bundle / "bundle.json").is_file():
             sys.exit(f"error: {bundle}: no bundle; make it with benchmarks/serve/bundles.py")
@@ -365,6 +373,8 @@ def main() -> None:
     started = datetime.now(UTC)
     rows: list[Row] = []
     for server in servers(args.bundle.resolve(), large.resolve() if large else None, work / "bentoml-home"):
+        if server.bundle:
+            server.env["TSIMCNE_PROVIDER"] = args.provider
         if args.only and args.only not in server.name:
             continue
         rows += measure(server, bodies, args.seconds, args.warm_up, work)
@@ -375,10 +385,11 @@ def main() -> None:
         "machine": machine(),
         "connections": 16,
         "seconds_per_row": args.seconds,
+        "provider": args.provider,
         "rows": [asdict(row) for row in rows],
     }
     if args.soak:
-        report["soak"] = soak(args.bundle.resolve(), bodies["multipart-1"], args.soak, work)
+        report["soak"] = soak(args.bundle.resolve(), bodies["multipart-1"], args.soak, work, args.provider)
     out = args.out or WORK / f"hot_path-{started:%Y%m%dT%H%M}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
