@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -168,11 +169,17 @@ class EmbedRoute:
         handler: Callable[[], EmbedHandler | None],
         token: str | None = None,
         log_requests: bool = False,
+        keepalive_requests: int = 0,
     ) -> None:
         self.app = app
         self.handler = handler
         self.token = token.encode() if token else None
         self.log_requests = log_requests
+        # The workers share one listening socket and a kept-alive connection stays with the worker that
+        # accepted it: 16 connections opened at once were seen all on one of two workers, which then served
+        # three quarters of what two do. Asking a client to reconnect every ~N answers (at random, no state
+        # per connection) lets the worker with time to accept take it over.
+        self.reconnect_chance = 1.0 / keepalive_requests if keepalive_requests else 0.0
         self.serve_embed: Any = self._serve  # what answers /embed (tracing may wrap it: serving/service.py)
         self._counted = {status: metrics.EMBED_REQUESTS.labels(status=status) for status in metrics.EMBED_STATUSES}
 
@@ -188,6 +195,8 @@ class EmbedRoute:
             answer = await self._answer(scope, receive)
         except ClientGone:
             return
+        if self.reconnect_chance and random.random() < self.reconnect_chance:
+            answer.headers = {**(answer.headers or {}), "Connection": "close"}
         await _send(send, answer)
         seconds = time.perf_counter() - started
         status = str(answer.status)

@@ -226,7 +226,7 @@ def _json_list(values: list[Any]) -> bytes:
 class ReferenceMap:
     """A bundle's reference map, held once per worker, with its wire forms made once and kept.
 
-    The arrays are the embedder's own (no copies). The binary form and its gzip are kept once made
+    The arrays are the placer's own (no copies). The binary form and its gzip are kept once made
     (`prepare` makes them at start-up); the JSON is kept for maps up to JSON_CACHE_POINTS points and
     streamed from the arrays for larger ones.
     """

@@ -144,7 +144,13 @@ class MapServiceDefinition(bentoml.Service):
     def to_asgi(self, is_main: bool = True):
         app = super().to_asgi(is_main)
         settings: ServiceSettings = self.inner.settings
-        route = EmbedRoute(app, _current_handler, token=settings.api_token, log_requests=settings.access_log)
+        route = EmbedRoute(
+            app,
+            _current_handler,
+            token=settings.api_token,
+            log_requests=settings.access_log,
+            keepalive_requests=settings.keepalive_requests,
+        )
         if settings.tracing_sample_rate is not None:
             from bentoml._internal.configuration.containers import BentoMLContainer
             from opentelemetry.instrumentation.asgi import OpenTelemetryMiddleware

@@ -54,6 +54,13 @@ class ServiceSettings(BaseModel):
     )
     spin: bool = Field(False, description="let onnxruntime's idle threads spin (faster on cores of their own)")
     api_token: str | None = Field(None, description="when set, requests need 'Authorization: Bearer <token>'")
+    keepalive_requests: int = Field(
+        100,
+        ge=0,
+        le=1_000_000,
+        description="/embed answers on one kept-alive connection, on average, before it asks the client to "
+        "reconnect (so that a few long-lived connections spread over all workers); 0: never",
+    )
     access_log: bool = Field(False, description="log every request (BentoML's access log and one line per /embed)")
     tracing_sample_rate: float | None = Field(
         None,

@@ -579,16 +579,24 @@ def test_each_request_body_is_parsed_once(service_bundle, tmp_path, cell) -> Non
         running.stop()
 
 
-def test_access_log_and_tracing_are_settings(service_bundle, tmp_path, cell) -> None:
-    """Both off by default (the module's server logs no access lines); on, /embed is logged and traced."""
+def test_access_log_tracing_and_reconnects_are_settings(service_bundle, tmp_path, cell) -> None:
+    """Access log and tracing off by default (the module's server logs no access lines); on, /embed is logged
+    and traced. keepalive_requests: the answers that ask a client to reconnect, on average one in N."""
     bundle, _ = service_bundle
-    args = {"bundle": str(bundle), "workers": "1", "access_log": "true", "tracing_sample_rate": "1.0"}
+    args = {
+        "bundle": str(bundle), "workers": "1", "access_log": "true", "tracing_sample_rate": "1.0",
+        "keepalive_requests": "2",
+    }  # fmt: skip
     running = start_server(tmp_path, args, home=tmp_path / "bentoml")
     try:
+        files = _files(write_good_images(tmp_path, cell)[:1])
         with running.client() as client:
-            assert client.post("/embed", files=_files(write_good_images(tmp_path, cell)[:1])).status_code == 200
+            replies = [client.post("/embed", files=files) for _ in range(20)]
             assert client.get("/info").status_code == 200
         log = running.wait_for_log("path=/embed", "path=/info")
     finally:
         running.stop()
+    assert [r.status_code for r in replies] == [200] * 20
+    # About every second answer asks the client to reconnect (and httpx does, transparently).
+    assert 0 < sum(r.headers.get("connection") == "close" for r in replies) < 20
     assert "status=200" in log and "Traceback" not in log

@@ -2,7 +2,7 @@
 
 One process writes it as one file (`--out coords.parquet`), Ray as a folder of shards (`--out DIR`); both
 read back with `pyarrow.parquet.read_table(path)` or `pandas.read_parquet(path)`. The fields are those of
-POST /embed's answer (serving/api_models.py `EmbeddedImage`), flattened as `Placements.rows()` does, plus
+POST /embed's answer (serving/placing.py `PlacedImage`), flattened as `PlacedImage.row()` does, plus
 `index` (the image's position in the input list: Ray writes shards in no fixed order, sort by it).
 """
 
