@@ -1,7 +1,7 @@
 """POST /embed against the floors of the servers under it, in one run on the same cores (issue 24).
 
-    .venv/bin/python benchmarks/serve/bundles.py                 # the two bundles, once (~35 minutes)
-    .venv/bin/python benchmarks/serve/hot_path.py                # the table (~15 minutes)
+    .venv/bin/python benchmarks/serve/hot_path.py                # the table (~15 minutes; the first time it
+                                                                 # also makes the two bundles: ~35 minutes)
     .venv/bin/python benchmarks/serve/hot_path.py --soak 600     # + 10 minutes at full load, worker RSS every 10 s
 
 Every server gets the whole machine in turn and is driven by wrk (Debian's `wrk`: a C load generator that
@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+import bundles  # benchmarks/serve/bundles.py, beside this script
 import numpy as np
 from PIL import Image
 
@@ -352,7 +353,9 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", type=Path, default=WORK / "bundles" / "pbc-17k")
-    parser.add_argument("--large-bundle", type=Path, default=WORK / "bundles" / "pbc-1m")
+    parser.add_argument(
+        "--large-bundle", type=Path, default=WORK / "bundles" / "pbc-1m", help="'none': leave its rows out"
+    )
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--warm-up", type=float, default=5)
     parser.add_argument("--only", help="run only the servers whose name contains this text")
@@ -362,9 +365,15 @@ def main() -> None:
     args = parser.parse_args()
     if shutil.which(WRK) is None:
         sys.exit(f"error: {WRK} not found: install wrk (apt-get install wrk) or name it in WRK=")
-    for bundle in (args.bundle,):
-        if not (bundle / "bundle.json").is_file():
-            sys.exit(f"error: {bundle}: no bundle; make it with benchmarks/serve/bundles.py")
+    defaults = WORK / "bundles"
+    if not (args.bundle / "bundle.json").is_file():
+        if args.bundle != defaults / "pbc-17k":
+            sys.exit(f"error: {args.bundle}: no bundle (benchmarks/serve/bundles.py makes the default ones)")
+        print("making the PBC bundle (benchmarks/serve/bundles.py; minutes) ...", flush=True)
+        bundles.small_bundle(WORK, "2,1,1")
+    if args.large_bundle == defaults / "pbc-1m" and not (args.large_bundle / "bundle.json").is_file():
+        print("making the 1,000,000-image bundle (benchmarks/serve/bundles.py; ~30 minutes) ...", flush=True)
+        bundles.large_bundle(WORK, 1_000_000)
     large = args.large_bundle if (args.large_bundle / "bundle.json").is_file() else None
     if large is None:
         print(f"note: {args.large_bundle} not found; the 1,000,000-image rows are left out", flush=True)
