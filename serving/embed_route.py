@@ -46,6 +46,7 @@ UPLOAD_FIELD = "images"
 # costs more than decoding a few small images (measured: benchmarks/README.md, "/embed against its floors").
 INLINE_DECODE_PIXELS = 65_536
 access_log = logging.getLogger("bentoml.access")
+logger = logging.getLogger("bentoml.tsimcne")
 
 
 @dataclass(slots=True)
@@ -195,6 +196,10 @@ class EmbedRoute:
             answer = await self._answer(scope, receive)
         except ClientGone:
             return
+        except Exception:  # a fault of ours (not of the request): logged with its traceback, answered in JSON
+            logger.exception("POST %s failed", ROUTE)
+            message = f"internal error while placing the images (the service log has the details); {ROUTE} is still up"
+            answer = Answer(500, orjson.dumps(error_body(message)))
         if self.reconnect_chance and random.random() < self.reconnect_chance:
             answer.headers = {**(answer.headers or {}), "Connection": "close"}
         await _send(send, answer)

@@ -82,7 +82,7 @@ REJECT_REASONS = (
     "empty", "wrong_field", "not_a_file", "content_type", "malformed", "too_many_images", "too_large", "bad_image",
     "too_many_pixels", "over_budget", "unauthorised", "not_ready",
 )  # fmt: skip
-EMBED_STATUSES = ("200", "400", "401", "405", "413", "415", "422", "503")
+EMBED_STATUSES = ("200", "400", "401", "405", "413", "415", "422", "500", "503")
 
 
 def initialise(class_names: list[str]) -> None:

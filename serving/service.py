@@ -60,7 +60,7 @@ def _prepare_environment(threads: int) -> None:
     load test, benchmarks/README.md), and FAISS's OpenMP threads spin after each search; OpenMP's count is
     per thread, so an `omp_set_num_threads` in the worker's main thread does not reach its model thread,
     which searches (with two OpenMP threads in each of two workers, the 1,000,000-image bundle served a
-    third of the requests). Set at start-up in `bentoml serve` itself, before it starts its workers, so they
+    quarter of the requests). Set at start-up in `bentoml serve` itself, before it starts its workers, so they
     inherit it; explicit OPENBLAS_NUM_THREADS / OMP_NUM_THREADS in the environment win."""
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))

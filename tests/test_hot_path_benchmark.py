@@ -23,7 +23,7 @@ def test_hot_path_benchmark_measures_embed_against_a_floor(service_bundle, tmp_p
     out = tmp_path / "report.json"
     command = [
         sys.executable, "benchmarks/serve/hot_path.py", "--bundle", str(bundle), "--large-bundle", "none",
-        "--only", "(1 worker)", "--seconds", "1", "--warm-up", "0.5", "--out", str(out),
+        "--only", "(1 worker)", "--seconds", "1", "--warm-up", "1", "--out", str(out),
     ]  # fmt: skip
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -36,7 +36,8 @@ def test_hot_path_benchmark_measures_embed_against_a_floor(service_bundle, tmp_p
     }  # fmt: skip
     for row in rows.values():
         assert row["requests"] > 0 and row["non_2xx"] == 0 and row["socket_errors"] == 0, row
-        assert row["images_per_s"] == pytest.approx(row["requests_per_s"] * (8 if row["case"].endswith("8") else 1))
+        per_request = 8 if row["case"].endswith("8") else 1
+        assert row["images_per_s"] == pytest.approx(row["requests_per_s"] * per_request, rel=1e-3)
     assert report["machine"]["usable_cores"] >= 1 and report["machine"]["versions"]["bentoml"]
     assert "| starlette (1 worker) |" in done.stdout
 
@@ -46,7 +47,7 @@ def test_hot_path_benchmark_serves_embed_multipart_and_raw(service_bundle, tmp_p
     out = tmp_path / "report.json"
     command = [
         sys.executable, "benchmarks/serve/hot_path.py", "--bundle", str(bundle), "--large-bundle", "none",
-        "--only", "embed (workers=1)", "--seconds", "1", "--warm-up", "0.5", "--out", str(out),
+        "--only", "embed (workers=1)", "--seconds", "1", "--warm-up", "1", "--out", str(out),
     ]  # fmt: skip
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
 import platform
 import re
@@ -176,8 +177,11 @@ def stop(process: subprocess.Popen) -> None:
 def wrk(port: int, case: str, bodies: list[Path], seconds: float) -> dict:
     content_type = f"multipart/form-data; boundary={BOUNDARY}" if case.startswith("multipart") else "image/png"
     url = f"http://127.0.0.1:{port}/embed" + ("?filename=cell.png" if case.startswith("raw") else "")
-    command = [WRK, "-t1", "-c16", f"-d{seconds:g}s", "--latency", "-s", str(LUA), url, "--", content_type]
-    result = subprocess.run([*command, *map(str, bodies)], capture_output=True, text=True, check=True)
+    duration = max(1, math.ceil(seconds))  # wrk takes whole seconds
+    command = [WRK, "-t1", "-c16", f"-d{duration}s", "--latency", "-s", str(LUA), url, "--", content_type]
+    result = subprocess.run([*command, *map(str, bodies)], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"wrk failed ({result.returncode}): {result.stderr.strip() or result.stdout.strip()}")
     found = re.search(r"^WRK_RESULT (.*)$", result.stdout, flags=re.MULTILINE)
     if found is None:
         raise RuntimeError(f"wrk printed no result:\n{result.stdout}\n{result.stderr}")
@@ -241,7 +245,8 @@ def soak(bundle: Path, bodies: list[Path], seconds: float, logs: Path, provider:
     samples: list[dict] = []
     try:
         load = subprocess.Popen(
-            [WRK, "-t1", "-c16", f"-d{seconds:g}s", "-s", str(LUA), f"http://127.0.0.1:{port}/embed", "--",
+            [WRK, "-t1", "-c16", f"-d{max(1, math.ceil(seconds))}s", "-s", str(LUA), f"http://127.0.0.1:{port}/embed",
+             "--",
              f"multipart/form-data; boundary={BOUNDARY}", *map(str, bodies)],
             stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
