@@ -15,6 +15,7 @@ numpy-free and torch-free: pydantic only.
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -73,6 +74,41 @@ class PositionScale(_Frozen):
     threshold: float = Field(gt=0, description="(1 - target) quantile of the k-th map-neighbour distance")
 
 
+class FalseFlagInterval(_Frozen):
+    """What the calibration images say of the false-flag rate the flag really has (serving/conformal.py): the
+    threshold is the score of rank `rank` of `images`; the realised rate on clean images of the same
+    collection lies between `low` and `high` with probability `level` and is `expected` on average."""
+
+    level: float = Field(gt=0, lt=1, description="probability of the interval")
+    low: float = Field(ge=0, le=1)
+    high: float = Field(ge=0, le=1)
+    expected: float = Field(ge=0, le=1, description="the mean realised false-flag rate")
+    rank: int = Field(ge=1, description="the calibration score, by rank from the lowest, used as the threshold")
+    images: int = Field(ge=1)
+    images_for_tight: int = Field(ge=1, description="calibration images that put the interval within +-tight")
+    tight: float = Field(gt=0, lt=1, description="relative half-width called tight, e.g. 0.25 of the target")
+
+    def describe(self, target: float) -> str:
+        """One line for a person: the interval, and what would tighten it."""
+
+        def pct(value: float) -> str:
+            return f"{100 * value:.2f} %"
+
+        text = (
+            f"the flag's true false-flag rate on clean images lies between {pct(self.low)} and {pct(self.high)} "
+            f"({100 * self.level:.0f} % of calibration sets; expected {pct(self.expected)}, target {pct(target)}), "
+            f"from {self.images:,} calibration images"
+        )
+        if self.expected > target * 1.0001:
+            text += f"; fewer than {math.ceil(1 / target) - 1:,} images cannot meet the target"
+        if self.images < self.images_for_tight:
+            text += (
+                f"; about {self.images_for_tight:,} images would put it within +-{100 * self.tight:.0f} % of the "
+                "target (tsimcne export --calibration-data)"
+            )
+        return text
+
+
 class CombinedCalibration(_Frozen):
     """Features, pixels and position, each over its own scale; flagged when the largest, divided by
     `threshold`, exceeds 1 (serving/detector.py)."""
@@ -89,6 +125,10 @@ class CombinedCalibration(_Frozen):
     features: FeatureScale
     pixels: PixelCalibration
     position: PositionScale
+    # None in bundles exported before it was reported (issue 27); their threshold was the plain quantile.
+    false_flag_rate: FalseFlagInterval | None = Field(
+        None, description="the interval of the true false-flag rate the threshold gives (serving/conformal.py)"
+    )
 
     def position_only(self) -> PositionCalibration:
         """The position part as a position-only flag: for a bundle whose reference has no usable features."""

@@ -252,6 +252,13 @@ def test_flag_calibration_on_held_out_images_and_stored_features(run_and_bundle,
     assert result.returncode == 0, result.stderr
     calibration = open_bundle(tmp_path / "held").calibration
     assert calibration.images == 150 and calibration.source.startswith("held-out images")
+    # How sure the 1 % is with 150 images: printed (a warning: far from +-25 %) and in bundle.json.
+    interval = calibration.false_flag_rate
+    assert interval.images == 150 and interval.rank == 150 and interval.level == 0.9
+    assert interval.low < 0.01 < interval.high and interval.expected <= 0.01
+    assert interval.images_for_tight > 4000
+    assert "warning: the flag's true false-flag rate on clean images lies between" in result.stderr
+    assert f"about {interval.images_for_tight:,} images would put it within +-25 % of the target" in result.stderr
 
     result = run_cli("export", str(run), "--out", str(tmp_path / "few"), "--calibration-data", "synthetic:20")
     assert result.returncode == 2 and "need at least 100" in result.stderr

@@ -237,6 +237,8 @@ def test_map_info_and_openapi(server, service_bundle) -> None:
     assert info["bundle_sha256"] == hashlib.sha256((bundle / "bundle.json").read_bytes()).hexdigest()
     assert info["provider"] == "CPUExecutionProvider" and info["image_size"] == [16, 16]
     assert info["limits"]["max_images"] == MAX_IMAGES and info["calibration"]["threshold"] > 0
+    interval = info["calibration"]["false_flag_rate"]  # how sure the 1 % is, from bundle.json
+    assert interval["low"] < 0.01 < interval["high"] and interval["images"] == info["calibration"]["images"]
     assert info["artefact_labels"] == ["thromboid"] and not info["auth_required"]
     assert {"/embed", "/map", "/info", "/readyz", "/metrics"} <= set(spec["paths"])
     flag = spec["components"]["schemas"]["PlacedImage"]["properties"]["flag"]

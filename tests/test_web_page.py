@@ -154,6 +154,9 @@ def test_page_draws_every_reference_point_with_a_legend(page, reference) -> None
     for name, _, swatch in legend:
         assert swatch in colours, f"no pixel of {name}'s colour {swatch} on the map"
     assert "Map loaded" in page.find_element(By.ID, "status").text
+    # What a flag means here: the target and the interval of the true rate from bundle.json (via /info).
+    note = page.find_element(By.ID, "flag-note").text
+    assert "calibrated to flag 1 % of clean images" in note and "the true rate lies between" in note, note
     renderer = page.execute_script("return window.tsimcneMap.stats.renderer")
     assert page.find_element(By.ID, "map-area").get_attribute("data-renderer") == renderer
     _screenshot(page, "page-map.png")

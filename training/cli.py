@@ -293,6 +293,11 @@ def export(
         f"(allowed {parity['allowed']:.2e}) on {parity['images']} {'reference' if reference else 'training'} images"
         + (" [partial: stage 3 not finished]" if bundle.manifest.partial else "")
     )
+    calibration = bundle.manifest.calibration
+    interval = getattr(calibration, "false_flag_rate", None)
+    if interval is not None:  # how sure the flag's rate is, from how many images set it
+        loose = interval.images < interval.images_for_tight or interval.expected > calibration.target_false_flag_rate
+        typer.echo(f"{'warning: ' if loose else ''}{interval.describe(calibration.target_false_flag_rate)}", err=loose)
     if register:
         tag = bundle.register()
         typer.echo(f"registered in BentoML's model store as {tag} (serve it with --arg model_tag={tag})")

@@ -758,11 +758,31 @@ function installUpload() {
 
 // ---- start -----------------------------------------------------------------------------------------
 
+// What a flag means for this bundle: the target rate and, when the bundle records it, the interval the
+// true false-flag rate lies in given how many calibration images set the threshold.
+function showFlagNote(calibration) {
+  const note = $("flag-note");
+  if (!calibration || !calibration.target_false_flag_rate) {
+    note.hidden = true;
+    return;
+  }
+  const pct = (x) => `${(100 * x).toLocaleString("en", { maximumFractionDigits: 2 })} %`;
+  let text = `A score above 1 is flagged: calibrated to flag ${pct(calibration.target_false_flag_rate)} of clean images`;
+  const rate = calibration.false_flag_rate;
+  if (rate) {
+    text += `; from ${rate.images.toLocaleString("en")} calibration images, the true rate lies between ` +
+      `${pct(rate.low)} and ${pct(rate.high)} (${Math.round(100 * rate.level)} % of calibration sets)`;
+  }
+  note.textContent = `${text}.`;
+  note.hidden = false;
+}
+
 async function loadMap() {
   const started = performance.now();
   const infoResponse = await call("info");
   if (!infoResponse.ok) throw new ServiceError(infoResponse.status, (await readError(infoResponse)).message);
   state.info = await infoResponse.json();
+  showFlagNote(state.info.calibration);
   const infoAt = performance.now();
   const mapResponse = await call("map?format=binary");
   if (!mapResponse.ok) throw new ServiceError(mapResponse.status, (await readError(mapResponse)).message);
