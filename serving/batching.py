@@ -85,8 +85,15 @@ class MicroBatcher(Generic[Job, Result]):
                     if not item.done.done():
                         item.done.set_exception(exc)
                 continue
+            if len(results) != len(group):  # a fault of `process`: its callers learn of it, the worker goes on
+                fault = RuntimeError(f"the model step returned {len(results)} results for {len(group)} jobs")
+                results = [fault] * len(group)
             for item, result in zip(group, results, strict=True):
-                if not item.done.done():
+                if item.done.done():
+                    continue
+                if isinstance(result, BaseException):
+                    item.done.set_exception(result)
+                else:
                     item.done.set_result(result)
 
     async def close(self) -> None:

@@ -33,7 +33,8 @@ from serving.calibration import Calibration
 
 # The format version of bundle.json and the files it lists, the flag's calibration included
 # (serving/calibration.py): raised whenever a reader of the previous version could not read the new one.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the calibration may hold false_flag_rate (issue 27); an older reader refuses it by number
+READABLE_SCHEMAS = (1, 2)
 MANIFEST = "bundle.json"
 MODEL_FILE = "model.onnx"
 REFERENCE_FILE = "reference.npz"
@@ -134,9 +135,10 @@ def open_bundle(path: str | Path) -> BundleManifest:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(f"{manifest_path}: not readable JSON ({exc})") from exc
     version = raw.get("schema_version") if isinstance(raw, dict) else None
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_SCHEMAS:
         raise BundleError(
-            f"{manifest_path}: schema version {version!r} is not supported (this version reads {SCHEMA_VERSION})"
+            f"{manifest_path}: schema version {version!r} is not supported (this version reads "
+            f"{', '.join(map(str, READABLE_SCHEMAS))})"
         )
     try:
         manifest = BundleManifest(**raw)

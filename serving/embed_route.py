@@ -228,10 +228,17 @@ class EmbedRoute:
         handler = self.handler()
         if handler is None:
             return refused(Refusal(503, "not_ready", "the service is starting: retry in a few seconds"))
+        # A client trickling its body must not hold the connection and its buffer for ever (BentoML's traffic
+        # timeout bounded this before /embed was answered in front of BentoML).
+        seconds = handler.settings.body_timeout_s
         try:
-            uploads = await read_uploads(scope, receive, handler.limits)
+            async with asyncio.timeout(seconds):
+                uploads = await read_uploads(scope, receive, handler.limits)
         except Refusal as refusal:
             return refused(refusal)
+        except TimeoutError:
+            message = f"the request body did not arrive within {seconds:g} s (setting body_timeout_s)"
+            return refused(Refusal(408, "body_timeout", message))
         return await handler.answer(uploads)
 
 

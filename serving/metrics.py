@@ -80,9 +80,9 @@ def record_batch(placed: Sequence[PlacedImage], model_seconds: float) -> None:
 DECODE_REASONS = ("undecodable", "too_large", "empty")
 REJECT_REASONS = (
     "empty", "wrong_field", "not_a_file", "content_type", "malformed", "too_many_images", "too_large", "bad_image",
-    "too_many_pixels", "over_budget", "unauthorised", "not_ready",
+    "too_many_pixels", "over_budget", "unauthorised", "not_ready", "body_timeout",
 )  # fmt: skip
-EMBED_STATUSES = ("200", "400", "401", "405", "413", "415", "422", "500", "503")
+EMBED_STATUSES = ("200", "400", "401", "405", "408", "413", "415", "422", "500", "503")
 
 
 def initialise(class_names: list[str]) -> None:

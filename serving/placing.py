@@ -221,12 +221,18 @@ class _LabelCounter:
     def majority(self, nearest: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(label index (N,), share (N,)) of the most common label among each row's neighbours; -1 / nan
         for an unlabelled map."""
+        rows = len(nearest)
         if not self.labelled:
-            return np.full(len(nearest), -1), np.full(len(nearest), np.nan)
-        labels = self.reference.label_indices[nearest]  # (N, k)
-        counts = (labels[:, :, None] == np.arange(len(self.names))).sum(1)  # (N, C)
-        best = (counts * len(self.names) - self.rank).argmax(1)
-        return best, counts[np.arange(len(nearest)), best] / nearest.shape[1]
+            return np.full(rows, -1), np.full(rows, np.nan)
+        classes = len(self.names)
+        labels = self.reference.label_indices[nearest]  # (N, k); -1: an unlabelled reference image
+        known = labels >= 0
+        slots = (labels + classes * np.arange(rows)[:, None])[known]
+        counts = np.bincount(slots, minlength=rows * classes).reshape(rows, classes)
+        best = (counts * classes - self.rank).argmax(1)
+        share = counts[np.arange(rows), best] / nearest.shape[1]
+        none = counts.max(1) == 0  # no labelled neighbour: no majority (not the first label by chance)
+        return np.where(none, -1, best), np.where(none, np.nan, share)
 
     def flags(self, majority: np.ndarray, scores: np.ndarray) -> list[str]:
         return flag_names(self.artefact[majority], scores)  # index -1 (unlabelled) reads the trailing False
@@ -244,7 +250,7 @@ def _records(names, coords, assessed, flags, majority, share, nearest, distances
         label_names = np.asarray([*labels.names, None], dtype=object)  # -1 (an unlabelled reference image): None
         neighbour_labels = label_names[reference.label_indices[nearest]].tolist()
         majority_labels = label_names[majority].tolist()
-        shares = share.tolist()
+        shares = [None if np.isnan(value) else value for value in share.tolist()]
     else:
         neighbour_labels = [[None] * nearest.shape[1]] * n
         majority_labels = shares = [None] * n

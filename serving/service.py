@@ -284,10 +284,11 @@ def build_service(settings: ServiceSettings):
             `image/webp` or `application/octet-stream`) and its name in `?filename=`.
             Errors are JSON `{"error": "...", "detail": [{"file", "error"}]}`: 400 empty request, wrong
             multipart field, text instead of a file, malformed body; 401 missing or wrong bearer token (when
-            the service has one); 405 not a POST; 413 body over max_upload_mb, more than max_images files, or
-            images holding more than max_request_pixels pixels together; 415 neither multipart/form-data nor an
-            image type; 422 a file that is not a usable image or is over max_pixels (`detail` names each such
-            file); 503 when the request's time budget (request_budget_s) ran out before it was placed.
+            the service has one); 405 not a POST; 408 the body did not arrive within body_timeout_s; 413 body
+            over max_upload_mb, more than max_images files, or images holding more than max_request_pixels
+            pixels together; 415 neither multipart/form-data nor an image type; 422 a file that is not a
+            usable image or is over max_pixels (`detail` names each such file); 503 when the request's time
+            budget (request_budget_s) ran out before it was placed.
             """
             # Over HTTP, POST /embed never gets here: serving/embed_route.py answers it in front of BentoML.
             # This method declares the route's schema (OpenAPI, BentoML's clients) and serves in-process calls

@@ -42,6 +42,9 @@ class ServiceSettings(BaseModel):
     request_budget_s: float = Field(
         60.0, gt=0, le=110, description="seconds a request may wait for and spend in decoding and the model"
     )
+    body_timeout_s: float = Field(
+        120.0, gt=0, le=3600, description="seconds a request's body may take to arrive (408 after)"
+    )
     max_batch_images: int = Field(256, ge=1, le=4096, description="images per model run across requests")
     workers: int | None = Field(
         None,

@@ -23,7 +23,7 @@ from pathlib import PurePosixPath
 from typing import Any
 from urllib.parse import parse_qs
 
-from python_multipart.exceptions import MultipartParseError
+from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from serving.images import ImageDecodeError, OpenedImage, open_image
@@ -170,6 +170,8 @@ class _MultipartReader:
 
     def _headers_finished(self) -> None:
         limits = self.limits
+        if not self._part.disposition:
+            raise _malformed("a part has no Content-Disposition header naming its field")
         _, options = parse_options_header(self._part.disposition)
         name = _text(options.get(b"name", b""))
         if name != limits.field:
@@ -210,7 +212,7 @@ async def read_uploads(scope: dict, receive: Any, limits: BodyLimits) -> list[Up
         if not boundary:
             if not (await _read_all(receive, limits)).strip():
                 raise limits.empty()
-            raise _malformed("no boundary in its Content-Type")
+            raise _malformed("its Content-Type names no boundary")
         return await _read_multipart(receive, boundary, limits)
     if media in RAW_IMAGE_TYPES:
         body = await _read_all(receive, limits)
@@ -226,7 +228,10 @@ async def read_uploads(scope: dict, receive: Any, limits: BodyLimits) -> list[Up
 
 
 async def _read_multipart(receive: Any, boundary: bytes, limits: BodyLimits) -> list[Upload]:
-    reader = _MultipartReader(boundary, limits)
+    try:
+        reader = _MultipartReader(boundary, limits)
+    except FormParserError as exc:  # e.g. a boundary over python-multipart's 256 bytes
+        raise _malformed(f"its boundary cannot be used ({exc})") from None
     size, blank = 0, True
     while True:
         message = await receive()
@@ -239,8 +244,10 @@ async def _read_multipart(receive: Any, boundary: bytes, limits: BodyLimits) -> 
         blank = blank and not chunk.strip()
         try:
             reader.parser.write(chunk)
-        except MultipartParseError as exc:
-            raise (limits.empty() if blank else _malformed(str(exc))) from None
+        except FormParserError as exc:
+            if blank:
+                raise limits.empty() from None
+            raise _malformed(f"the body does not follow the multipart format of its boundary ({exc})") from None
         if not message.get("more_body", False):
             break
     if blank:

@@ -218,6 +218,15 @@ def test_a_real_prometheus_scrapes_the_service_and_queries_what_was_sent(service
         )  # fmt: skip
     api = f"http://127.0.0.1:{port}/api/v1"
     try:
+        ready_by = time.monotonic() + 60  # Prometheus listens a moment after it starts (CI once asked too early)
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/-/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < ready_by and process.poll() is None, (tmp_path / "prometheus.log").read_text()
+            time.sleep(0.25)
         paths = sorted(data.rglob("*.png"))[:7]
         with service.client() as client:
             first = client.post("/embed", files=[("images", (p.name, p.read_bytes())) for p in paths])

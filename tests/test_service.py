@@ -602,3 +602,27 @@ def test_access_log_tracing_and_reconnects_are_settings(service_bundle, tmp_path
     # About every second answer asks the client to reconnect (and httpx does, transparently).
     assert 0 < sum(r.headers.get("connection") == "close" for r in replies) < 20
     assert "status=200" in log and "Traceback" not in log
+
+
+def test_a_body_that_does_not_arrive_in_time_is_answered_408(service_bundle, tmp_path) -> None:
+    """A client that declares a body and trickles it (or stops) gets 408 after body_timeout_s, not a held
+    connection; the service goes on."""
+    import socket
+
+    bundle, _ = service_bundle
+    running = start_server(tmp_path, {"bundle": str(bundle), "workers": "1", "body_timeout_s": "1"}, home=tmp_path)
+    try:
+        port = int(running.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            started = time.monotonic()
+            sock.sendall(
+                b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 1000\r\n\r\nab"
+            )
+            reply = sock.recv(4096).decode()
+            waited = time.monotonic() - started
+        assert reply.startswith("HTTP/1.1 408") and "setting body_timeout_s" in reply, reply
+        assert 0.9 < waited < 8, waited
+        with running.client() as client:
+            assert client.get("/readyz").status_code == 200
+    finally:
+        running.stop()

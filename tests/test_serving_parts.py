@@ -192,7 +192,20 @@ def test_uploads_come_with_their_names_and_headers_read() -> None:
         ({"content": b"", "headers": {"content-type": "image/png"}}, 400, "empty request"),
         ({"content": b" \r\n", "headers": {"content-type": "multipart/form-data; boundary=z"}}, 400, "empty request"),
         ({"content": b"--z--\r\n", "headers": {"content-type": "multipart/form-data; boundary=z"}}, 400, "empty"),
-        ({"content": b"x", "headers": {"content-type": "multipart/form-data"}}, 400, "no boundary"),
+        ({"content": b"x", "headers": {"content-type": "multipart/form-data"}}, 400, "names no boundary"),
+        (
+            {"content": b"x", "headers": {"content-type": "multipart/form-data; boundary=" + "b" * 300}},
+            400,
+            "its boundary cannot be used",
+        ),
+        (
+            {
+                "content": b"--z\r\nContent-Type: image/png\r\n\r\nx\r\n--z--\r\n",
+                "headers": {"content-type": "multipart/form-data; boundary=z"},
+            },
+            400,
+            "no Content-Disposition header",
+        ),
         (
             {"content": b"--z\r\nnot a part", "headers": {"content-type": "multipart/form-data; boundary=z"}},
             400,
@@ -314,3 +327,37 @@ def test_worker_plan_divides_the_cores() -> None:
     assert plan(16, gpu=True) == (1, 16)  # one worker batches everything for the device
     assert plan(1) == (1, 1)
     assert "one per usable CPU core (2)" in worker_plan(ServiceSettings(), cores=2, gpu=False).describe()
+
+
+def test_batcher_survives_a_model_step_that_returns_the_wrong_number_of_results() -> None:
+    async def scenario():
+        calls = []
+
+        def broken(jobs: list[np.ndarray]) -> list[np.ndarray]:
+            calls.append(len(jobs))
+            return [] if len(calls) == 1 else jobs
+
+        batcher = MicroBatcher(broken, max_images=8)
+        with pytest.raises(RuntimeError, match="returned 0 results for 1 jobs"):
+            await batcher.run(np.array([1.0]), 1)
+        after = await batcher.run(np.array([2.0]), 1)
+        await batcher.close()
+        return after
+
+    assert asyncio.run(scenario()).tolist() == [2.0]
+
+
+def test_majority_labels_break_ties_alphabetically_and_ignore_unlabelled_neighbours() -> None:
+    from serving.placing import _LabelCounter
+    from serving.reference import ReferenceSet
+
+    names = np.array(["b", "a", "c"])
+    labels = np.array([0, 1, 2, -1, -1, 0])
+    reference = ReferenceSet(np.zeros((6, 2), np.float32), np.arange(6).astype(str), labels, names, None, None)
+    counter = _LabelCounter(reference, artefact_labels=["a"])
+    nearest = np.array([[0, 1], [3, 4], [0, 5], [2, 3]])  # a tie b/a; all unlabelled; b twice; c and unlabelled
+    majority, share = counter.majority(nearest)
+    assert majority.tolist() == [1, -1, 0, 2]  # 'a' wins the tie (alphabetical, as np.unique's counts did)
+    assert share[0] == 0.5 and np.isnan(share[1]) and share[2] == 1.0 and share[3] == 0.5
+    flags = counter.flags(majority, np.array([0.5, 0.5, 2.0, 0.5]))
+    assert flags == ["artefact", "in_distribution", "out_of_distribution", "in_distribution"]  # no label: no artefact
