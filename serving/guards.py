@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from serving.errors import send_json_error
+from serving.upload_body import BodyTooLarge, ClientGone, body_chunks
 from serving.webpage import PAGE_PATHS
 
 Scope = MutableMapping[str, Any]
@@ -91,34 +92,13 @@ class BodySizeLimit:
             await self._reject(send, f"of {int(declared):,} bytes")
             return
         try:
-            body = await _read_body(receive, limit=self.max_bytes)
-        except _BodyTooLarge:
+            body = b"".join([chunk async for chunk in body_chunks(receive, self.max_bytes)])
+        except BodyTooLarge:
             await self._reject(send, f"of more than {self.max_bytes:,} bytes")
             return
-        if body is not None:
-            await self.app(scope, _replay(body, receive), send)
-
-
-class _BodyTooLarge(Exception):
-    pass
-
-
-async def _read_body(receive: Receive, limit: int | None = None) -> bytes | None:
-    """The whole request body, or None when the client disconnected; _BodyTooLarge as soon as more than
-    `limit` bytes have arrived (nothing beyond the limit is kept)."""
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return None
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if limit is not None and size > limit:
-            raise _BodyTooLarge
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
+        except ClientGone:
+            return
+        await self.app(scope, _replay(body, receive), send)
 
 
 def _replay(body: bytes, receive: Receive) -> Receive:

@@ -18,6 +18,7 @@ carrying the status, a short reason (a metrics label) and the message the client
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
@@ -227,29 +228,44 @@ async def read_uploads(scope: dict, receive: Any, limits: BodyLimits) -> list[Up
     raise limits.wrong_type(content_type)
 
 
-async def _read_multipart(receive: Any, boundary: bytes, limits: BodyLimits) -> list[Upload]:
-    try:
-        reader = _MultipartReader(boundary, limits)
-    except FormParserError as exc:  # e.g. a boundary over python-multipart's 256 bytes
-        raise _malformed(f"its boundary cannot be used ({exc})") from None
-    size, blank = 0, True
+class BodyTooLarge(Exception):
+    """More than the limit of body bytes arrived."""
+
+
+async def body_chunks(receive: Any, max_bytes: int) -> AsyncIterator[bytes]:
+    """The request body's chunks as they arrive: ClientGone when the client disconnects first, BodyTooLarge
+    as soon as more than `max_bytes` have arrived (nothing beyond them is read)."""
+    size = 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientGone
         chunk = message.get("body", b"")
         size += len(chunk)
-        if size > limits.max_bytes:
-            raise limits.too_large(f"of more than {limits.max_bytes:,} bytes")
-        blank = blank and not chunk.strip()
-        try:
-            reader.parser.write(chunk)
-        except FormParserError as exc:
-            if blank:
-                raise limits.empty() from None
-            raise _malformed(f"the body does not follow the multipart format of its boundary ({exc})") from None
+        if size > max_bytes:
+            raise BodyTooLarge
+        yield chunk
         if not message.get("more_body", False):
-            break
+            return
+
+
+async def _read_multipart(receive: Any, boundary: bytes, limits: BodyLimits) -> list[Upload]:
+    try:
+        reader = _MultipartReader(boundary, limits)
+    except FormParserError as exc:  # e.g. a boundary over python-multipart's 256 bytes
+        raise _malformed(f"its boundary cannot be used ({exc})") from None
+    blank = True
+    try:
+        async for chunk in body_chunks(receive, limits.max_bytes):
+            blank = blank and not chunk.strip()
+            try:
+                reader.parser.write(chunk)
+            except FormParserError as exc:
+                if blank:
+                    raise limits.empty() from None
+                raise _malformed(f"the body does not follow the multipart format of its boundary ({exc})") from None
+    except BodyTooLarge:
+        raise limits.too_large(f"of more than {limits.max_bytes:,} bytes") from None
     if blank:
         raise limits.empty()
     if not reader.ended:
@@ -260,18 +276,10 @@ async def _read_multipart(receive: Any, boundary: bytes, limits: BodyLimits) -> 
 
 
 async def _read_all(receive: Any, limits: BodyLimits) -> bytes:
-    chunks, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientGone
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limits.max_bytes:
-            raise limits.too_large(f"of more than {limits.max_bytes:,} bytes")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
+    try:
+        return b"".join([chunk async for chunk in body_chunks(receive, limits.max_bytes)])
+    except BodyTooLarge:
+        raise limits.too_large(f"of more than {limits.max_bytes:,} bytes") from None
 
 
 def _malformed(detail: str) -> Refusal:

@@ -18,15 +18,21 @@ pytestmark = [
 ]
 
 
-def test_hot_path_benchmark_measures_embed_against_a_floor(service_bundle, tmp_path) -> None:
-    bundle, _ = service_bundle
-    out = tmp_path / "report.json"
+def _run(bundle, only: str, out) -> subprocess.CompletedProcess:
+    """hot_path.py on `bundle` (no 1,000,000-image rows), the servers whose name holds `only`, 1 s a row."""
     command = [
         sys.executable, "benchmarks/serve/hot_path.py", "--bundle", str(bundle), "--large-bundle", "none",
-        "--only", "(1 worker)", "--seconds", "1", "--warm-up", "1", "--out", str(out),
+        "--only", only, "--seconds", "1", "--warm-up", "1", "--out", str(out),
     ]  # fmt: skip
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def test_hot_path_benchmark_measures_embed_against_a_floor(service_bundle, tmp_path) -> None:
+    bundle, _ = service_bundle
+    out = tmp_path / "report.json"
+    done = _run(bundle, "(1 worker)", out)
     report = json.loads(out.read_text())
     rows = {(row["server"], row["case"]): row for row in report["rows"]}
     assert set(rows) == {
@@ -45,12 +51,7 @@ def test_hot_path_benchmark_measures_embed_against_a_floor(service_bundle, tmp_p
 def test_hot_path_benchmark_serves_embed_multipart_and_raw(service_bundle, tmp_path) -> None:
     bundle, _ = service_bundle
     out = tmp_path / "report.json"
-    command = [
-        sys.executable, "benchmarks/serve/hot_path.py", "--bundle", str(bundle), "--large-bundle", "none",
-        "--only", "embed (workers=1)", "--seconds", "1", "--warm-up", "1", "--out", str(out),
-    ]  # fmt: skip
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    _run(bundle, "embed (workers=1)", out)
     rows = json.loads(out.read_text())["rows"]
     assert [row["case"] for row in rows] == ["multipart-1", "multipart-8", "raw-1"]
     assert all(row["requests"] > 0 and row["non_2xx"] == 0 and row["bundle"] == bundle.name for row in rows)
