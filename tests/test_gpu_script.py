@@ -39,3 +39,29 @@ def test_reference_script_runs_end_to_end_on_cpu(tmp_path: Path) -> None:
     assert 0 <= summary["knn_accuracy"] <= 1 and summary["linear_probe"] is not None
     assert summary["met"]["knn_accuracy"] is False  # a 4-epoch width-4 map is far from the paper's 0.93
     assert (results / "map.png").read_bytes()[:4] == b"\x89PNG" and "| stage |" in (results / "summary.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("shutil").which("wrk") is None, reason="wrk not installed (scripts/test installs it)")
+def test_gpu_serve_script_runs_end_to_end_on_cpu(tmp_path: Path) -> None:
+    """benchmarks/gpu/serve_hot_path.sh, the one call prepared for a lent GPU, with the CPU standing in: it
+    trains, exports, and measures /embed with wrk, so a lent device is not spent finding a broken script."""
+    images, labels, names = make_synthetic_cells(300, (28, 28), seed=1)
+    data = tmp_path / "cells.npz"
+    np.savez(data, images=images, labels=labels, class_names=np.array(names))
+    env = {**os.environ, "PYTHON": sys.executable, "DEVICE": "cpu", "PROVIDERS": "cpu", "SECONDS_PER_ROW": "1"}
+    results = tmp_path / "results"
+    done = subprocess.run(
+        ["bash", "benchmarks/gpu/serve_hot_path.sh", str(data), str(results)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    report = json.loads((results / "hot_path-cpu.json").read_text())
+    assert report["provider"] == "cpu" and [row["case"] for row in report["rows"]] == [
+        "multipart-1", "multipart-8", "raw-1"
+    ]  # fmt: skip
+    assert all(row["requests"] > 0 and row["non_2xx"] == 0 for row in report["rows"])
