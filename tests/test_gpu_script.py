@@ -50,6 +50,7 @@ def test_gpu_serve_script_runs_end_to_end_on_cpu(tmp_path: Path) -> None:
     data = tmp_path / "cells.npz"
     np.savez(data, images=images, labels=labels, class_names=np.array(names))
     env = {**os.environ, "PYTHON": sys.executable, "DEVICE": "cpu", "PROVIDERS": "cpu", "SECONDS_PER_ROW": "1"}
+    env.update({"RECIPE": "tiny", "WARM_UP": "1"})
     results = tmp_path / "results"
     done = subprocess.run(
         ["bash", "benchmarks/gpu/serve_hot_path.sh", str(data), str(results)],

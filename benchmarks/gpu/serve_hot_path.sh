@@ -17,6 +17,8 @@ OUT=${2:?give the output folder}
 SECONDS_PER_ROW=${SECONDS_PER_ROW:-20}
 DEVICE=${DEVICE:-cuda}          # DEVICE=cpu PROVIDERS=cpu: a smoke run of this script without a GPU (CI)
 PROVIDERS=${PROVIDERS:-cuda cpu}
+RECIPE=${RECIPE:-cpu}           # the network served (the smoke run: tiny)
+WARM_UP=${WARM_UP:-5}
 PY=${PYTHON:-python3}
 cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1 BENTOML_DO_NOT_TRACK=true
@@ -29,14 +31,14 @@ fi
 mkdir -p "$OUT"
 WORK=$(mktemp -d)
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
-"$PY" -m training.cli train --data "$DATA" --name serve --runs-dir "$WORK/runs" --recipe cpu --epochs 1,1,1 \
+"$PY" -m training.cli train --data "$DATA" --name serve --runs-dir "$WORK/runs" --recipe "$RECIPE" --epochs 1,1,1 \
     --device "$DEVICE" --no-progress > "$OUT/train.log" 2>&1 || { tail "$OUT/train.log"; exit 1; }
 "$PY" -m training.cli export "$WORK/runs/serve" --out "$WORK/pbc-17k" > "$OUT/export.log" 2>&1 \
     || { tail "$OUT/export.log"; exit 1; }
 status=0
 for provider in $PROVIDERS; do
     timeout 240 "$PY" benchmarks/serve/hot_path.py --bundle "$WORK/pbc-17k" --large-bundle none --only "embed (defaults)" \
-        --provider "$provider" --seconds "$SECONDS_PER_ROW" --warm-up 5 --out "$OUT/hot_path-$provider.json" \
+        --provider "$provider" --seconds "$SECONDS_PER_ROW" --warm-up "$WARM_UP" --out "$OUT/hot_path-$provider.json" \
         > "$OUT/hot_path-$provider.log" 2>&1 || { status=1; tail "$OUT/hot_path-$provider.log"; }
     grep "^|" "$OUT/hot_path-$provider.log"
 done

@@ -195,9 +195,8 @@ def measure(server: Server, bodies: dict[str, list[Path]], seconds: float, warm_
     rows = []
     try:
         if "bentoml" in server.command[0]:
-            wait_for_workers(
-                log, int(server.env.get("TSIMCNE_WORKERS") or server.env.get("TSIMCNE_FLOOR_WORKERS") or 2)
-            )
+            workers = server.env.get("TSIMCNE_WORKERS") or server.env.get("TSIMCNE_FLOOR_WORKERS")
+            wait_for_workers(log, int(workers) if workers else None)  # None: as many as the service plans
         for case in server.cases:
             wrk(port, case, bodies[case], warm_up)
             result = wrk(port, case, bodies[case], seconds)
