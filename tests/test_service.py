@@ -604,6 +604,28 @@ def test_access_log_tracing_and_reconnects_are_settings(service_bundle, tmp_path
     assert "status=200" in log and "Traceback" not in log
 
 
+def _read_http_reply(sock) -> str:
+    """One whole HTTP/1.1 reply (head and Content-Length body) from `sock`: the head and the body may come in
+    separate segments, so one recv() is not enough."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            return data.decode()
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        (int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")),
+        0,
+    )
+    while len(body) < length:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        body += chunk
+    return (head + b"\r\n\r\n" + body).decode()
+
+
 def test_a_body_that_does_not_arrive_in_time_is_answered_408(service_bundle, tmp_path) -> None:
     """A client that declares a body and trickles it (or stops) gets 408 after body_timeout_s, not a held
     connection; the service goes on."""
@@ -618,7 +640,7 @@ def test_a_body_that_does_not_arrive_in_time_is_answered_408(service_bundle, tmp
             sock.sendall(
                 b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 1000\r\n\r\nab"
             )
-            reply = sock.recv(4096).decode()
+            reply = _read_http_reply(sock)
             waited = time.monotonic() - started
         assert reply.startswith("HTTP/1.1 408") and "setting body_timeout_s" in reply, reply
         assert 0.9 < waited < 8, waited

@@ -345,10 +345,13 @@ class StagedTrainer:
         """Time real steps, then fix every stage's epochs so the whole run fits `budget_s` (training/budget.py);
         the plan is written into config.json and budget.json."""
         started = time.perf_counter()
-        step_s = self._slowest(measure_step_seconds(self))
+        full_step_s, last_layer_step_s = measure_step_seconds(self)
+        # the calibration's own time is agreed too: each rank's differs a little, and a plan that differs
+        # by one epoch between ranks leaves one waiting forever in a collective the other never joins
+        *agreed_step_s, calibration = self._slowest((full_step_s, last_layer_step_s, time.perf_counter() - started))
+        step_s = (agreed_step_s[0], agreed_step_s[1])
         _, batch_local = self.batch_sizes()
         steps = _steps_per_epoch(len(self.dataset) // self.dist.world_size, batch_local)
-        calibration = time.perf_counter() - started
         epochs = epochs_for_budget(budget_s - calibration, step_s, steps)
         plan = BudgetPlan(budget_s, step_s, steps, epochs, round(calibration, 2))
         self._record_budget(plan, plan.describe())
