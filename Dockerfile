@@ -46,9 +46,11 @@ RUN pip install --no-cache-dir --requirement /tmp/requirements/requirements-serv
     && rm -rf /tmp/requirements \
     && useradd --create-home --uid 10001 tsimcne
 COPY pyproject.toml README.md ./
+COPY tsimcne_core/ tsimcne_core/
 COPY serving/ serving/
 COPY training/ training/
 COPY tsimcne_map/ tsimcne_map/
+COPY tsimcne_cli/ tsimcne_cli/
 RUN pip install --no-cache-dir --no-deps .
 COPY --from=bundle --chown=10001:10001 /out /models
 USER 10001

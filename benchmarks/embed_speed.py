@@ -21,10 +21,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.timing import best_of
-from serving.bundle import open_bundle
-from serving.preprocess import to_model_input
 from training.checkpoint import load_checkpoint
 from training.runs import dataset_for_state, final_checkpoint_path, model_from_state
+from tsimcne_core.bundle_format import open_bundle
+from tsimcne_core.preprocess import to_model_input
 
 
 def main() -> None:

@@ -24,8 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from serving.cores import usable_cores  # noqa: E402
-from training.files import atomic_write, atomic_write_json  # noqa: E402
+from tsimcne_core.cores import usable_cores  # noqa: E402
+from tsimcne_core.files import atomic_write, atomic_write_json  # noqa: E402
 
 PBC = ROOT.parent / "shared" / "data" / "bloodcells" / "pbc_28.npz"
 SCRATCH = Path(os.environ.get("TSIMCNE_QVT_SCRATCH", ROOT / "benchmarks" / "scratch" / "quality_vs_time"))
@@ -52,7 +52,7 @@ def run_budget(minutes: float, data: Path, recipe: str, extra: list[str]) -> dic
     result_file = SCRATCH / f"{name}.json"
     if result_file.is_file():
         return json.loads(result_file.read_text())
-    cli = [sys.executable, "-m", "training.cli"]
+    cli = [sys.executable, "-m", "tsimcne_cli"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     train = [*cli, "train", "--data", str(data), "--name", name, "--runs-dir", str(SCRATCH / "runs"), "--overwrite"]
     train += ["--recipe", recipe, "--time-budget", f"{minutes:g}m", "--no-progress", *extra]

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from training.config import build_config  # noqa: E402
-from training.data import load_dataset  # noqa: E402
+from training.datasets import load_dataset  # noqa: E402
 from training.device import resolve_runtime  # noqa: E402
 from training.embedding import embed_images  # noqa: E402
 from training.evaluate import map_quality  # noqa: E402

@@ -1,6 +1,6 @@
 """The service's request and response shapes (pydantic); BentoML and FastAPI put them in the OpenAPI spec.
 
-A placed image is serving/placing.py's `PlacedImage` record itself (a dataclass pydantic reads the schema
+A placed image is tsimcne_core/placing.py's `PlacedImage` record itself (a dataclass pydantic reads the schema
 of), so the answer /embed sends and the schema it documents cannot drift apart."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from serving.placing import PlacedImage
+from tsimcne_core.placing import PlacedImage
 
 
 class EmbedResponse(BaseModel):

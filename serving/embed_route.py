@@ -9,10 +9,10 @@ BentoML's app unchanged. What a request costs here, each thing done once:
 - the bearer token checked from the headers (serving/guards.py);
 - the body read once as it streams, limits enforced on the way, multipart parsed once, each image's header
   read once as its part completes (serving/upload_body.py);
-- decoding + fitting + stacking in one step on a decoding thread (serving/decoding.py);
+- decoding + fitting + stacking in one step on a decoding thread (serving/upload_decoding.py);
 - the model run, the placement of the whole batch and each request's answer serialised (orjson, from the
   typed records, no re-validation) in the worker's one model thread (serving/batching.py,
-  serving/placing.py), shared by every request of a batch;
+  tsimcne_core/placing.py), shared by every request of a batch;
 - request metrics: a count and a latency per request, the placement metrics once per model run.
 The same answers (`EmbedHandler.answer`) serve the API method BentoML declares for /embed (its OpenAPI
 schema, in-process calls), so both paths place and refuse alike.
@@ -33,12 +33,12 @@ import orjson
 
 from serving import metrics
 from serving.batching import MicroBatcher
-from serving.decoding import DeadlineExceeded, RequestTooLarge, UploadDecoder, check_request_pixels
-from serving.errors import error_body
 from serving.guards import token_problem
-from serving.placing import Placer
+from serving.http_errors import error_body
 from serving.settings import ServiceSettings
 from serving.upload_body import BodyLimits, ClientGone, Refusal, Upload, read_uploads
+from serving.upload_decoding import DeadlineExceeded, RequestTooLarge, UploadDecoder, check_request_pixels
+from tsimcne_core.placing import Placer
 
 ROUTE = "/embed"
 UPLOAD_FIELD = "images"

@@ -12,7 +12,7 @@ import hmac
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from serving.errors import send_json_error
+from serving.http_errors import send_json_error
 from serving.upload_body import BodyTooLarge, ClientGone, body_chunks
 from serving.webpage import PAGE_PATHS
 

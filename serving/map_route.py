@@ -1,5 +1,5 @@
 """GET /map: the reference map as JSON (the default, unchanged for existing clients) or, with
-`?format=binary`, as the binary block of serving/map_format.py; gzip-compressed when the client's
+`?format=binary`, as the binary block of serving/map_wire.py; gzip-compressed when the client's
 Accept-Encoding allows it (browsers always do).
 
 A query parameter rather than content negotiation on Accept: the form is visible in the URL, in the
@@ -15,7 +15,7 @@ from fastapi import APIRouter, Query, Request
 from starlette.responses import Response, StreamingResponse
 
 from serving.api_models import MapResponse
-from serving.map_format import MEDIA_TYPE, ReferenceMap
+from serving.map_wire import MEDIA_TYPE, MapOnTheWire
 
 JSON_TYPE = "application/json"
 
@@ -26,7 +26,7 @@ MAP_DESCRIPTION = """The reference map: every reference (training) image's posit
 (1) and uint32 header length, a JSON header (bundle, class_names, count, bounds, size, sections with
 offset and length), then little-endian float32 x, float32 y, uint16 labels (65535 = unlabelled),
 uint32 id_offsets (count + 1) and the UTF-8 ids, each section at a multiple of 8 bytes
-(serving/map_format.py; README "GET /map"). Both are gzip-compressed when Accept-Encoding allows it.
+(serving/map_wire.py; README "GET /map"). Both are gzip-compressed when Accept-Encoding allows it.
 """
 
 
@@ -45,7 +45,7 @@ def accepts_gzip(accept_encoding: str) -> bool:
     return False
 
 
-def map_router(reference_map: Callable[[], ReferenceMap]) -> APIRouter:
+def map_router(reference_map: Callable[[], MapOnTheWire]) -> APIRouter:
     """The /map route; `reference_map` reaches the running service's map (loaded once per worker)."""
     router = APIRouter()
 

@@ -14,8 +14,10 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from tsimcne_core.flag import Flag
+
 if TYPE_CHECKING:
-    from serving.placing import PlacedImage
+    from tsimcne_core.placing import PlacedImage
 
 IMAGES_EMBEDDED = Counter("tsimcne_images_embedded", "Images placed on the map")
 IMAGES_FLAGGED = Counter("tsimcne_images_flagged", "Images flagged, by kind", ["kind"])
@@ -69,7 +71,7 @@ def record_batch(placed: Sequence[PlacedImage], model_seconds: float) -> None:
     duplicates = sum(image.duplicate_of is not None for image in placed)
     if duplicates:
         DUPLICATES.inc(duplicates)
-    for kind, count in Tally(image.flag for image in placed if image.flag != "in_distribution").items():
+    for kind, count in Tally(image.flag for image in placed if image.flag != Flag.IN_DISTRIBUTION).items():
         IMAGES_FLAGGED.labels(kind=kind).inc(count)
     for label, count in Tally(image.majority_label or "none" for image in placed).items():
         LANDED_IN_REGION.labels(label=label).inc(count)
@@ -87,7 +89,7 @@ EMBED_STATUSES = ("200", "400", "401", "405", "408", "413", "415", "422", "500",
 
 def initialise(class_names: list[str]) -> None:
     """Create every known label set at 0, so series exist (and rate() works) before the first event."""
-    for kind in ("out_of_distribution", "artefact"):
+    for kind in (Flag.OUT_OF_DISTRIBUTION.value, Flag.ARTEFACT.value):
         IMAGES_FLAGGED.labels(kind=kind)
     for label in [*class_names, "none"]:
         LANDED_IN_REGION.labels(label=label)

@@ -35,21 +35,21 @@ from starlette.responses import Response
 
 from serving import metrics
 from serving.api_models import EmbedResponse, InfoResponse, Limits
-from serving.bundle import MANIFEST, REFERENCE_FILE, BundleError, open_bundle, sha256_file
-from serving.calibration import public_calibration
 from serving.embed_route import ROUTE as EMBED_ROUTE
 from serving.embed_route import EmbedHandler, EmbedRoute
 from serving.guards import BearerTokenAuth, BodySizeLimit
-from serving.map_format import ReferenceMap
 from serving.map_route import map_router
-from serving.neighbours import set_faiss_threads
-from serving.placing import Placer
-from serving.public import public_evaluation
+from serving.map_wire import MapOnTheWire
+from serving.model_store import bundle_path_from_store
 from serving.settings import ServiceSettings, SettingsError, load_settings, worker_plan
-from serving.store import bundle_path_from_store
 from serving.uploads import UploadedFile
-from serving.versions import installed_versions
 from serving.webpage import Thumbnails, page_router, validation_error
+from tsimcne_core.bundle_format import MANIFEST, REFERENCE_FILE, BundleError, open_bundle, sha256_file
+from tsimcne_core.calibration import public_calibration
+from tsimcne_core.neighbours import set_faiss_threads
+from tsimcne_core.placing import Placer
+from tsimcne_core.public import public_evaluation
+from tsimcne_core.versions import installed_versions
 
 logger = logging.getLogger("bentoml.tsimcne")
 
@@ -227,7 +227,7 @@ def build_service(settings: ServiceSettings):
             metrics.BUNDLE_INFO.labels(manifest.name, self.bundle_sha256, placer.provider).set(1)
             metrics.initialise(manifest.class_names)
             reference = placer.reference
-            self.reference_map = ReferenceMap(
+            self.reference_map = MapOnTheWire(
                 manifest.name, manifest.class_names, reference.coords, reference.label_indices, reference.ids
             )
             self.reference_map.prepare()  # the page's binary /map, made once per worker before /readyz says yes

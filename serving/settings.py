@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from serving.cores import usable_cores
+from tsimcne_core.cores import usable_cores
 
 ENV_PREFIX = "TSIMCNE_"
 

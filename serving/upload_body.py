@@ -27,7 +27,7 @@ from urllib.parse import parse_qs
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from serving.images import ImageDecodeError, OpenedImage, open_image
+from tsimcne_core.images import ImageDecodeError, OpenedImage, open_image
 
 # Content types accepted for one image sent as the whole body (the decoder reads the format from the bytes).
 RAW_IMAGE_TYPES = frozenset(

@@ -20,7 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from PIL import Image
 from starlette.responses import JSONResponse, Response
 
-from serving.errors import json_error
+from serving.http_errors import json_error
 
 WEB = resources.files("serving") / "web"
 SCRIPT = "text/javascript; charset=utf-8"

@@ -17,7 +17,14 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 
-from serving.bundle import COORDS_FILE, FEATURE_INDEX_FILE, FEATURES_FILE, MANIFEST, REFERENCE_FILE, sha256_file
+from tsimcne_core.bundle_format import (
+    COORDS_FILE,
+    FEATURE_INDEX_FILE,
+    FEATURES_FILE,
+    MANIFEST,
+    REFERENCE_FILE,
+    sha256_file,
+)
 
 CHROMIUM_FLAGS = (
     "--headless=new",

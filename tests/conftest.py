@@ -37,7 +37,7 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subpro
     """Run `tsimcne ARGS` as a real subprocess and capture its output."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "training.cli", *args],
+        [sys.executable, "-m", "tsimcne_cli", *args],
         cwd=cwd or ROOT,
         env=env,
         capture_output=True,

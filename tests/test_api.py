@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from serving.placing import PlacedImage as PlacedRecord
 from tests.conftest import ROOT, run_cli
 from training.export import PARITY_TOLERANCE
 from training.synthetic import make_synthetic_cells
+from tsimcne_core.placing import PlacedImage as PlacedRecord
 from tsimcne_map import (
     Bundle,
     BundleError,

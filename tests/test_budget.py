@@ -11,7 +11,7 @@ import torch
 
 from tests.conftest import run_cli
 from training.budget import SAFETY, STAGE_SHARES, BudgetPlan, epochs_for_budget, parse_budget, replan, replan_remaining
-from training.errors import TrainingStopped, UserError
+from tsimcne_core.errors import TrainingStopped, UserError
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from serving.bundle import MANIFEST, BundleError, open_bundle
+from tsimcne_core.bundle_format import MANIFEST, BundleError, open_bundle
 
 pytestmark = pytest.mark.slow  # uses the trained service_bundle
 
@@ -46,7 +46,7 @@ def test_names_outside_the_folder_are_refused_when_opening(service_bundle, tmp_p
 
 def test_model_store_copy_refuses_names_outside_the_folder(service_bundle, tmp_path, monkeypatch) -> None:
     """Before, the copy wrote the listed file wherever its name pointed (with the old code: at /)."""
-    from serving.store import register_bundle
+    from serving.model_store import register_bundle
 
     bundle, _ = service_bundle
     home = tmp_path / "home" / "bentoml"
@@ -68,7 +68,7 @@ def test_model_store_copy_refuses_names_outside_the_folder(service_bundle, tmp_p
 
 
 def test_plain_names_pass_and_others_fail_on_their_own() -> None:
-    from serving.bundle import bundle_file
+    from tsimcne_core.bundle_format import bundle_file
 
     folder = Path("/srv/models/demo")
     assert bundle_file(folder, "model.onnx") == folder / "model.onnx"

@@ -11,14 +11,13 @@ import numpy as np
 import pytest
 from pydantic import TypeAdapter, ValidationError
 
-from serving.bundle import MANIFEST, REFERENCE_FILE, BundleError, open_bundle, sha256_file
-from serving.calibration import Calibration, CombinedCalibration, PositionCalibration
-from serving.flagging import calibrate
-from serving.flags import CombinedFlag, PositionFlag
-from serving.placing import Placer
-from training.data import load_dataset
+from training.datasets import load_dataset
+from tsimcne_core.bundle_format import MANIFEST, REFERENCE_FILE, BundleError, open_bundle, sha256_file
+from tsimcne_core.calibration import Calibration, CombinedCalibration, PositionCalibration
+from tsimcne_core.flag import CombinedFlag, PositionFlag, calibrate_position
+from tsimcne_core.placing import Placer
 
-# What `tsimcne export` wrote before the combined flag (serving/flagging.py calibrate, as a dict).
+# What `tsimcne export` wrote before the combined flag (tsimcne_core/flag.py calibrate_position, as a dict).
 OLD_POSITION_CALIBRATION = {
     "method": "kth-neighbour-distance-2d",
     "k": 15,
@@ -61,7 +60,7 @@ def test_bundles_from_before_the_combined_flag_still_open_and_place(service_bund
     bundle, data = service_bundle
     if kind == "position-only":
         with np.load(bundle / REFERENCE_FILE) as reference:
-            threshold = calibrate(reference["coords"]).threshold  # what such a bundle carries for this map
+            threshold = calibrate_position(reference["coords"]).threshold  # what such a bundle carries for this map
         old = _copy_with(bundle, tmp_path, dict(OLD_POSITION_CALIBRATION, threshold=threshold))
     elif kind == "none":
         old = _copy_with(bundle, tmp_path, None)

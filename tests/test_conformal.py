@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serving.conformal import conformal_rank, false_flag_interval, images_for_interval, threshold_at_rank
-from serving.detector import PixelModel, channel_statistics
+from training.conformal import conformal_rank, false_flag_interval, images_for_interval, threshold_at_rank
+from tsimcne_core.flag_evidence import PixelModel, channel_statistics
 
 PBC = Path(__file__).resolve().parents[2] / "shared" / "data" / "bloodcells" / "pbc_28.npz"
 

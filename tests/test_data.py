@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.data import load_dataset, parse_size
-from training.errors import DataError
+from training.data import parse_size
+from training.datasets import load_dataset
+from tsimcne_core.errors import DataError
 
 
 def test_class_folder(class_folder: Path, synthetic_arrays) -> None:
@@ -148,10 +149,10 @@ def test_real_pbc_npz(pbc_npz: Path) -> None:
 
 
 def test_exif_orientation_is_honoured_in_training_data(tmp_path: Path) -> None:
-    """Training reads files through serving/images.py, as the service does: a JPEG stored sideways with
+    """Training reads files through tsimcne_core/images.py, as the service does: a JPEG stored sideways with
     orientation 6 is trained on upright, with the pixels the service places for the same file."""
-    from serving.images import decode_image
     from tests.attack_files import stored_pixels, with_orientation
+    from tsimcne_core.images import decode_image
 
     upright = np.random.default_rng(2).integers(0, 256, size=(24, 16, 3), dtype=np.uint8)
     sideways = with_orientation(np.ascontiguousarray(np.rot90(upright, 1)), 6)

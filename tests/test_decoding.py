@@ -1,4 +1,4 @@
-"""A request's uploads decoded into the model batch with bounded memory and time (serving/decoding.py), on real
+"""A request's uploads decoded into the model batch with bounded memory and time (serving/upload_decoding.py), on real
 image files."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import time
 import numpy as np
 import pytest
 
-from serving.bundle import Preprocessing
-from serving.decoding import DeadlineExceeded, RequestTooLarge, UploadDecoder, check_request_pixels
 from serving.upload_body import Upload
+from serving.upload_decoding import DeadlineExceeded, RequestTooLarge, UploadDecoder, check_request_pixels
 from tests.attack_files import planar_tiff, solid_png
+from tsimcne_core.bundle_format import Preprocessing
 
 PREP = Preprocessing(height=16, width=16)
 MAX_PIXELS = 4_000_000

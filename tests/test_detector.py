@@ -6,20 +6,13 @@ import numpy as np
 import pytest
 
 from serving import detector as detector_module
-from serving.bundle import BundleError
-from serving.calibration import FeatureIndex
-from serving.detector import (
-    METHOD,
-    RECALL_TARGET,
-    Detector,
-    FeatureSpace,
-    calibrate_detector,
-    channel_statistics,
-    feature_index,
-    open_feature_index,
-    plan_feature_index,
-)
-from serving.neighbours import ExactIndex, FaissIndex, build_index, ivf_cells, kth_neighbour_distance, recall_at_k
+from training.flag_calibration import calibrate_detector
+from training.index_building import RECALL_TARGET, plan_feature_index, recall_at_k
+from tsimcne_core.bundle_format import BundleError
+from tsimcne_core.calibration import FeatureIndex
+from tsimcne_core.feature_index import feature_index, open_feature_index
+from tsimcne_core.flag_evidence import METHOD, Detector, FeatureSpace, channel_statistics
+from tsimcne_core.neighbours import ExactIndex, FaissIndex, build_index, ivf_cells, kth_neighbour_distance
 
 
 def _collection(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -78,7 +71,7 @@ def test_feature_space_keeps_neighbour_distances() -> None:
     features = rng.normal(size=(500, 6)) @ rng.normal(size=(6, 64))  # rank 6 in 64-D
     space = FeatureSpace.fit(features, dims=8)
     projected = space.project(features)
-    from serving.neighbours import pairwise_distances, unit_rows
+    from tsimcne_core.neighbours import pairwise_distances, unit_rows
 
     unit = unit_rows(features)
     assert np.allclose(pairwise_distances(projected[:20], projected), pairwise_distances(unit[:20], unit), atol=1e-4)
@@ -156,7 +149,7 @@ def test_a_saved_index_is_opened_memory_mapped_and_checked_against_its_record(tm
 
 @pytest.mark.parametrize("shape", [(8, 3, 784), (2, 3, 1), (3, 3, 5), (4, 3, 1024)])
 def test_percentiles_are_numpys_to_the_bit(shape) -> None:
-    from serving.detector import percentiles
+    from tsimcne_core.flag_evidence import percentiles
 
     values = (np.random.default_rng(1).integers(0, 256, shape) / 255).astype(np.float32)
     expected = np.percentile(values.astype(np.float64), [1, 99], axis=2)

@@ -16,7 +16,7 @@ from tests.conftest import ROOT
 def _torchrun_tiny_training(runs_dir: Path, *options: str) -> subprocess.CompletedProcess[str]:
     """`tsimcne train` of the tiny recipe on synthetic cells in two torchrun processes; asserts it succeeded."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    command += ["-m", "training.cli", "train", "--data", "synthetic:96", "--name", "ddp", "--runs-dir", str(runs_dir)]
+    command += ["-m", "tsimcne_cli", "train", "--data", "synthetic:96", "--name", "ddp", "--runs-dir", str(runs_dir)]
     command += ["--recipe", "tiny", "--image-size", "16", "--batch-size", "16", *options]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

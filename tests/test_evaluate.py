@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from training.errors import UserError
 from training.evaluate import map_quality
+from tsimcne_core.errors import UserError
 
 
 def _clusters(n: int, spread: float) -> tuple[np.ndarray, np.ndarray]:

@@ -13,14 +13,14 @@ import tifffile
 import torch
 from PIL import Image
 
-from serving.bundle import BundleError, open_bundle
-from serving.images import read_image, resize_rgb
-from serving.neighbours import FaissIndex
-from serving.preprocess import load_model_input
 from tests.conftest import run_cli
 from training.checkpoint import load_checkpoint
 from training.embedding import embed_images
 from training.runs import model_from_state
+from tsimcne_core.bundle_format import BundleError, open_bundle
+from tsimcne_core.images import read_image, resize_rgb
+from tsimcne_core.neighbours import FaissIndex
+from tsimcne_core.preprocess import load_model_input
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +146,7 @@ def test_unfinished_run_needs_allow_partial(run_and_bundle, tmp_path) -> None:
 def test_embed_places_training_images_at_their_reference_positions(run_and_bundle, tmp_path) -> None:
     import csv
 
-    from training.data import load_dataset
+    from training.datasets import load_dataset
 
     _, bundle = run_and_bundle
     dataset = load_dataset("synthetic:96", size=(16, 16))
@@ -179,8 +179,8 @@ def test_embed_bad_arguments(run_and_bundle, tmp_path) -> None:
 
 
 def test_bundle_carries_a_flag_calibration_and_embed_reports_it(run_and_bundle, tmp_path) -> None:
-    from serving.placing import Placer
-    from training.data import load_dataset
+    from training.datasets import load_dataset
+    from tsimcne_core.placing import Placer
 
     _, bundle = run_and_bundle
     manifest = open_bundle(bundle)
@@ -206,8 +206,8 @@ def test_unwritable_output_folder(run_and_bundle, tmp_path) -> None:
 
 
 def test_center_crop_declared_at_export_is_applied_to_new_images(run_and_bundle, tmp_path) -> None:
-    from serving.placing import Placer
-    from training.data import load_dataset
+    from training.datasets import load_dataset
+    from tsimcne_core.placing import Placer
 
     run, _ = run_and_bundle
     out = tmp_path / "cropped"
@@ -224,7 +224,7 @@ def test_center_crop_declared_at_export_is_applied_to_new_images(run_and_bundle,
 def test_embed_writes_parquet(run_and_bundle, tmp_path) -> None:
     import pyarrow.parquet as pq
 
-    from training.data import load_dataset
+    from training.datasets import load_dataset
 
     _, bundle = run_and_bundle
     Image.fromarray(load_dataset("synthetic:96", size=(16, 16)).images[0]).save(tmp_path / "a.png")
@@ -270,16 +270,16 @@ def test_export_streams_the_reference_features_and_builds_an_ivf_index_from_them
     features go to the bundle's file batch by batch, and the index is built from that file. Forced here
     at 96 images (a 40-image sample, IVF above 8 vectors): the files must agree with each other and with
     the network, and the bundle must place images."""
-    import serving.neighbours
     import training.export
-    from serving.detector import FeatureSpace
+    import tsimcne_core.neighbours
     from training.embedding import embed_images
     from training.runs import dataset_for_state, final_checkpoint_path, model_from_state
+    from tsimcne_core.flag_evidence import FeatureSpace
     from tsimcne_map import Bundle
 
     run, _ = run_and_bundle
     monkeypatch.setattr(training.export, "FEATURE_SPACE_SAMPLE", 40)
-    monkeypatch.setattr(serving.neighbours, "EXACT_LIMIT_BYTES", 8 * 4 * 128)
+    monkeypatch.setattr(tsimcne_core.neighbours, "EXACT_LIMIT_BYTES", 8 * 4 * 128)
     training.export.export_bundle(run, tmp_path / "streamed", calibration_data="synthetic:120")
     manifest = open_bundle(tmp_path / "streamed")
     assert manifest.calibration.features.index.kind == "faiss-ivf"

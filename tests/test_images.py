@@ -11,8 +11,8 @@ import pytest
 import tifffile
 from PIL import Image, ImageOps
 
-from serving.images import ImageDecodeError, decode_image, read_header, read_image, resize_rgb
 from tests.attack_files import planar_tiff, stored_pixels, tiff_claiming, with_orientation
+from tsimcne_core.images import ImageDecodeError, decode_image, read_header, read_image, resize_rgb
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The neighbour search behind one interface (serving/neighbours.py): exact results at any memory budget,
+"""The neighbour search behind one interface (tsimcne_core/neighbours.py): exact results at any memory budget,
 the map's k-d tree, save and load (memory-mapped), FAISS."""
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from serving.neighbours import (
+from training.index_building import recall_at_k, true_neighbours
+from tsimcne_core.neighbours import (
     ExactIndex,
     FaissIndex,
     NeighbourIndex,
@@ -21,9 +22,7 @@ from serving.neighbours import (
     ivf_cells,
     load_index,
     nearest_other,
-    recall_at_k,
     rows_within,
-    true_neighbours,
 )
 
 
@@ -241,7 +240,7 @@ def test_faiss_refuses_what_it_cannot_index() -> None:
 
 
 def test_the_exact_limit_is_a_byte_budget_so_wider_features_switch_to_ivf_sooner() -> None:
-    from serving.neighbours import EXACT_LIMIT_BYTES, exact_limit
+    from tsimcne_core.neighbours import EXACT_LIMIT_BYTES, exact_limit
 
     for dimensions in (2, 32, 128, 512):
         rows = exact_limit(dimensions)

@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from tests.conftest import run_cli
-from training.errors import UserError
 from training.synthetic import make_synthetic_cells
+from tsimcne_core.errors import UserError
 from tsimcne_map.archive import list_images
 from tsimcne_map.placement_table import FIELDS, placement_schema
 from tsimcne_map.ray_cluster import MISSING_RAY, import_ray, plan_actors

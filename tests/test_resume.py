@@ -21,7 +21,7 @@ ARGS += ["--checkpoint-every", "1", "--precision", "fp32"]
 
 def _start(runs: Path, name: str, args: list[str] = ARGS) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "training.cli", "train", "--name", name, "--runs-dir", str(runs), *args],
+        [sys.executable, "-m", "tsimcne_cli", "train", "--name", name, "--runs-dir", str(runs), *args],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

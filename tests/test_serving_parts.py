@@ -279,7 +279,7 @@ def test_bearer_token() -> None:
     ],
 )
 def test_public_calibration_source_has_no_folders(source: str, shown: str) -> None:
-    from serving.calibration import CombinedCalibration, public_calibration
+    from tsimcne_core.calibration import CombinedCalibration, public_calibration
 
     calibration = CombinedCalibration(
         target_false_flag_rate=0.01,
@@ -297,7 +297,7 @@ def test_public_calibration_source_has_no_folders(source: str, shown: str) -> No
 
 
 def test_cpu_quota_of_a_container_caps_the_usable_cores(tmp_path) -> None:
-    from serving.cores import cpu_quota
+    from tsimcne_core.cores import cpu_quota
 
     (tmp_path / "cpu.max").write_text("150000 100000\n")
     assert cpu_quota(tmp_path) == 1.5
@@ -348,8 +348,8 @@ def test_batcher_survives_a_model_step_that_returns_the_wrong_number_of_results(
 
 
 def test_majority_labels_break_ties_alphabetically_and_ignore_unlabelled_neighbours() -> None:
-    from serving.placing import _LabelCounter
-    from serving.reference import ReferenceSet
+    from tsimcne_core.placing import _LabelCounter
+    from tsimcne_core.reference import ReferenceSet
 
     names = np.array(["b", "a", "c"])
     labels = np.array([0, 1, 2, -1, -1, 0])

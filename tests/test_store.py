@@ -14,9 +14,10 @@ from PIL import Image
 from tests.conftest import run_cli
 from training.augment import mean_border_colour
 from training.chunks import FileRows, NpyRowWriter, gather_rows, iter_chunks, read_rows
-from training.data import MAX_IN_MEMORY_ENV, load_dataset
-from training.errors import DataError
-from training.store import META_FILE, open_store, prepare_store
+from training.data import MAX_IN_MEMORY_ENV
+from training.datasets import load_dataset
+from training.image_store import META_FILE, open_store, prepare_store
+from tsimcne_core.errors import DataError
 
 
 def _leftovers(parent: Path) -> list[str]:
@@ -168,11 +169,11 @@ def test_training_from_a_store_equals_training_from_memory(class_folder: Path, t
 
 def test_export_maps_another_collection_as_the_reference(class_folder: Path, tmp_path: Path) -> None:
     """Train on one collection, map another (a store at the run's size) as the bundle's reference."""
-    from serving.bundle import open_bundle
     from training.checkpoint import load_checkpoint
     from training.embedding import embed_images
     from training.export import reference_dataset
     from training.runs import model_from_state
+    from tsimcne_core.bundle_format import open_bundle
     from tsimcne_map import TSimCNE
 
     run = tmp_path / "runs" / "r"

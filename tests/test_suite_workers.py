@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from serving.cores import usable_cores
+from tsimcne_core.cores import usable_cores
 
 
 def test_each_worker_has_cores_of_its_own() -> None:

@@ -23,7 +23,7 @@ from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.actions.wheel_input import ScrollOrigin
 from selenium.webdriver.common.by import By
 
-from serving.map_format import MEDIA_TYPE, decode_binary
+from serving.map_wire import MEDIA_TYPE, decode_binary
 from tests.browser import (
     NEIGHBOUR_THUMBNAILS_LOADED,
     find_chromium,

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from training.chunks import iter_chunks
-from training.errors import UnknownNameError
+from tsimcne_core.errors import UnknownNameError
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Where a training step's images come from: the whole set on the device, or streamed from a store.
 
 Small in-memory data is copied to the device once as one uint8 NCHW tensor and each step indexes it
-(the fast path: no host work per step). A memory-mapped store (training/store.py), or an in-memory set
+(the fast path: no host work per step). A memory-mapped store (training/image_store.py), or an in-memory set
 above STREAM_ABOVE_BYTES, is never copied whole: each step's images are read from it in ascending
 index order (runs of neighbours in one read, training/chunks.py), put back in the permutation's order,
 and a background thread reads PREFETCH_BATCHES steps ahead. On CUDA the thread fills pinned host

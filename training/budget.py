@@ -21,24 +21,17 @@ stage 2 gets a little more here because a handful of its epochs is what places t
 
 from __future__ import annotations
 
-import copy
-import functools
 import math
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING
 
-import torch
-
-from training.errors import UserError
+from tsimcne_core.errors import UserError
 
 if TYPE_CHECKING:
-    from training.trainer import StagedTrainer
+    pass
 
 STAGE_SHARES = (0.70, 0.05, 0.25)
 SAFETY = 0.97  # leave 3 % for checkpoints, the final embedding and timing noise
-TIMED_STEPS = 3
 
 
 @dataclass(frozen=True)
@@ -191,36 +184,3 @@ def replan_remaining(plan: BudgetPlan, stage: int, elapsed_s: float, measured_st
     new_epochs = (epochs[0], epochs[1], epochs[2])
     record = StageReplan(stage, round(elapsed_s, 2), step_s, new_epochs)
     return replace(plan, step_s=step_s, epochs=new_epochs, stage_replans=(*plan.stage_replans, record))
-
-
-def time_steps(step: Callable[[], object], steps: int = TIMED_STEPS) -> float:
-    """Median seconds of `steps` calls after one untimed warm-up call."""
-    step()
-    times = []
-    for _ in range(steps):
-        started = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - started)
-    return sorted(times)[len(times) // 2]
-
-
-def measure_step_seconds(trainer: StagedTrainer) -> tuple[float, float]:
-    """Seconds per full training step and per stage-2 step, on copies of the trainer's network.
-
-    Uses the trainer's own step function, batch size, augmentation and precision, so the figure is what
-    the run will see; the copies and their optimisers are thrown away afterwards.
-    """
-    results = []
-    batch = trainer.timing_batch()
-    for frozen_trunk in (False, True):
-        model = copy.deepcopy(trainer.model)
-        if frozen_trunk:  # a throwaway generator: the global RNG (saved in checkpoints) stays untouched
-            model.to_map_output(trainer.config.out_dim, generator=torch.Generator().manual_seed(0))
-            model.head[-1].to(trainer.runtime.device)
-        model.set_trainable(last_layer_only=frozen_trunk)
-        model.train()
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.SGD(trainable, lr=1e-6, momentum=0.9)
-        step = functools.partial(trainer.train_step, trainer.wrap_model(model), optimizer, trainable, batch, 0, 0, 0)
-        results.append(time_steps(step))
-    return results[0], results[1]

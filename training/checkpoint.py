@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from training.errors import UserError
-from training.files import atomic_write
+from tsimcne_core.errors import UserError
+from tsimcne_core.files import atomic_write
 
 CHECKPOINT_FORMAT = "tsimcne-checkpoint"
 CHECKPOINT_VERSION = 1

@@ -1,6 +1,6 @@
 """Reading image arrays in bounded pieces, whether they are in memory or memory-mapped from a store.
 
-A memory-mapped array (training/store.py) is read with plain positioned reads (os.pread) instead of
+A memory-mapped array (training/image_store.py) is read with plain positioned reads (os.pread) instead of
 touching the mapping: pages touched through a mapping stay in the process's resident set until the
 kernel needs them back, so one pass over a 10 GB store would *look* like 10 GB of process memory (and
 would count against a container's limit). Reads land in the page cache instead, which is not the

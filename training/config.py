@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from training.errors import UnknownNameError, UserError, invalid_settings
+from tsimcne_core.errors import UnknownNameError, UserError, invalid_settings
 
 REFERENCE_LR_PER_256 = 0.03
 

@@ -1,5 +1,5 @@
 """Dataset readers: everything becomes RGB uint8 (N, H, W, 3) at one chosen (H, W), held in memory
-(or memory-mapped from a prepared store, training/store.py).
+(or memory-mapped from a prepared store, training/image_store.py).
 
 Sources (`load_dataset(spec, ...)`):
 - a folder of class sub-folders (labels = sub-folder names, sorted), or a flat folder (no labels);
@@ -7,17 +7,17 @@ Sources (`load_dataset(spec, ...)`):
   `train_images`/`val_images`/`test_images` layout (concatenated train, test, val as the papers do);
 - a CSV manifest with a header: a `path` column (relative to the CSV's folder) and an optional `label`;
 - `synthetic` or `synthetic:N`: the project's own synthetic cells (training/synthetic.py);
-- a store folder written by `tsimcne prepare` (training/store.py): its images are a read-only np.memmap,
+- a store folder written by `tsimcne prepare` (training/image_store.py): its images are a read-only np.memmap,
   so a collection larger than memory is read piece by piece (training/chunks.py) and never held whole.
 
 From Python (tsimcne_map.TSimCNE.fit) also: arrays (`dataset_from_arrays`) and lists of files
 (`dataset_from_files`); such a dataset is kept in the run folder with `save_dataset` (an .npz this
 module reads back), so the run resumes, evaluates and exports like any other.
 
-Files are decoded by serving/images.py, the same code the service uses, so training and serving see the
+Files are decoded by tsimcne_core/images.py, the same code the service uses, so training and serving see the
 same pixels. Holding the set in memory as uint8 is what lets augmentation run batched on the device
 (17,092 images at 28 px are 40 MB; 100,000 at 64 px are 1.2 GB). Files are decoded straight into one
-preallocated array (training/decode.py), and a folder or CSV whose decoded images would exceed
+preallocated array (training/file_decoding.py), and a folder or CSV whose decoded images would exceed
 `max_in_memory_bytes()` (4 GiB unless TSIMCNE_MAX_IN_MEMORY_BYTES says otherwise) is refused with the
 way out: a smaller --image-size, or `tsimcne prepare` to an on-disk store.
 """
@@ -34,13 +34,13 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from serving.images import IMAGE_SUFFIXES, resize_rgb, to_uint8
 from training.chunks import iter_chunks
-from training.decode import check_not_upscaled, decode_into
-from training.errors import DataError
-from training.files import atomic_savez
+from training.file_decoding import check_not_upscaled, decode_into
 from training.npz_stream import iter_member_rows, member_shape
 from training.synthetic import make_synthetic_cells
+from tsimcne_core.errors import DataError
+from tsimcne_core.files import atomic_savez
+from tsimcne_core.images import IMAGE_SUFFIXES, resize_rgb, to_uint8
 
 MIN_SIDE = 8
 DEFAULT_SYNTHETIC_SIZE = (32, 32)
@@ -254,7 +254,7 @@ def npz_plan(path: Path) -> NpzPlan:
     return NpzPlan(path, image_keys, native, label_array, names, ids)
 
 
-def _read_npz(path: Path, size, method: str, allow_upscale: bool) -> ImageDataset:
+def read_npz(path: Path, size, method: str, allow_upscale: bool) -> ImageDataset:
     """An .npz into one preallocated array, a block of rows at a time (no stacked copies)."""
     plan = npz_plan(path)
     height, width = size or plan.native_size
@@ -279,7 +279,7 @@ class FileListing:
     label_sorter: Callable[[Iterable[str]], list[str]] = sorted
 
 
-def _assemble(
+def assemble(
     listing: FileListing,
     size,
     method: str,
@@ -287,7 +287,7 @@ def _assemble(
     allow_upscale: bool,
     progress: bool | None = None,
 ) -> ImageDataset:
-    """Decode a listing straight into one preallocated array (training/decode.py)."""
+    """Decode a listing straight into one preallocated array (training/file_decoding.py)."""
     paths, source = listing.paths, listing.source
     if not paths:
         raise DataError(f"{source}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
@@ -386,7 +386,7 @@ def dataset_from_arrays(
         raise DataError(f"{source}: {len(rgb)} images but {len(ids_list)} ids")
     label_array, names = _label_indices(labels, len(rgb), source) if labels is not None else (None, [])
     rgb = _resize_all(rgb, size, resize_method, source, allow_upscale)
-    return _checked(ImageDataset(rgb, label_array, names, ids_list, source))
+    return checked(ImageDataset(rgb, label_array, names, ids_list, source))
 
 
 def dataset_from_files(
@@ -397,7 +397,7 @@ def dataset_from_files(
     skip_bad: bool = False,
     allow_upscale: bool = False,
 ) -> ImageDataset:
-    """Image files given one by one (any format serving/images.py reads); labels: one per file. Ids are
+    """Image files given one by one (any format tsimcne_core/images.py reads); labels: one per file. Ids are
     the paths relative to the files' common folder."""
     files = [Path(p).expanduser() for p in paths]
     source = f"a list of {len(files)} files"
@@ -412,7 +412,7 @@ def dataset_from_files(
     root = Path(os.path.commonpath([str(p.resolve().parent) for p in files])) if files else Path()
     files = [p.resolve() for p in files]
     listing = FileListing(files, raw, root, source, _natural_label_order)
-    return _checked(_assemble(listing, size, resize_method, skip_bad, allow_upscale))
+    return checked(assemble(listing, size, resize_method, skip_bad, allow_upscale))
 
 
 def save_dataset(dataset: ImageDataset, path: Path) -> None:
@@ -467,7 +467,7 @@ def list_csv(path: Path, skip_bad: bool) -> FileListing:
     return FileListing(paths, labels if label_column else None, path.parent, str(path), _natural_label_order)
 
 
-def _read_synthetic(spec: str, size) -> ImageDataset:
+def read_synthetic(spec: str, size) -> ImageDataset:
     _, _, count = spec.partition(":")
     try:
         n = int(count) if count else DEFAULT_SYNTHETIC_COUNT
@@ -479,42 +479,8 @@ def _read_synthetic(spec: str, size) -> ImageDataset:
     return ImageDataset(images, labels, list(names), [str(i) for i in range(n)], spec)
 
 
-def load_dataset(
-    spec: str | Path,
-    size: tuple[int, int] | None = None,
-    resize_method: str = "bicubic",
-    skip_bad: bool = False,
-    allow_upscale: bool = False,
-    progress: bool | None = None,
-) -> ImageDataset:
-    """Read any supported source; raises DataError with the file and reason on bad input. A store
-    (`tsimcne prepare`) is opened memory-mapped; `size`, when given, must be its size."""
-    from training.store import is_store, open_store
-
-    text = str(spec)
-    if text == "synthetic" or text.startswith("synthetic:"):
-        dataset = _read_synthetic(text, size)
-    else:
-        path = Path(text).expanduser()
-        if not path.exists():
-            raise DataError(f"{path}: no such file or folder")
-        if path.is_dir() and is_store(path):
-            dataset = open_store(path, size)
-        elif path.is_dir():
-            dataset = _assemble(list_folder(path), size, resize_method, skip_bad, allow_upscale, progress)
-        elif path.suffix.lower() == ".npz":
-            dataset = _read_npz(path, size, resize_method, allow_upscale)
-        elif path.suffix.lower() == ".csv":
-            dataset = _assemble(list_csv(path, skip_bad), size, resize_method, skip_bad, allow_upscale, progress)
-        else:
-            raise DataError(
-                f"{path}: unsupported data source; give a folder, a .npz, a .csv manifest, a store made by "
-                "`tsimcne prepare` or 'synthetic'"
-            )
-    return _checked(dataset)
-
-
-def _checked(dataset: ImageDataset) -> ImageDataset:
+def checked(dataset: ImageDataset) -> ImageDataset:
+    """`dataset`, refused when empty or smaller than the network can take."""
     if len(dataset) == 0:
         raise DataError(f"{dataset.source}: the dataset is empty")
     if min(dataset.size) < MIN_SIDE:

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
-from serving.cores import usable_cores
-from training.errors import UserError
+from tsimcne_core.cores import usable_cores
+from tsimcne_core.errors import UserError
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Multi-GPU (or multi-process CPU) training through torchrun.
 
-`torchrun --nproc_per_node=G -m training.cli train ...` sets RANK/WORLD_SIZE/LOCAL_RANK; each process
+`torchrun --nproc_per_node=G -m tsimcne_cli train ...` sets RANK/WORLD_SIZE/LOCAL_RANK; each process
 trains on its shard of every epoch's permutation with batch_size / G images, and the loss gathers
 all ranks' outputs so negatives span the global batch (training/loss.py). Gradients are averaged by
 DDP. NCCL on CUDA, gloo on CPU (the CPU path is what the tests exercise).

@@ -1,7 +1,7 @@
 """Inference with a trained torch network: 2-D coordinates and backbone features of uint8 images.
 
 The same arithmetic as serving's preprocessing (uint8 / 255, NCHW, fp32), which the export parity check
-relies on (serving/preprocess.py). The images are read a batch at a time (training/chunks.py), so a
+relies on (tsimcne_core/preprocess.py). The images are read a batch at a time (training/chunks.py), so a
 memory-mapped store of any size needs one batch of pixels in memory; `embed_images` holds the outputs (N x 2 and N x D
 floats) whole; `iter_embeddings` hands them over a batch at a time.
 

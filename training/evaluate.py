@@ -17,7 +17,7 @@ from sklearn.metrics import silhouette_score
 from sklearn.model_selection import train_test_split
 from sklearn.neighbors import KNeighborsClassifier
 
-from training.errors import UserError
+from tsimcne_core.errors import UserError
 
 KNN_K = 15
 HOLDOUT = 0.1

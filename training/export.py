@@ -1,4 +1,4 @@
-"""`tsimcne export`: a checkpoint -> a self-contained, verified model bundle (format: serving/bundle.py).
+"""`tsimcne export`: a checkpoint -> a self-contained, verified model bundle (format: tsimcne_core/bundle_format.py).
 
 Steps: load the final checkpoint (a stage-1/2 one only with allow_partial, marked in bundle.json);
 export the fp32 network to ONNX with a dynamic batch size; run onnxruntime and torch on up to
@@ -33,7 +33,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from serving.bundle import (
+from training.checkpoint import load_checkpoint
+from training.chunks import FileRows, NpyRowWriter, iter_chunks, read_rows
+from training.data import ImageDataset
+from training.datasets import load_dataset
+from training.embedding import embed_images, iter_embeddings
+from training.flag_calibration import calibrate_detector_and_index
+from training.plot import plot_map
+from training.runs import dataset_for_state, final_checkpoint_path, model_from_state
+from tsimcne_core.bundle_format import (
     COORDS_FILE,
     FEATURE_INDEX_FILE,
     FEATURES_FILE,
@@ -46,19 +54,14 @@ from serving.bundle import (
     Preprocessing,
     sha256_file,
 )
-from serving.calibration import CombinedCalibration
-from serving.detector import FeatureSpace, calibrate_detector_and_index, channel_statistics, feature_index
-from serving.images import resize_rgb
-from serving.neighbours import FaissIndex, NeighbourIndex
-from serving.preprocess import to_model_input
-from serving.versions import package_version
-from training.checkpoint import load_checkpoint
-from training.chunks import FileRows, NpyRowWriter, iter_chunks, read_rows
-from training.data import ImageDataset, load_dataset
-from training.embedding import embed_images, iter_embeddings
-from training.errors import UserError
-from training.plot import plot_map
-from training.runs import dataset_for_state, final_checkpoint_path, model_from_state
+from tsimcne_core.calibration import CombinedCalibration
+from tsimcne_core.errors import UserError
+from tsimcne_core.feature_index import feature_index
+from tsimcne_core.flag_evidence import FeatureSpace, channel_statistics
+from tsimcne_core.images import resize_rgb
+from tsimcne_core.neighbours import FaissIndex, NeighbourIndex
+from tsimcne_core.preprocess import to_model_input
+from tsimcne_core.versions import package_version
 
 PARITY_IMAGES = 256
 PARITY_TOLERANCE = 1e-4
@@ -221,7 +224,7 @@ def _write_projected(raw: FileRows, space: FeatureSpace, features_file: Path, bl
 def _write_serving_arrays(coords: np.ndarray, index: NeighbourIndex, staging: Path) -> list[str]:
     """The reference coordinates as a plain .npy file and the FAISS feature index (when export used
     FAISS), which serving memory-maps beside the projected features (written while embedding) so that
-    its workers share one copy (serving/reference.py); the names of the serving files."""
+    its workers share one copy (tsimcne_core/reference.py); the names of the serving files."""
     np.save(staging / COORDS_FILE, np.ascontiguousarray(coords, dtype=np.float32), allow_pickle=False)
     written = [COORDS_FILE, FEATURES_FILE]
     if isinstance(index, FaissIndex):
@@ -400,7 +403,7 @@ def reference_dataset(state: dict, reference: str | Path) -> ImageDataset:
     """The collection to map instead of the training images: a folder, CSV or .npz is resized to the
     run's image size as training did; a store must already be at that size (and resize method)."""
     from training.config import TrainConfig
-    from training.store import is_store
+    from training.image_store import is_store
 
     config = TrainConfig(**state["config"])
     size = tuple(state["dataset"]["image_size"])

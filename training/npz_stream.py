@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.errors import DataError
+from tsimcne_core.errors import DataError
 
 
 def _open_member(archive: zipfile.ZipFile, key: str, path: Path):

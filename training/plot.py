@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.files import atomic_write
+from tsimcne_core.files import atomic_write
 
 
 def plot_map(
@@ -63,8 +63,8 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     and silhouette in the subtitle once `evaluate` wrote metrics.json; returns the PNG's path."""
     import json
 
-    from training.errors import UserError
     from training.runs import read_embedding, require_run_dir
+    from tsimcne_core.errors import UserError
 
     run_dir = require_run_dir(run_dir)
     saved = read_embedding(run_dir)

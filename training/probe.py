@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from training.errors import UserError
+from tsimcne_core.errors import UserError
 
 SPLIT_SEED = 0
 SPLIT_SHARES = (0.7, 0.1, 0.2)

@@ -11,10 +11,10 @@ from typing import Any
 import numpy as np
 
 from training.checkpoint import load_checkpoint
-from training.errors import UserError
 from training.evaluate import map_quality
-from training.files import atomic_write_json
 from training.runs import dataset_for_state, final_checkpoint_path, model_from_state, read_embedding, require_run_dir
+from tsimcne_core.errors import UserError
+from tsimcne_core.files import atomic_write_json
 
 CHECKPOINT_NAMES = ("stage1", "stage2", "stage3", "last")
 

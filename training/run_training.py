@@ -23,12 +23,13 @@ import numpy as np
 from training.budget import BudgetPlan
 from training.checkpoint import load_checkpoint
 from training.config import TrainConfig, config_from
-from training.data import ImageDataset, load_dataset, save_dataset
+from training.data import ImageDataset, save_dataset
+from training.datasets import load_dataset
 from training.device import Runtime, resolve_runtime
 from training.distributed import DistInfo, init_from_env, shutdown
-from training.errors import TrainingStopped, UserError
-from training.files import atomic_write_json
 from training.network import TSimCNENet
+from tsimcne_core.errors import TrainingStopped, UserError
+from tsimcne_core.files import atomic_write_json
 
 logger = logging.getLogger("tsimcne")
 DATA_FILE = "data.npz"  # a dataset given in memory (arrays, file lists), kept with its run

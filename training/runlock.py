@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import IO
 
-from training.errors import UserError
+from tsimcne_core.errors import UserError
 
 
 def lock_path(run_dir: Path) -> Path:

@@ -9,10 +9,11 @@ import numpy as np
 import torch
 
 from training.config import TrainConfig
-from training.data import ImageDataset, load_dataset
-from training.errors import UserError
-from training.files import atomic_savez
+from training.data import ImageDataset
+from training.datasets import load_dataset
 from training.network import TSimCNENet, build_model
+from tsimcne_core.errors import UserError
+from tsimcne_core.files import atomic_savez
 
 EMBEDDING_FILE = "embedding.npz"
 

@@ -148,8 +148,8 @@ def write_synthetic_cells(out: Path, n: int, size: tuple[int, int], seed: int = 
     that already holds files."""
     from PIL import Image
 
-    from training.errors import UserError
-    from training.files import atomic_savez
+    from tsimcne_core.errors import UserError
+    from tsimcne_core.files import atomic_savez
 
     out = Path(out)
     if n < 1:

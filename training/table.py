@@ -5,8 +5,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from training.errors import UserError
-from training.files import atomic_write
+from tsimcne_core.errors import UserError
+from tsimcne_core.files import atomic_write
 
 
 def _flat(value: object) -> object:

@@ -9,6 +9,8 @@ that was never interrupted, on the same hardware and thread count.
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import hashlib
 import json
 import logging
@@ -28,19 +30,19 @@ from tqdm.auto import tqdm  # a notebook-aware bar in Jupyter, the usual one in 
 
 from training.augment import BatchAugmenter, get_preset, mean_border_colour
 from training.batches import image_source
-from training.budget import BudgetPlan, epochs_for_budget, measure_step_seconds, replan, replan_remaining
+from training.budget import BudgetPlan, epochs_for_budget, replan, replan_remaining
 from training.checkpoint import save_checkpoint
 from training.config import TrainConfig
 from training.data import ImageDataset
 from training.device import Runtime
 from training.distributed import DistInfo, all_reduce_max, all_reduce_mean, barrier
-from training.errors import UserError
-from training.files import atomic_write_json, atomic_write_text
 from training.flops import forward_flops_per_image, training_flops_per_image
 from training.global_batchnorm import use_global_batchnorm
 from training.loss import InfoNCELoss
 from training.network import build_model
 from training.schedule import effective_warmup_epochs, learning_rate
+from tsimcne_core.errors import UserError
+from tsimcne_core.files import atomic_write_json, atomic_write_text
 
 STAGE_NAMES = {1: "pre-train (128-D)", 2: "2-D output layer", 3: "fine-tune all"}
 STOP_CHECK_STEPS = 10
@@ -601,3 +603,39 @@ def format_seconds(seconds: float) -> str:
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+TIMED_STEPS = 3
+
+
+def time_steps(step: Callable[[], object], steps: int = TIMED_STEPS) -> float:
+    """Median seconds of `steps` calls after one untimed warm-up call."""
+    step()
+    times = []
+    for _ in range(steps):
+        started = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - started)
+    return sorted(times)[len(times) // 2]
+
+
+def measure_step_seconds(trainer: StagedTrainer) -> tuple[float, float]:
+    """Seconds per full training step and per stage-2 step, on copies of the trainer's network.
+
+    Uses the trainer's own step function, batch size, augmentation and precision, so the figure is what
+    the run will see; the copies and their optimisers are thrown away afterwards.
+    """
+    results = []
+    batch = trainer.timing_batch()
+    for frozen_trunk in (False, True):
+        model = copy.deepcopy(trainer.model)
+        if frozen_trunk:  # a throwaway generator: the global RNG (saved in checkpoints) stays untouched
+            model.to_map_output(trainer.config.out_dim, generator=torch.Generator().manual_seed(0))
+            model.head[-1].to(trainer.runtime.device)
+        model.set_trainable(last_layer_only=frozen_trunk)
+        model.train()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(trainable, lr=1e-6, momentum=0.9)
+        step = functools.partial(trainer.train_step, trainer.wrap_model(model), optimizer, trainable, batch, 0, 0, 0)
+        results.append(time_steps(step))
+    return results[0], results[1]

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from serving.bundle import BundleError
-from serving.images import ImageDecodeError
-from training.errors import DataError, TrainingStopped, UserError
+from tsimcne_core.bundle_format import BundleError
+from tsimcne_core.errors import DataError, TrainingStopped, UserError
+from tsimcne_core.images import ImageDecodeError
 from tsimcne_map.bundle import Bundle, PlacedImage, Placements, ReferenceMap, SkippedImage
 
 if TYPE_CHECKING:
-    from training.store import prepare_store
+    from training.image_store import prepare_store
     from tsimcne_map.estimator import TSimCNE
 
 __all__ = [
@@ -50,7 +50,7 @@ def __getattr__(name: str):
 
         return TSimCNE
     if name == "prepare_store":  # torch-free, but only the training install has its readers' extras
-        from training.store import prepare_store
+        from training.image_store import prepare_store
 
         return prepare_store
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.images import IMAGE_SUFFIXES, as_rgb, read_image
-from training.errors import DataError
+from tsimcne_core.errors import DataError
+from tsimcne_core.images import IMAGE_SUFFIXES, as_rgb, read_image
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ def collect_images(images: object, ids: Iterable[str] | None = None) -> list[Ima
         text = str(images)
         path = Path(text).expanduser()
         if path.is_dir() and (path / "meta.json").is_file():  # a store from `tsimcne prepare`
-            from training.data import load_dataset
+            from training.datasets import load_dataset
 
             dataset = load_dataset(path)
             items = [ImageItem(i, array=image) for i, image in zip(dataset.ids, dataset.images, strict=True)]
@@ -49,7 +49,7 @@ def collect_images(images: object, ids: Iterable[str] | None = None) -> list[Ima
                 raise DataError(f"{path}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
             items = [ImageItem(str(p), path=p) for p in files]
         elif _is_spec(text):
-            from training.data import load_dataset
+            from training.datasets import load_dataset
 
             dataset = load_dataset(text)
             items = [ImageItem(i, array=image) for i, image in zip(dataset.ids, dataset.images, strict=True)]

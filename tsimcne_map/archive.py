@@ -13,8 +13,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from serving.images import IMAGE_SUFFIXES
-from training.errors import DataError
+from tsimcne_core.errors import DataError
+from tsimcne_core.images import IMAGE_SUFFIXES
 
 LIST_SUFFIXES = {".txt", ".lst"}
 

@@ -7,7 +7,7 @@ works in a serving-only install (`pip install ".[serve]"`).
     placed[0].flag, placed[0].x, placed[0].neighbours[0].label
     placed.to_frame()                                            # a pandas DataFrame, one row per image
 
-The records are what the service answers (serving/placing.py `PlacedImage`, made by the same `Placer`), so
+The records are what the service answers (tsimcne_core/placing.py `PlacedImage`, made by the same `Placer`), so
 a pipeline and the HTTP service see the same fields; `filename` holds the image's id (its path, or its
 index for arrays).
 """
@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from serving.bundle import BundleManifest
-from serving.images import ImageDecodeError
-from serving.placing import DEFAULT_NEIGHBOURS, PlacedImage, Placer
-from training.errors import UserError
+from tsimcne_core.bundle_format import BundleManifest
+from tsimcne_core.errors import UserError
+from tsimcne_core.images import ImageDecodeError
+from tsimcne_core.placing import DEFAULT_NEIGHBOURS, PlacedImage, Placer
 from tsimcne_map._inputs import ImageItem, collect_images
 
 if TYPE_CHECKING:
@@ -190,7 +190,7 @@ class Bundle:
 
     def register(self) -> str:
         """Add the bundle to BentoML's model store (for `bentoml build`); returns its tag (name:version)."""
-        from serving.store import register_bundle
+        from serving.model_store import register_bundle
 
         try:
             return register_bundle(self.path)

@@ -20,19 +20,19 @@ from typing import Any
 
 import numpy as np
 
-from serving.bundle import Preprocessing
-from serving.preprocess import to_model_input
 from training.augment import get_preset
 from training.budget import parse_budget
 from training.config import RECIPES, TrainConfig, build_config
 from training.data import ImageDataset, dataset_from_arrays, dataset_from_files, parse_size
-from training.errors import DataError, UserError
 from training.run_training import (
     TrainResult,
     check_new_run_dir,
     load_resume_state,
     train_run,
 )
+from tsimcne_core.bundle_format import Preprocessing
+from tsimcne_core.errors import DataError, UserError
+from tsimcne_core.preprocess import to_model_input
 from tsimcne_map._inputs import collect_images
 from tsimcne_map.bundle import Bundle
 

@@ -2,7 +2,7 @@
 
 One process writes it as one file (`--out coords.parquet`), Ray as a folder of shards (`--out DIR`); both
 read back with `pyarrow.parquet.read_table(path)` or `pandas.read_parquet(path)`. The fields are those of
-POST /embed's answer (serving/placing.py `PlacedImage`), flattened as `PlacedImage.row()` does, plus
+POST /embed's answer (tsimcne_core/placing.py `PlacedImage`), flattened as `PlacedImage.row()` does, plus
 `index` (the image's position in the input list: Ray writes shards in no fixed order, sort by it).
 """
 
@@ -62,8 +62,8 @@ def placement_table(rows: list[dict[str, Any]], first_index: int = 0) -> pa.Tabl
 
 def write_placement_file(rows: list[dict[str, Any]], path: Path) -> None:
     """One Parquet file of the schema, written atomically."""
-    from training.errors import UserError
-    from training.files import atomic_write
+    from tsimcne_core.errors import UserError
+    from tsimcne_core.files import atomic_write
 
     try:
         import pyarrow.parquet as pq

@@ -13,8 +13,8 @@ import os
 from dataclasses import dataclass
 from types import ModuleType
 
-from serving.cores import usable_cores
-from training.errors import UserError
+from tsimcne_core.cores import usable_cores
+from tsimcne_core.errors import UserError
 
 RAY_EXTRA = "cluster"  # pyproject.toml's extra that installs Ray Data
 MISSING_RAY = (

@@ -3,12 +3,12 @@
 The unit of work is a chunk of `batch_size` listed files, the batch one process would run: so the rows
 written are the same as `Bundle.place` writes, `duplicate_of` included (it looks within a batch).
 1. `from_items`: the chunks (start index, paths as listed), spread over blocks;
-2. decoding (`decode_chunk`): read and decode each file with serving/images.py and fit it to the
-   bundle's size (serving/preprocess.py `fit_image`), as the service does; an unreadable file keeps its
+2. decoding (`decode_chunk`): read and decode each file with tsimcne_core/images.py and fit it to the
+   bundle's size (tsimcne_core/preprocess.py `fit_image`), as the service does; an unreadable file keeps its
    error text instead of pixels. With GPUs a `map` of CPU tasks anywhere in the cluster, feeding the GPU
    actors; on CPUs the actors decode their own chunks (ray_cluster.py `plan_actors` says why);
 3. `map_batches` with a pool of actors, each opening the bundle once (onnxruntime on CPU or a GPU): the
-   placement pipeline of the service and `Bundle.place` (serving/placing.py `Placer.place`), its records
+   placement pipeline of the service and `Bundle.place` (tsimcne_core/placing.py `Placer.place`), its records
    merged as `Bundle.place` merges them (tsimcne_map/bundle.py `add_batch`) and written as Arrow tables of
    tsimcne_map/placement_table.py;
 4. `write_parquet` into a temporary folder beside the output, renamed onto it when every shard is written.
@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from serving.bundle import Preprocessing, open_bundle
-from serving.images import ImageDecodeError, read_image
-from serving.preprocess import fit_image
-from training.errors import UserError
+from tsimcne_core.bundle_format import Preprocessing, open_bundle
+from tsimcne_core.errors import UserError
+from tsimcne_core.images import ImageDecodeError, read_image
+from tsimcne_core.preprocess import fit_image
 from tsimcne_map.placement_table import placement_table
 from tsimcne_map.ray_cluster import connect, import_ray, onnxruntime_has_cuda, plan_actors
 
@@ -69,7 +69,7 @@ class PlacingActor:
     """Ray actor: opens (and verifies) the bundle once, then places the decoded chunks it is handed."""
 
     def __init__(self, bundle: str, provider: str, neighbours: int, threads: int, base: str) -> None:
-        from serving.placing import Placer
+        from tsimcne_core.placing import Placer
 
         self.base = base  # the driver's working folder, for paths listed relative to it
         # spin=False: idle onnxruntime threads sleep instead of taking the CPU from the decoding tasks

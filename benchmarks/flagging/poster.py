@@ -26,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import artefacts  # noqa: E402
 
-from serving.neighbours import pairwise_distances  # noqa: E402
 from training.synthetic import make_synthetic_cells  # noqa: E402
+from tsimcne_core.neighbours import pairwise_distances  # noqa: E402
 
 SCRATCH = ROOT / "benchmarks" / "scratch" / "poster"
 KINDS = ["dust and debris", "bubble", "pen mark", "black border", "over-exposure"]
@@ -48,7 +48,7 @@ def main() -> None:
     embedding_file = SCRATCH / "runs" / "poster" / "embedding.npz"
     if "--plot-only" not in sys.argv or not embedding_file.exists():
         command = [
-            *(sys.executable, "-m", "training.cli", "train", "--data", str(data), "--name", "poster"),
+            *(sys.executable, "-m", "tsimcne_cli", "train", "--data", str(data), "--name", "poster"),
             *("--runs-dir", str(SCRATCH / "runs"), "--recipe", "demo", "--augmentation", "microscopy", "--overwrite"),
         ]
         subprocess.run(command, cwd=ROOT, check=True)
@@ -86,7 +86,7 @@ def plot(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from training.files import atomic_write
+    from tsimcne_core.files import atomic_write
 
     fig, ax = plt.subplots(figsize=(8, 7), dpi=120)
     cmap = plt.get_cmap("tab10")

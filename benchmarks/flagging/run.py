@@ -37,13 +37,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import artefacts  # noqa: E402
 
-from serving.bundle import open_bundle  # noqa: E402
-from serving.calibration import CombinedCalibration  # noqa: E402
-from serving.detector import METHOD as DETECTOR_METHOD  # noqa: E402
-from serving.detector import Detector, FeatureSpace, calibrate_detector, channel_statistics  # noqa: E402
-from serving.images import resize_rgb  # noqa: E402
-from serving.neighbours import kth_neighbour_distance, unit_rows  # noqa: E402
-from serving.preprocess import to_model_input  # noqa: E402
+from training.flag_calibration import calibrate_detector  # noqa: E402
+from tsimcne_core.bundle_format import open_bundle  # noqa: E402
+from tsimcne_core.calibration import CombinedCalibration  # noqa: E402
+from tsimcne_core.flag_evidence import METHOD as DETECTOR_METHOD  # noqa: E402
+from tsimcne_core.flag_evidence import Detector, FeatureSpace, channel_statistics  # noqa: E402
+from tsimcne_core.images import resize_rgb  # noqa: E402
+from tsimcne_core.neighbours import kth_neighbour_distance, unit_rows  # noqa: E402
+from tsimcne_core.preprocess import to_model_input  # noqa: E402
 
 PER_KIND = 200
 SHIPPED = "shipped: features + pixels + position"

@@ -16,7 +16,7 @@ PROVIDER=${PROVIDER:-cuda}
 EPOCHS=${EPOCHS:-10,3,5}
 WORK=${WORK:-$(mktemp -d)}  # WORK=DIR keeps the run and the bundle there
 mkdir -p "$RESULTS" "$WORK"
-tsimcne() { "$PY" -m training.cli "$@"; }
+tsimcne() { "$PY" -m tsimcne_cli "$@"; }
 
 if command -v nvidia-smi >/dev/null; then
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$RESULTS/gpu.txt"
@@ -29,7 +29,7 @@ echo "== train: reference network, $EPOCHS epochs, killed (SIGKILL) after 2 epoc
 started=$(date +%s)
 log="$WORK/runs/gpu/log.jsonl"
 # Python itself in the background (not the shell function), so that $! is the process the kill stops.
-"$PY" -m training.cli train --data "$DATA" --name gpu --runs-dir "$WORK/runs" --recipe reference \
+"$PY" -m tsimcne_cli train --data "$DATA" --name gpu --runs-dir "$WORK/runs" --recipe reference \
     --epochs "$EPOCHS" --device "$DEVICE" --checkpoint-every 1 --no-progress >"$RESULTS/train.log" 2>&1 &
 trainer=$!
 until [ "$(grep -c '"stage": 1' "$log" 2>/dev/null)" -ge 2 ] 2>/dev/null; do

@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.timing import best_of
-from serving.placing import Placer
+from tsimcne_core.placing import Placer
 
 
 def measure(embedder: Placer, images: np.ndarray, batches: tuple[int, ...]) -> dict:

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch
 
 from training.config import build_config
-from training.data import load_dataset
+from training.datasets import load_dataset
 from training.device import resolve_runtime
 from training.flops import peak_flops, training_flops_per_image
 from training.trainer import StagedTrainer

@@ -49,12 +49,12 @@ started=$(date +%s)
 guard=()  # GUARD=SECONDS: stop training cleanly (SIGINT: checkpoint, exit) after that long
 [ -n "${GUARD:-}" ] && guard=(timeout --signal=INT --kill-after=60 "$GUARD")
 set +e
-"${guard[@]}" "$PY" -m training.cli train --data "$DATA" --name reference --runs-dir "$WORK/runs" "${options[@]}" \
+"${guard[@]}" "$PY" -m tsimcne_cli train --data "$DATA" --name reference --runs-dir "$WORK/runs" "${options[@]}" \
     2>&1 | tee "$RESULTS/train.log"
 status=${PIPESTATUS[0]}
 if [ "$status" -ne 0 ] && [ "$status" -ne 130 ] && [ "$status" -ne 124 ] && [ -f "$run/last.pt" ]; then
     echo "== training failed ($status); resuming once with --compile off" | tee -a "$RESULTS/train.log"
-    "$PY" -m training.cli train --resume "$run" --compile off --no-progress 2>&1 | tee -a "$RESULTS/train.log"
+    "$PY" -m tsimcne_cli train --resume "$run" --compile off --no-progress 2>&1 | tee -a "$RESULTS/train.log"
     status=${PIPESTATUS[0]}
 fi
 set -e
@@ -66,8 +66,8 @@ if [ "$status" -ne 0 ]; then  # stopped (Ctrl-C / the lease's time guard) or fai
         --gpu "$(cat "$RESULTS/gpu.txt" 2>/dev/null || echo cpu)"
     exit "$status"
 fi
-"$PY" -m training.cli evaluate "$run" --linear --device "$DEVICE" 2>&1 | tee "$RESULTS/evaluate.log"
-"$PY" -m training.cli plot "$run" --out "$RESULTS/map.png"
+"$PY" -m tsimcne_cli evaluate "$run" --linear --device "$DEVICE" 2>&1 | tee "$RESULTS/evaluate.log"
+"$PY" -m tsimcne_cli plot "$run" --out "$RESULTS/map.png"
 cp "$run/log.jsonl" "$run/metrics.json" "$run/config.json" "$RESULTS/"
 "$PY" benchmarks/gpu/summarize.py "$RESULTS" --train-seconds "$((trained - started))" \
     --gpu "$(cat "$RESULTS/gpu.txt" 2>/dev/null || echo cpu)"

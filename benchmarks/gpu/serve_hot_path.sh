@@ -31,9 +31,9 @@ fi
 mkdir -p "$OUT"
 WORK=$(mktemp -d)
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
-"$PY" -m training.cli train --data "$DATA" --name serve --runs-dir "$WORK/runs" --recipe "$RECIPE" --epochs 1,1,1 \
+"$PY" -m tsimcne_cli train --data "$DATA" --name serve --runs-dir "$WORK/runs" --recipe "$RECIPE" --epochs 1,1,1 \
     --device "$DEVICE" --no-progress > "$OUT/train.log" 2>&1 || { tail "$OUT/train.log"; exit 1; }
-"$PY" -m training.cli export "$WORK/runs/serve" --out "$WORK/pbc-17k" > "$OUT/export.log" 2>&1 \
+"$PY" -m tsimcne_cli export "$WORK/runs/serve" --out "$WORK/pbc-17k" > "$OUT/export.log" 2>&1 \
     || { tail "$OUT/export.log"; exit 1; }
 status=0
 for provider in $PROVIDERS; do

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from training.evaluate import knn_accuracy  # noqa: E402
-from training.files import atomic_savez, atomic_write, atomic_write_json  # noqa: E402
+from tsimcne_core.files import atomic_savez, atomic_write, atomic_write_json  # noqa: E402
 
 PBC = ROOT.parent / "shared" / "data" / "bloodcells" / "pbc_28.npz"
 SCRATCH = Path(os.environ.get("TSIMCNE_POSTER_SCRATCH", ROOT / "benchmarks" / "scratch" / "poster"))
@@ -80,7 +80,7 @@ def train(
     final = run / ("stage1.pt" if epochs[1] == epochs[2] == 0 else "stage3.pt")
     if final.is_file():
         return run
-    cli = [sys.executable, "-m", "training.cli", "train", "--no-progress"]
+    cli = [sys.executable, "-m", "tsimcne_cli", "train", "--no-progress"]
     if (run / "last.pt").is_file():
         command = [*cli, "--resume", str(run)]
     else:

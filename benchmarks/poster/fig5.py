@@ -29,7 +29,7 @@ from common import DOCS, SCRATCH, TABLE_EPOCHS, TABLE_LR, Setting, arguments, cl
 from methods import tsimcne
 from poster import plot
 
-from training.files import atomic_savez
+from tsimcne_core.files import atomic_savez
 
 K = 15
 DEFAULT_ARTEFACT = "pen mark"

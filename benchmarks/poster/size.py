@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import DOCS, SCRATCH, Setting, arguments, load_map, markdown_table, mean_sd, plot_panels, write_report
 from methods import tsimcne
 
-from training.files import atomic_savez
 from training.synthetic import make_red_cell_sizes
+from tsimcne_core.files import atomic_savez
 
 PRESETS = ("microscopy", "microscopy-keep-size")
 N_RED_CELLS = int(os.environ.get("TSIMCNE_RED_CELLS", "3000"))

@@ -40,8 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from synthetic_features import clustered_unit_features  # noqa: E402
 
-from serving.detector import plan_feature_index  # noqa: E402
-from serving.neighbours import build_index  # noqa: E402
+from training.index_building import plan_feature_index  # noqa: E402
+from tsimcne_core.neighbours import build_index  # noqa: E402
 
 K = 15
 

@@ -32,7 +32,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 PBC = ROOT.parent / "shared" / "data" / "bloodcells" / "pbc_28.npz"
-CLI = [sys.executable, "-m", "training.cli"]
+CLI = [sys.executable, "-m", "tsimcne_cli"]
 
 
 def measured(command: list[str], log: Path) -> dict:

@@ -81,7 +81,7 @@ def main() -> None:
     args = parser.parse_args()
     files = write_pngs(args.workdir / f"pngs-{args.images}", args.images)
     folder = files[0].parent.parent
-    cli = [sys.executable, "-m", "training.cli", "embed", str(args.bundle), str(folder), "--provider", "cpu"]
+    cli = [sys.executable, "-m", "tsimcne_cli", "embed", str(args.bundle), str(folder), "--provider", "cpu"]
     cli += ["--batch-size", str(args.batch_size)]
     local_out, ray_out = args.workdir / "local.parquet", args.workdir / "ray-shards"
 

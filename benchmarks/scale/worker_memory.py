@@ -44,7 +44,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from synthetic_features import clustered_unit_features  # noqa: E402
 
-from serving.bundle import (  # noqa: E402
+from tests.conftest import run_cli  # noqa: E402
+from tests.servers import start_server  # noqa: E402
+from training.index_building import plan_feature_index  # noqa: E402
+from tsimcne_core.bundle_format import (  # noqa: E402
     COORDS_FILE,
     FEATURE_INDEX_FILE,
     FEATURES_FILE,
@@ -53,9 +56,6 @@ from serving.bundle import (  # noqa: E402
     open_bundle,
     sha256_file,
 )
-from serving.detector import plan_feature_index  # noqa: E402
-from tests.conftest import run_cli  # noqa: E402
-from tests.servers import start_server  # noqa: E402
 
 SCRATCH = ROOT / "benchmarks" / "scratch"
 ROLLUP_FIELDS = ("Rss", "Pss", "Shared_Clean", "Private_Clean", "Private_Dirty")

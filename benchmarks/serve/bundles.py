@@ -26,7 +26,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 PBC = ROOT.parent / "shared" / "data" / "bloodcells" / "pbc_28.npz"
 WORK = ROOT / "benchmarks" / "scratch" / "serve"
-CLI = [sys.executable, "-m", "training.cli"]
+CLI = [sys.executable, "-m", "tsimcne_cli"]
 
 
 def run(*args: str) -> None:

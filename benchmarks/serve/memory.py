@@ -25,10 +25,10 @@ import psutil
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from serving.bundle import REFERENCE_FILE  # noqa: E402
 from tests.browser import tile_bundle  # noqa: E402
 from tests.conftest import run_cli  # noqa: E402
 from tests.servers import start_server  # noqa: E402
+from tsimcne_core.bundle_format import REFERENCE_FILE  # noqa: E402
 
 SCRATCH = ROOT / "benchmarks" / "scratch"
 

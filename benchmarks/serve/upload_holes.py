@@ -240,7 +240,7 @@ def bundle_name_attack(source: Path, bundle: Path, work: Path) -> dict:
     finally:
         service.stop()
     home = work / "home-store"
-    register = "import sys; from serving.store import register_bundle; print(register_bundle(sys.argv[1]))"
+    register = "import sys; from serving.model_store import register_bundle; print(register_bundle(sys.argv[1]))"
     env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true", "PYTHONPATH": str(source)}
     store = subprocess.run(
         [sys.executable, "-c", register, str(copy)], cwd=source, env=env, capture_output=True, text=True

@@ -485,30 +485,6 @@ def build_faiss_index(
     return FaissIndex(vectors, kind=kind, nlist=nlist, nprobe=nprobe, refine=refine)
 
 
-def true_neighbours(exact: NeighbourIndex, queries: np.ndarray, k: int, chunk: int = 64) -> np.ndarray:
-    """(M, k) row numbers of each query's k nearest reference rows by exact search (`chunk` queries per
-    progress step; the exact index itself keeps each block of distances within its byte budget)."""
-    steps = list(blocks(len(queries), chunk))
-    return np.concatenate(
-        [exact.search(queries[rows], k)[1] for rows in tqdm(steps, desc="exact neighbours", leave=False, disable=None)]
-    )
-
-
-def recall_against(index: NeighbourIndex, truth: np.ndarray, queries: np.ndarray, k: int, chunk: int = 64) -> float:
-    """Share of each query's true k nearest reference rows (`truth`, from true_neighbours) that `index`
-    returns among its k, averaged. The truth is computed once, however many settings are tried."""
-    hits = 0
-    for rows in blocks(len(queries), chunk):
-        _, found = index.search(queries[rows], k)
-        hits += sum(len(np.intersect1d(a, b)) for a, b in zip(found, truth[rows], strict=True))
-    return hits / truth.size
-
-
-def recall_at_k(index: NeighbourIndex, exact: NeighbourIndex, queries: np.ndarray, k: int, chunk: int = 64) -> float:
-    """recall_against the true neighbours that `exact` finds."""
-    return recall_against(index, true_neighbours(exact, queries, k, chunk), queries, k, chunk)
-
-
 def load_index(path: Path) -> NeighbourIndex:
     """Reopen an index written by `NeighbourIndex.save` (FaissIndex: a `.faiss` file)."""
     if Path(path).suffix == ".faiss":

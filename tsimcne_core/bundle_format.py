@@ -12,7 +12,7 @@ models/<name>/
                    memory-mapped by serving instead of being rebuilt in every worker
   map.png          the reference map picture
   bundle.json      schema version, preprocessing, outputs, classes, provenance, parity, flag calibration
-                   (typed: serving/calibration.py), sha256 of every file
+                   (typed: tsimcne_core/calibration.py), sha256 of every file
 
 `open_bundle` refuses a bundle whose schema version it does not know, whose files do not match their
 checksums, or whose bundle.json names a file outside the folder (an absolute or `..` name, a sub-folder:
@@ -29,10 +29,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from serving.calibration import Calibration
+from tsimcne_core.calibration import Calibration
 
 # The format version of bundle.json and the files it lists, the flag's calibration included
-# (serving/calibration.py): raised whenever a reader of the previous version could not read the new one.
+# (tsimcne_core/calibration.py): raised whenever a reader of the previous version could not read the new one.
 SCHEMA_VERSION = 2  # 2: the calibration may hold false_flag_rate (issue 27); an older reader refuses it by number
 READABLE_SCHEMAS = (1, 2)
 MANIFEST = "bundle.json"
@@ -51,7 +51,7 @@ class BundleError(ValueError):
 
 
 class Preprocessing(BaseModel):
-    """How a decoded RGB uint8 image becomes the model input (see serving/preprocess.py)."""
+    """How a decoded RGB uint8 image becomes the model input (see tsimcne_core/preprocess.py)."""
 
     model_config = ConfigDict(extra="forbid")
     height: int
@@ -60,7 +60,7 @@ class Preprocessing(BaseModel):
     # Central (height, width) region taken from a raw image before resizing, when the training data
     # was made that way (BloodMNIST: 200x200 of the 360x363 originals); None = the whole image.
     center_crop: tuple[int, int] | None = None
-    channels: str = "rgb"  # grayscale repeated, alpha dropped (serving/images.py)
+    channels: str = "rgb"  # grayscale repeated, alpha dropped (tsimcne_core/images.py)
     divide_by: float = 255.0  # pixel values are divided by this (uint8 -> [0, 1])
     layout: str = "NCHW"
 
@@ -81,7 +81,7 @@ class BundleManifest(BaseModel):
     training: dict[str, Any]
     evaluation: dict[str, Any] | None = None
     parity: dict[str, Any]
-    # The flag's calibration (serving/calibration.py); None in bundles exported before the flag existed.
+    # The flag's calibration (tsimcne_core/calibration.py); None in bundles exported before the flag existed.
     calibration: Calibration | None = None
     # Class names that mean "artefact" (debris, blur, ...): images landing among them are flagged so.
     artefact_labels: list[str] = []

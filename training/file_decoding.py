@@ -1,7 +1,7 @@
 """Decoding many image files into one array, in parallel threads and in bounded pieces.
 
-The readers (training/data.py) and `tsimcne prepare` (training/store.py) both go through
-`decode_into`: files are decoded (by serving/images.py, the code the service uses) a piece at a time,
+The readers (training/data.py) and `tsimcne prepare` (training/image_store.py) both go through
+`decode_into`: files are decoded (by tsimcne_core/images.py, the code the service uses) a piece at a time,
 at most two pieces in flight, and each piece is handed to a sink that puts it in place: a preallocated
 array in memory, or the store's file on disk. No list of every decoded image is ever held, so reading
 N images needs the destination plus two pieces, not twice the data.
@@ -19,9 +19,9 @@ from typing import Protocol
 import numpy as np
 from tqdm.auto import tqdm
 
-from serving.cores import usable_cores
-from serving.images import ImageDecodeError, read_image, resize_rgb
-from training.errors import DataError
+from tsimcne_core.cores import usable_cores
+from tsimcne_core.errors import DataError
+from tsimcne_core.images import ImageDecodeError, read_image, resize_rgb
 
 PIECE_BYTES = 32 << 20  # decoded bytes per piece (two pieces are in flight)
 MAX_PIECE = 512  # images per piece at most

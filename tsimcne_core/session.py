@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.bundle import BundleError
+from tsimcne_core.bundle_format import BundleError
 
 PROVIDERS = ("auto", "cpu", "cuda")
 

@@ -1,29 +1,54 @@
-"""Which flag a bundle uses, and applying it to a batch of placed images. numpy only.
+"""The flag, in one place: its names, its rule, and the two ways a bundle scores an image. numpy only.
 
-- `CombinedFlag`: the shipped flag (serving/detector.py): features, pixels and position. Needs the
-  bundle's typed `CombinedCalibration` and the reference images' projected features.
-- `PositionFlag`: the map position alone (serving/flagging.py), for bundles exported before the
-  combined flag, without a calibration (computed from the map when opened), or whose reference has no
-  usable features (exported between the combined flag and the feature projection).
-
-An image is flagged `artefact` when most of its neighbours carry a label the bundle names as an
-artefact label, else `out_of_distribution` when its score exceeds 1.
+- The rule: an image is `artefact` when most of its map neighbours carry a label the bundle names as an
+  artefact label, else `out_of_distribution` when its score is above 1, else `in_distribution`. Every
+  score is scaled so that 1 is its calibrated threshold.
+- `CombinedFlag`: the shipped score (evidence in tsimcne_core/flag_evidence.py): features, pixels and map
+  position, calibrated together at export (training/flag_calibration.py).
+- `PositionFlag`: the map position alone, kept only to read bundles exported before the combined flag
+  (their calibration, or none: then it is computed from the map when the bundle is opened), or whose
+  reference has no usable features.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 
 import numpy as np
 
-from serving.calibration import CombinedCalibration, PositionCalibration
-from serving.detector import Detector, channel_statistics
-from serving.flagging import calibrate, score_from_kth_distance
-from serving.reference import ReferenceSet
+from tsimcne_core.calibration import DEFAULT_K, DEFAULT_TARGET_RATE, CombinedCalibration, PositionCalibration
+from tsimcne_core.flag_evidence import Detector, channel_statistics
+from tsimcne_core.neighbours import build_map_index
+from tsimcne_core.reference import ReferenceSet
 
-IN_DISTRIBUTION, OUT_OF_DISTRIBUTION, ARTEFACT = "in_distribution", "out_of_distribution", "artefact"
-FLAGS = (IN_DISTRIBUTION, OUT_OF_DISTRIBUTION, ARTEFACT)
+
+class Flag(StrEnum):
+    """Where an image landed; the values are what /embed answers, the placement table holds and the metrics
+    count."""
+
+    IN_DISTRIBUTION = "in_distribution"
+    OUT_OF_DISTRIBUTION = "out_of_distribution"
+    ARTEFACT = "artefact"
+
+
+EVIDENCE = ("features", "pixels", "position")  # the combined flag's measurements, in this order
+FLAGGED_ABOVE = 1.0  # every score is its measurement over the calibrated threshold
+
+
+def is_flagged(scores: np.ndarray) -> np.ndarray:
+    """True where a score is beyond its calibrated threshold."""
+    return np.asarray(scores) > FLAGGED_ABOVE
+
+
+def flag_names(artefact: np.ndarray, scores: np.ndarray) -> list[str]:
+    """Each image's flag by the rule above, as plain strings (the values of `Flag`)."""
+    flagged = is_flagged(scores).tolist()
+    return [
+        Flag.ARTEFACT.value if is_artefact else Flag.OUT_OF_DISTRIBUTION.value if beyond else Flag.IN_DISTRIBUTION.value
+        for is_artefact, beyond in zip(np.asarray(artefact).tolist(), flagged, strict=True)
+    ]
 
 
 @dataclass
@@ -99,7 +124,7 @@ class CombinedFlag:
         for call in call_slices(len(features), calls):
             twins = self.detector.duplicates(features[call])
             duplicates[call] = np.where(twins >= 0, twins + call.start, -1)
-        return Assessment(found.score, evidence, ("features", "pixels", "position"), duplicates)
+        return Assessment(found.score, evidence, EVIDENCE, duplicates)
 
 
 def choose_flag(
@@ -111,13 +136,45 @@ def choose_flag(
         if reference.has_features:
             return CombinedFlag(calibration, reference, gpu)
         return PositionFlag(calibration.position_only())
-    return PositionFlag(calibration if calibration is not None else calibrate(reference.coords))
+    return PositionFlag(calibration if calibration is not None else calibrate_position(reference.coords))
 
 
-def flag_names(artefact: np.ndarray, scores: np.ndarray) -> list[str]:
-    """Each image's flag: `artefact` where most of its map neighbours carry an artefact label, else
-    `out_of_distribution` where its score is above 1, else `in_distribution`."""
-    return [
-        ARTEFACT if is_artefact else OUT_OF_DISTRIBUTION if score > 1.0 else IN_DISTRIBUTION
-        for is_artefact, score in zip(np.asarray(artefact).tolist(), np.asarray(scores).tolist(), strict=True)
-    ]
+HOLDOUT = 0.1
+
+
+def calibrate_position(
+    coords: np.ndarray, k: int = DEFAULT_K, target_rate: float = DEFAULT_TARGET_RATE, seed: int = 0
+) -> PositionCalibration:
+    """Threshold on the k-th neighbour distance such that `target_rate` of held-out points exceed it."""
+    if not 0 < target_rate < 1:
+        raise ValueError(f"target_rate must be between 0 and 1, got {target_rate}")
+    n = len(coords)
+    order = np.random.default_rng(seed).permutation(n)
+    n_held = max(1, round(HOLDOUT * n))
+    held, rest = coords[order[:n_held]], coords[order[n_held:]]
+    if len(rest) < 1:
+        raise ValueError("need at least 2 reference points to calibrate")
+    distances = build_map_index(rest).kth_distance(held, k)
+    threshold = float(np.quantile(distances, 1 - target_rate))
+    return PositionCalibration(
+        k=int(min(k, len(rest))),
+        target_false_flag_rate=float(target_rate),
+        threshold=max(threshold, 1e-12),
+        holdout_images=int(n_held),
+        seed=int(seed),
+    )
+
+
+def score_from_kth_distance(
+    kth_distance: np.ndarray, calibration: PositionCalibration
+) -> tuple[np.ndarray, np.ndarray]:
+    """(score, flagged) from each point's k-th neighbour distance."""
+    scores = kth_distance / float(calibration.threshold)
+    return scores, is_flagged(scores)
+
+
+def position_scores(
+    points: np.ndarray, reference: np.ndarray, calibration: PositionCalibration
+) -> tuple[np.ndarray, np.ndarray]:
+    """(score, flagged) for each point: its k-th nearest reference point's distance on the map."""
+    return score_from_kth_distance(build_map_index(reference).kth_distance(points, calibration.k), calibration)

@@ -11,7 +11,7 @@ import re
 import shutil
 from pathlib import Path
 
-from serving.bundle import MANIFEST, BundleError, bundle_file, open_bundle, sha256_file
+from tsimcne_core.bundle_format import MANIFEST, BundleError, bundle_file, open_bundle, sha256_file
 
 
 def store_name(bundle_name: str) -> str:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.bundle import Preprocessing
-from serving.images import center_crop, read_image, resize_rgb
+from tsimcne_core.bundle_format import Preprocessing
+from tsimcne_core.images import center_crop, read_image, resize_rgb
 
 
 def fit_image(image: np.ndarray, prep: Preprocessing) -> np.ndarray:

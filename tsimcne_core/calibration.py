@@ -1,12 +1,12 @@
 """The flag's calibration: one typed model, written by `tsimcne export` into bundle.json and read by serving.
 
-It is part of the bundle schema (serving/bundle.py SCHEMA_VERSION): a change to these models that old
+It is part of the bundle schema (tsimcne_core/bundle_format.py SCHEMA_VERSION): a change to these models that old
 readers cannot read, or that old bundles do not satisfy, raises the schema version. Schema 1 bundles
 carry one of two calibrations, told apart by `method`:
 
 - `CombinedCalibration` ("features+pixels", serving/detector.py): the shipped flag, three measurements
   (network features, pixel statistics, map position) each scaled by its own threshold, and a joint one;
-- `PositionCalibration` ("kth-neighbour-distance-2d", serving/flagging.py): the first flag, the map
+- `PositionCalibration` ("kth-neighbour-distance-2d", tsimcne_core/flag.py): the first flag, the map
   position alone. Bundles exported before any flag have no calibration; serving then computes this one
   from the reference map when it opens the bundle.
 
@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from serving.public import public_source
+from tsimcne_core.public import public_source
 
 DEFAULT_K = 15  # the k-th nearest neighbour whose distance the flag measures
 DEFAULT_TARGET_RATE = 0.01  # share of clean calibration images flagged
@@ -75,7 +75,7 @@ class PositionScale(_Frozen):
 
 
 class FalseFlagInterval(_Frozen):
-    """What the calibration images say of the false-flag rate the flag really has (serving/conformal.py): the
+    """What the calibration images say of the false-flag rate the flag really has (training/conformal.py): the
     threshold is the score of rank `rank` of `images`; the realised rate on clean images of the same
     collection lies between `low` and `high` with probability `level` and is `expected` on average."""
 
@@ -127,7 +127,7 @@ class CombinedCalibration(_Frozen):
     position: PositionScale
     # None in bundles exported before it was reported (issue 27); their threshold was the plain quantile.
     false_flag_rate: FalseFlagInterval | None = Field(
-        None, description="the interval of the true false-flag rate the threshold gives (serving/conformal.py)"
+        None, description="the interval of the true false-flag rate the threshold gives (training/conformal.py)"
     )
 
     def position_only(self) -> PositionCalibration:

@@ -6,7 +6,7 @@ One image may hold up to `max_pixels`, but one request may carry `max_images` of
    the request is refused when its images hold more than `max_request_pixels` pixels together
    (`check_request_pixels`: HTTP 413) or an image is over the per-image limits (a problem naming the file:
    HTTP 422);
-2. each image is brought to the model's size (serving/preprocess.py fit_image) as soon as it is decoded,
+2. each image is brought to the model's size (tsimcne_core/preprocess.py fit_image) as soon as it is decoded,
    so a request holds the full-size pixels of one image at a time, and the fitted images are stacked into
    the float32 model batch in the same step: decoding, fitting and stacking are one hop to a decoding
    thread (or none: a request of small images, at most `inline_pixels` together, is decoded on the event
@@ -32,10 +32,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from serving.bundle import Preprocessing
-from serving.images import ImageDecodeError
-from serving.preprocess import fit_image, stack_fitted
 from serving.upload_body import Upload
+from tsimcne_core.bundle_format import Preprocessing
+from tsimcne_core.images import ImageDecodeError
+from tsimcne_core.preprocess import fit_image, stack_fitted
 
 
 class RequestTooLarge(Exception):

@@ -7,7 +7,7 @@
     STORE/skipped.json  the files left out with --skip-bad, with the reason
 
 `tsimcne prepare` writes it (folder, CSV, .npz or synthetic source, the specs load_dataset reads) with
-parallel decoding through serving/images.py, in pieces: memory stays bounded by a few pieces whatever
+parallel decoding through tsimcne_core/images.py, in pieces: memory stays bounded by a few pieces whatever
 N is. The pixels go to the file with positioned writes, not through a mapping (mapped pages would
 count as the process's memory). Everything is written in a hidden staging folder beside STORE and
 renamed into place last, meta.json being the last file written: a crash leaves no folder that looks
@@ -34,6 +34,7 @@ from training.chunks import iter_chunks
 from training.data import (
     DEFAULT_SYNTHETIC_SIZE,
     ImageDataset,
+    checked,
     fingerprint_finish,
     fingerprint_start,
     format_bytes,
@@ -43,9 +44,10 @@ from training.data import (
     list_folder,
     npz_plan,
     parse_size,
+    read_synthetic,
 )
-from training.decode import decode_into, progress_disable
-from training.errors import DataError
+from training.file_decoding import decode_into, progress_disable
+from tsimcne_core.errors import DataError
 
 STORE_FORMAT = "tsimcne-image-store"
 STORE_VERSION = 1
@@ -278,9 +280,7 @@ def _write_synced(path: Path, text: str) -> None:
 def _write_images(text, size, method, skip_bad, allow_upscale, workers, progress, open_file):
     """Decode the source into the store's image file; (labels, class names, ids, skipped, source)."""
     if text == "synthetic" or text.startswith("synthetic:"):
-        from training.data import load_dataset
-
-        dataset = load_dataset(text, size or DEFAULT_SYNTHETIC_SIZE)
+        dataset = checked(read_synthetic(text, size or DEFAULT_SYNTHETIC_SIZE))
         _copy_blocks(iter_chunks(dataset.images), len(dataset), dataset.size, open_file, progress)
         return dataset.labels, dataset.class_names, dataset.ids, [], text
     path = Path(text).expanduser()

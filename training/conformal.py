@@ -20,7 +20,7 @@ import math
 
 from scipy.stats import beta
 
-from serving.calibration import FalseFlagInterval
+from tsimcne_core.calibration import FalseFlagInterval
 
 LEVEL = 0.9  # the interval's probability
 TIGHT = 0.25  # "tight": the interval within +-25 % of the target

@@ -17,7 +17,7 @@ from typing import Annotated, Any
 
 import typer
 
-from training.errors import TrainingStopped, UserError, invalid_settings
+from tsimcne_core.errors import TrainingStopped, UserError, invalid_settings
 
 app = typer.Typer(
     name="tsimcne",
@@ -40,8 +40,8 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from pydantic import ValidationError
 
-        from serving.bundle import BundleError
-        from serving.images import ImageDecodeError
+        from tsimcne_core.bundle_format import BundleError
+        from tsimcne_core.images import ImageDecodeError
 
         try:
             return command(*args, **kwargs)
@@ -99,9 +99,9 @@ def prepare(
     progress: Annotated[bool | None, typer.Option(help="progress bar (default: when on a terminal)")] = None,
 ) -> None:
     """Decode a collection once into an on-disk store (memory-mapped by train, evaluate and export)."""
-    from serving.images import RESIZE_FILTERS
     from training.data import format_bytes
-    from training.store import prepare_store  # torch-free: importing torch alone costs ~800 MB of memory
+    from training.image_store import prepare_store  # torch-free: importing torch alone costs ~800 MB of memory
+    from tsimcne_core.images import RESIZE_FILTERS
 
     if resize_method not in RESIZE_FILTERS:
         raise UserError(f"--resize-method {resize_method!r}: choose one of {', '.join(RESIZE_FILTERS)}")

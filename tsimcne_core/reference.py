@@ -3,7 +3,7 @@ features in the bundle's feature space. numpy only; opened once per serving work
 
 reference.npz holds all of it (ids, labels, thumbnails, the feature projection, and in every bundle the
 coordinates and features too, for readers that know only it). Bundles exported since issue 14 also hold
-the coordinates and features as plain .npy files (serving/bundle.py COORDS_FILE, FEATURES_FILE), which
+the coordinates and features as plain .npy files (tsimcne_core/bundle_format.py COORDS_FILE, FEATURES_FILE), which
 are memory-mapped read-only here: the workers of one machine share one copy in the page cache instead
 of each decompressing its own.
 """
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from serving.bundle import COORDS_FILE, FEATURE_INDEX_FILE, FEATURES_FILE, BundleError
-from serving.detector import FeatureSpace
+from tsimcne_core.bundle_format import COORDS_FILE, FEATURE_INDEX_FILE, FEATURES_FILE, BundleError
+from tsimcne_core.flag_evidence import FeatureSpace
 
 
 @dataclass

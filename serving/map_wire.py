@@ -223,8 +223,8 @@ def _json_list(values: list[Any]) -> bytes:
 
 
 @dataclass
-class ReferenceMap:
-    """A bundle's reference map, held once per worker, with its wire forms made once and kept.
+class MapOnTheWire:
+    """A bundle's reference map as GET /map sends it, held once per worker, its wire forms made once and kept.
 
     The arrays are the placer's own (no copies). The binary form and its gzip are kept once made
     (`prepare` makes them at start-up); the JSON is kept for maps up to JSON_CACHE_POINTS points and

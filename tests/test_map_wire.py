@@ -1,4 +1,4 @@
-"""The wire forms of GET /map (serving/map_format.py): the binary block read back exactly, the JSON form
+"""The wire forms of GET /map (serving/map_wire.py): the binary block read back exactly, the JSON form
 still the MapResponse schema, streamed JSON equal to the kept one, and bad blocks named as such."""
 
 from __future__ import annotations
@@ -11,28 +11,28 @@ import numpy as np
 import pytest
 
 from serving.api_models import MapResponse
-from serving.map_format import (
+from serving.map_route import accepts_gzip
+from serving.map_wire import (
     MAGIC,
     UNLABELLED,
     MapFormatError,
-    ReferenceMap,
+    MapOnTheWire,
     decode_binary,
     encode_binary,
     encode_ids,
 )
-from serving.map_route import accepts_gzip
 
 CLASSES = ["basophil", "eosinophil", "lymphocyte"]
 
 
-def _map(n: int, seed: int = 0, ids: list[str] | None = None) -> ReferenceMap:
+def _map(n: int, seed: int = 0, ids: list[str] | None = None) -> MapOnTheWire:
     rng = np.random.default_rng(seed)
     coords = (rng.normal(size=(n, 2)) * 30).astype(np.float32)
     labels = rng.integers(-1, len(CLASSES), n)
     ids_array = np.array(
         ids if ids is not None else [f"{CLASSES[max(k, 0)]}/{i:06d}.png" for i, k in enumerate(labels)]
     )
-    return ReferenceMap("pbc", CLASSES, coords, labels, ids_array)
+    return MapOnTheWire("pbc", CLASSES, coords, labels, ids_array)
 
 
 def test_binary_round_trip_is_exact() -> None:
@@ -72,7 +72,7 @@ def test_sections_are_aligned_little_endian_typed_arrays() -> None:
 @pytest.mark.parametrize("n", [0, 1, 5, 70_000])
 def test_json_is_the_map_response_schema_for_any_size(n: int, monkeypatch) -> None:
     """Small maps keep their JSON; large ones stream it in pieces: the same document either way."""
-    import serving.map_format as map_format
+    import serving.map_wire as map_format
 
     the_map = _map(n, seed=2)
     kept = the_map.json()
@@ -95,7 +95,7 @@ def test_json_is_the_map_response_schema_for_any_size(n: int, monkeypatch) -> No
 
 
 def test_a_one_dimensional_map_and_bytes_ids() -> None:
-    the_map = ReferenceMap(
+    the_map = MapOnTheWire(
         "line", ["a"], np.array([[1.5], [2.5]], np.float32), np.array([0, -1]), np.array([b"p", b"q"])
     )
     back = decode_binary(the_map.binary())

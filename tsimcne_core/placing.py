@@ -8,10 +8,10 @@ image. Near-duplicates are looked for within each *call* (an HTTP request, a bat
 batch that gathers several requests still reports a duplicate only between images of the same request.
 
 `Placer` composes the parts, each with one job:
-- serving/session.py `ModelSession`: the execution provider and the onnxruntime session;
-- serving/reference.py `ReferenceSet`: the reference map (reference.npz and its memory-mapped arrays);
-- serving/neighbours.py `build_map_index`: the nearest-neighbour search on the map (a k-d tree);
-- serving/flags.py `choose_flag`: which flag the bundle's calibration supports, and applying it.
+- tsimcne_core/session.py `ModelSession`: the execution provider and the onnxruntime session;
+- tsimcne_core/reference.py `ReferenceSet`: the reference map (reference.npz and its memory-mapped arrays);
+- tsimcne_core/neighbours.py `build_map_index`: the nearest-neighbour search on the map (a k-d tree);
+- tsimcne_core/flag.py `choose_flag`: which flag the bundle's calibration supports, and applying it.
 """
 
 from __future__ import annotations
@@ -20,22 +20,19 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import numpy as np
 from pydantic import Field
 
-from serving.bundle import MODEL_FILE, REFERENCE_FILE, BundleManifest, open_bundle
-from serving.flags import choose_flag, flag_names
-from serving.neighbours import build_map_index
-from serving.preprocess import fit_image, stack_fitted
-from serving.reference import ReferenceSet
-from serving.session import ModelSession
+from tsimcne_core.bundle_format import MODEL_FILE, REFERENCE_FILE, BundleManifest, open_bundle
+from tsimcne_core.flag import Flag, choose_flag, flag_names
+from tsimcne_core.neighbours import build_map_index
+from tsimcne_core.preprocess import fit_image, stack_fitted
+from tsimcne_core.reference import ReferenceSet
+from tsimcne_core.session import ModelSession
 
 DEFAULT_NEIGHBOURS = 5  # nearest reference images reported per image (CLI, service and API default)
-EVIDENCE = ("features", "pixels", "position")  # the flag's measurements, in the order of the records
-
-Flag = Literal["in_distribution", "out_of_distribution", "artefact"]
 
 
 @dataclass(slots=True)
