@@ -12,13 +12,16 @@ demands it: then the service refuses to start without one) and on the CPU otherw
 200 only after that and one warm-up run. Bad input is answered 4xx with {"error": ...} naming the file,
 field or limit; the worker stays up.
 
-Importing this module does nothing but define things: the settings are read, the bundle checked and the
-service class made when `MapService` is first asked for (`bentoml serve` does that at start-up, in its
-own process and in each worker), so tests and tools import it freely.
+`MapService` is defined at module level, as BentoML's examples write it, and importing this module does
+nothing else: the settings are read, the bundle checked and the workers, guards and tracing configured when
+the server starts (`MapServiceDefinition.inject_config`, which `bentoml serve` and `bentoml build` call, and
+each worker), and the bundle opened in each worker's `MapService()`. Tests and tools import it freely; the
+/embed body is `EmbedHandler` (serving/embed_route.py), a plain class they can drive in-process.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -66,9 +69,10 @@ def _prepare_environment(threads: int) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
 
 
-def _settings() -> ServiceSettings:
-    """The settings from `--arg` and TSIMCNE_* variables; a bad or missing one stops `bentoml serve`
-    with one line (this runs at start-up, as the program's entry point)."""
+@functools.cache
+def service_settings() -> ServiceSettings:
+    """The settings from `--arg` and TSIMCNE_* variables, read once per process when the server starts; a bad
+    or missing one stops `bentoml serve` with one line (this runs at start-up, as the program's entry point)."""
     try:
         settings = load_settings(vars(bentoml.use_arguments()))
     except SettingsError as exc:
@@ -136,14 +140,42 @@ web.include_router(page_router(thumbnails=lambda: bentoml.get_current_service().
 
 
 class MapServiceDefinition(bentoml.Service):
-    """BentoML's service object with POST /embed answered in front of BentoML's app (serving/embed_route.py).
+    """BentoML's service object for MapService, configured from the settings when the server starts.
 
-    `@bentoml.service(service_class=...)` is BentoML's hook for this: `to_asgi` is what each worker serves,
-    so the hot route wraps it there and every other route is BentoML's own, unchanged."""
+    BentoML calls `inject_config` in `bentoml serve` (before it starts workers), in `bentoml build` and in
+    each worker (from `to_asgi`): the settings are read there, the first time, and give the workers, the
+    access log, tracing, the guards' middlewares and the stored bundle `bentoml build` packages. `to_asgi`
+    (what each worker serves) puts POST /embed in front of BentoML's app (serving/embed_route.py), so the
+    hot route skips BentoML's middlewares and every other route is BentoML's own, unchanged."""
+
+    def inject_config(self) -> None:
+        if not getattr(self, "_configured", False):
+            self._configure(service_settings())
+            object.__setattr__(self, "_configured", True)
+        super().inject_config()
+
+    def _configure(self, settings: ServiceSettings) -> None:
+        plan = worker_plan(settings)
+        _prepare_environment(plan.threads)
+        _check_bundle_before_start(settings)
+        self.config.update(
+            workers=plan.workers,
+            logging={"access": {"enabled": settings.access_log}},
+            tracing=_tracing(settings),
+        )
+        if settings.model_tag is not None:  # `bentoml build` packages the stored bundle into the Bento
+            self.models.append(bentoml.models.BentoModel(settings.model_tag))
+        # Outermost first: an unauthenticated request is refused before its body is read.
+        self.add_asgi_middleware(BearerTokenAuth, token=settings.api_token)
+        self.add_asgi_middleware(
+            BodySizeLimit,
+            max_bytes=settings.max_upload_bytes,
+            on_reject=metrics.REJECTED_REQUESTS.labels(reason="too_large").inc,
+        )
 
     def to_asgi(self, is_main: bool = True):
         app = super().to_asgi(is_main)
-        settings: ServiceSettings = self.inner.settings
+        settings = service_settings()
         route = EmbedRoute(
             app,
             _current_handler,
@@ -177,145 +209,108 @@ def _tracing(settings: ServiceSettings) -> dict:
     return {"sample_rate": settings.tracing_sample_rate}
 
 
-def build_service(settings: ServiceSettings):
-    """The BentoML service for `settings`: its class (workers, the stored bundle it packages) and its
-    middlewares depend on them, so it is made here, at start-up, not when the module is imported."""
-    plan = worker_plan(settings)
+@bentoml.asgi_app(web, path="/")
+@bentoml.service(name="tsimcne", traffic={"timeout": 120}, service_class=MapServiceDefinition)
+class MapService:
+    """Place microscopy images on a t-SimCNE map and flag those that land away from the collection."""
 
-    @bentoml.asgi_app(web, path="/")
-    @bentoml.service(
-        name="tsimcne",
-        workers=plan.workers,
-        traffic={"timeout": 120},
-        logging={"access": {"enabled": settings.access_log}},
-        tracing=_tracing(settings),
-        service_class=MapServiceDefinition,
-    )
-    class MapService:
-        """Place microscopy images on a t-SimCNE map and flag those that land away from the collection."""
+    def __init__(self) -> None:
+        self.ready = False
+        self.settings = service_settings()  # read when the worker starts, once per process
+        self.plan = worker_plan(self.settings)
+        try:
+            self._open_bundle()
+        except BundleError as exc:
+            logger.error("cannot serve: %s", exc)
+            _stop_server()
+            raise
+        self.ready = True
 
-        if settings.model_tag is not None:
-            # Declared on the class so that `bentoml build` packages the bundle into the Bento.
-            stored_bundle = bentoml.models.BentoModel(settings.model_tag)
+    def _open_bundle(self) -> None:
+        settings, plan = self.settings, self.plan
+        folder = _bundle_folder(settings)
+        set_faiss_threads(plan.threads)
+        placer = Placer(
+            folder, provider=settings.provider, neighbours=settings.neighbours, threads=plan.threads,
+            spin=settings.spin,
+        )  # fmt: skip
+        manifest = placer.manifest
+        self.placer = placer
+        self.bundle_sha256 = sha256_file(folder / MANIFEST)
+        logger.info(
+            "serving bundle %s (%s, sha256 %s) with onnxruntime %s; %s",
+            manifest.name, folder, self.bundle_sha256[:12], placer.provider, plan.describe(),
+        )  # fmt: skip
+        # Where the feature index came from (the bundle's file, memory-mapped, or rebuilt) and its device.
+        logger.info("neighbour index: %s", json.dumps(placer.neighbour_index))
+        metrics.BUNDLE_INFO.labels(manifest.name, self.bundle_sha256, placer.provider).set(1)
+        metrics.initialise(manifest.class_names)
+        reference = placer.reference
+        self.reference_map = MapOnTheWire(
+            manifest.name, manifest.class_names, reference.coords, reference.label_indices, reference.ids
+        )
+        self.reference_map.prepare()  # the page's binary /map, made once per worker before /readyz says yes
+        self.thumbnails = Thumbnails(folder / REFERENCE_FILE)
+        self.info = self._info()
+        # Warm-up: the first onnxruntime run allocates, the indexes page in; before /readyz says yes.
+        placer.warm_up()
+        self.embed_handler = EmbedHandler(placer, self.bundle_sha256, settings)
 
-        def __init__(self) -> None:
-            self.ready = False
-            try:
-                self._open_bundle()
-            except BundleError as exc:
-                logger.error("cannot serve: %s", exc)
-                _stop_server()
-                raise
-            self.ready = True
+    def __is_ready__(self) -> bool:
+        return self.ready
 
-        def _open_bundle(self) -> None:
-            folder = _bundle_folder(settings)
-            set_faiss_threads(plan.threads)
-            placer = Placer(
-                folder, provider=settings.provider, neighbours=settings.neighbours, threads=plan.threads,
-                spin=settings.spin,
-            )  # fmt: skip
-            manifest = placer.manifest
-            self.placer = placer
-            self.bundle_sha256 = sha256_file(folder / MANIFEST)
-            logger.info(
-                "serving bundle %s (%s, sha256 %s) with onnxruntime %s; %s",
-                manifest.name, folder, self.bundle_sha256[:12], placer.provider, plan.describe(),
-            )  # fmt: skip
-            # Where the feature index came from (the bundle's file, memory-mapped, or rebuilt) and its device.
-            logger.info("neighbour index: %s", json.dumps(placer.neighbour_index))
-            metrics.BUNDLE_INFO.labels(manifest.name, self.bundle_sha256, placer.provider).set(1)
-            metrics.initialise(manifest.class_names)
-            reference = placer.reference
-            self.reference_map = MapOnTheWire(
-                manifest.name, manifest.class_names, reference.coords, reference.label_indices, reference.ids
-            )
-            self.reference_map.prepare()  # the page's binary /map, made once per worker before /readyz says yes
-            self.thumbnails = Thumbnails(folder / REFERENCE_FILE)
-            self.info = self._info()
-            # Warm-up: the first onnxruntime run allocates, the indexes page in; before /readyz says yes.
-            placer.warm_up()
-            self.embed_handler = EmbedHandler(placer, self.bundle_sha256, settings)
-
-        def __is_ready__(self) -> bool:
-            return self.ready
-
-        def _info(self) -> InfoResponse:
-            manifest = self.placer.manifest
-            service_versions = installed_versions(
-                ("tsimcne-map", "bentoml", "onnxruntime", "onnxruntime-gpu", "numpy", "faiss-cpu", "faiss-gpu-cu12")
-            )
-            return InfoResponse(
-                bundle=manifest.name,
-                bundle_sha256=self.bundle_sha256,
-                created=manifest.created,
-                classes=manifest.class_names,
-                artefact_labels=manifest.artefact_labels,
-                reference_images=len(self.placer.reference),
-                image_size=(manifest.preprocessing.height, manifest.preprocessing.width),
-                provider=self.placer.provider,
-                neighbours=self.placer.k,
-                neighbour_index=self.placer.neighbour_index,
-                calibration=public_calibration(self.placer.calibration),
-                evaluation=public_evaluation(manifest.evaluation),
-                partial=manifest.partial,
-                limits=Limits(
-                    max_images=settings.max_images,
-                    max_upload_bytes=settings.max_upload_bytes,
-                    max_pixels=settings.max_pixels,
-                    max_request_pixels=settings.max_request_pixels,
-                    request_budget_s=settings.request_budget_s,
-                ),
-                auth_required=settings.api_token is not None,
-                versions={"bundle": manifest.versions, "service": service_versions},
-            )
-
-        @bentoml.api(route=EMBED_ROUTE)
-        async def embed(
-            self,
-            images: list[UploadedFile] = Field(  # noqa: B008 - pydantic field declaration, evaluated once
-                default_factory=list, description="image files (PNG, JPEG, TIFF incl. 16-bit, grayscale, RGBA)"
+    def _info(self) -> InfoResponse:
+        settings, manifest = self.settings, self.placer.manifest
+        service_versions = installed_versions(
+            ("tsimcne-map", "bentoml", "onnxruntime", "onnxruntime-gpu", "numpy", "faiss-cpu", "faiss-gpu-cu12")
+        )
+        return InfoResponse(
+            bundle=manifest.name,
+            bundle_sha256=self.bundle_sha256,
+            created=manifest.created,
+            classes=manifest.class_names,
+            artefact_labels=manifest.artefact_labels,
+            reference_images=len(self.placer.reference),
+            image_size=(manifest.preprocessing.height, manifest.preprocessing.width),
+            provider=self.placer.provider,
+            neighbours=self.placer.k,
+            neighbour_index=self.placer.neighbour_index,
+            calibration=public_calibration(self.placer.calibration),
+            evaluation=public_evaluation(manifest.evaluation),
+            partial=manifest.partial,
+            limits=Limits(
+                max_images=settings.max_images,
+                max_upload_bytes=settings.max_upload_bytes,
+                max_pixels=settings.max_pixels,
+                max_request_pixels=settings.max_request_pixels,
+                request_budget_s=settings.request_budget_s,
             ),
-        ) -> EmbedResponse:
-            """Place images on the map: position, flag and score, nearest reference images, majority label.
+            auth_required=settings.api_token is not None,
+            versions={"bundle": manifest.versions, "service": service_versions},
+        )
 
-            Send the files as multipart/form-data in the field `images` (one or many), or one image as the
-            whole body with `Content-Type: image/png` (`image/jpeg`, `image/tiff`, `image/gif`, `image/bmp`,
-            `image/webp` or `application/octet-stream`) and its name in `?filename=`.
-            Errors are JSON `{"error": "...", "detail": [{"file", "error"}]}`: 400 empty request, wrong
-            multipart field, text instead of a file, malformed body; 401 missing or wrong bearer token (when
-            the service has one); 405 not a POST; 408 the body did not arrive within body_timeout_s; 413 body
-            over max_upload_mb, more than max_images files, or images holding more than max_request_pixels
-            pixels together; 415 neither multipart/form-data nor an image type; 422 a file that is not a
-            usable image or is over max_pixels (`detail` names each such file); 503 when the request's time
-            budget (request_budget_s) ran out before it was placed.
-            """
-            # Over HTTP, POST /embed never gets here: serving/embed_route.py answers it in front of BentoML.
-            # This method declares the route's schema (OpenAPI, BentoML's clients) and serves in-process calls
-            # with the same handler.
-            answer = await self.embed_handler.answer_files(images)
-            return Response(answer.body, answer.status, answer.headers, media_type="application/json")
+    @bentoml.api(route=EMBED_ROUTE)
+    async def embed(
+        self,
+        images: list[UploadedFile] = Field(  # noqa: B008 - pydantic field declaration, evaluated once
+            default_factory=list, description="image files (PNG, JPEG, TIFF incl. 16-bit, grayscale, RGBA)"
+        ),
+    ) -> EmbedResponse:
+        """Place images on the map: position, flag and score, nearest reference images, majority label.
 
-    MapService.inner.settings = settings  # read by MapServiceDefinition.to_asgi in each worker
-    # Outermost first: an unauthenticated request is refused before its body is read.
-    MapService.add_asgi_middleware(BearerTokenAuth, token=settings.api_token)
-    MapService.add_asgi_middleware(
-        BodySizeLimit,
-        max_bytes=settings.max_upload_bytes,
-        on_reject=metrics.REJECTED_REQUESTS.labels(reason="too_large").inc,
-    )
-    return MapService
-
-
-def __getattr__(name: str):
-    """`serving.service:MapService`, made on first access (module-level __getattr__, PEP 562): what
-    `bentoml serve` and `bentoml build` ask for at start-up. Settings problems and a missing or damaged
-    bundle stop `bentoml serve` there with one line and exit code 1."""
-    if name != "MapService":
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    settings = _settings()
-    _prepare_environment(worker_plan(settings).threads)
-    _check_bundle_before_start(settings)
-    service = build_service(settings)
-    globals()["MapService"] = service  # later look-ups (and BentoML's own search of the module) find it
-    return service
+        Send the files as multipart/form-data in the field `images` (one or many), or one image as the
+        whole body with `Content-Type: image/png` (`image/jpeg`, `image/tiff`, `image/gif`, `image/bmp`,
+        `image/webp` or `application/octet-stream`) and its name in `?filename=`.
+        Errors are JSON `{"error": "...", "detail": [{"file", "error"}]}`: 400 empty request, wrong
+        multipart field, text instead of a file, malformed body; 401 missing or wrong bearer token (when
+        the service has one); 405 not a POST; 408 the body did not arrive within body_timeout_s; 413 body
+        over max_upload_mb, more than max_images files, or images holding more than max_request_pixels
+        pixels together; 415 neither multipart/form-data nor an image type; 422 a file that is not a
+        usable image or is over max_pixels (`detail` names each such file); 503 when the request's time
+        budget (request_budget_s) ran out before it was placed.
+        """
+        # Over HTTP, POST /embed never gets here: serving/embed_route.py answers it in front of BentoML.
+        # This method declares the route's schema (OpenAPI, BentoML's clients) and serves in-process calls
+        # with the same handler.
+        answer = await self.embed_handler.answer_files(images)
+        return Response(answer.body, answer.status, answer.headers, media_type="application/json")

@@ -1,13 +1,14 @@
-"""The shipped flag (serving/detector.py): calibrated false-flag rate, each kind of evidence, duplicates."""
+"""The shipped flag (tsimcne_core/flag_evidence.py, calibrated by training/flag_calibration.py): calibrated
+false-flag rate, each kind of evidence, duplicates."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from serving import detector as detector_module
 from training.flag_calibration import calibrate_detector
 from training.index_building import RECALL_TARGET, plan_feature_index, recall_at_k
+from tsimcne_core import feature_index as feature_index_module
 from tsimcne_core.bundle_format import BundleError
 from tsimcne_core.calibration import FeatureIndex
 from tsimcne_core.feature_index import feature_index, open_feature_index
@@ -117,7 +118,7 @@ def test_bundles_without_an_index_record_or_without_faiss_are_searched_exactly(m
         kind="faiss-ivf", nlist=12, nprobe=4, refine=4, reference_size=500, recall=0.995, recall_k=15, recall_queries=50
     )
     assert isinstance(feature_index(reference, record), FaissIndex)
-    monkeypatch.setattr(detector_module, "faiss_available", lambda: False)  # opened where faiss-cpu is missing
+    monkeypatch.setattr(feature_index_module, "faiss_available", lambda: False)  # opened where faiss-cpu is missing
     assert isinstance(feature_index(reference, record), ExactIndex)
 
 

@@ -241,8 +241,9 @@ def test_map_info_and_openapi(server, service_bundle) -> None:
     assert interval["low"] < 0.01 < interval["high"] and interval["images"] == info["calibration"]["images"]
     assert info["artefact_labels"] == ["thromboid"] and not info["auth_required"]
     assert {"/embed", "/map", "/info", "/readyz", "/metrics"} <= set(spec["paths"])
-    flag = spec["components"]["schemas"]["PlacedImage"]["properties"]["flag"]
-    assert set(flag["enum"]) == {"in_distribution", "out_of_distribution", "artefact"}
+    flag = spec["components"]["schemas"]["PlacedImage"]["properties"]["flag"]  # one enum, named for clients
+    assert flag["$ref"].rsplit("/", 1)[1] == "Flag"
+    assert set(spec["components"]["schemas"]["Flag"]["enum"]) == {"in_distribution", "out_of_distribution", "artefact"}
 
 
 def test_bearer_token_guards_everything_but_health(service_bundle, tmp_path, cell) -> None:

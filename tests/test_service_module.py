@@ -1,5 +1,6 @@
-"""serving/service.py does nothing at import: no settings read, no bundle hashed, no environment changed.
-The service is made when `MapService` is asked for, as `bentoml serve` does at start-up."""
+"""serving/service.py defines `MapService` at module level and does nothing else at import: no settings read,
+no bundle hashed, no environment changed. The settings are read when the server starts (`inject_config`,
+which `bentoml serve` and `bentoml build` call)."""
 
 from __future__ import annotations
 
@@ -17,34 +18,39 @@ def _python(code: str, **env: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_importing_the_service_module_does_no_work() -> None:
+def test_importing_the_service_module_defines_the_service_and_does_no_work() -> None:
     result = _python(
-        "import os, serving.service as s\n"
+        "import os, bentoml, serving.service as s\n"
         "assert 'OPENBLAS_NUM_THREADS' not in os.environ, 'environment changed at import'\n"
-        "assert 'MapService' not in vars(s), 'service made at import'\n"
-        "print('imported cleanly')",
+        "assert isinstance(s.MapService, bentoml.Service) and s.MapService.name == 'tsimcne'\n"
+        "assert s.service_settings.cache_info().currsize == 0, 'settings read at import'\n"
+        "print(sorted(s.MapService.apis))",
         TSIMCNE_MAX_IMAGES="not a number",  # would stop the process if settings were read at import
     )
     assert result.returncode == 0, result.stderr
-    assert "imported cleanly" in result.stdout
+    assert "['embed']" in result.stdout
 
 
-def test_asking_for_the_service_reads_the_settings_then() -> None:
-    result = _python("import serving.service as s\ns.MapService", TSIMCNE_MAX_IMAGES="not a number")
+def test_starting_the_server_reads_the_settings_then() -> None:
+    result = _python("import serving.service as s\ns.MapService.inject_config()", TSIMCNE_MAX_IMAGES="not a number")
     assert result.returncode == 1 and "TSIMCNE_MAX_IMAGES" in result.stderr and "Traceback" not in result.stderr
-    result = _python("import serving.service as s\ns.MapService")
+    result = _python("import serving.service as s\ns.MapService.inject_config()")
     assert result.returncode == 1 and "error: no bundle to serve" in result.stderr
 
 
-def test_the_service_is_made_for_a_bundle_at_start_up(service_bundle) -> None:
+def test_the_settings_configure_the_service_at_start_up(service_bundle) -> None:
     bundle, _ = service_bundle
     result = _python(
         "import os, serving.service as s\n"
-        "service = s.MapService\n"
-        "assert s.MapService is service and service.name == 'tsimcne'\n"
+        "s.MapService.inject_config()\n"
+        "s.MapService.inject_config()  # every worker calls it again: configured once\n"
         "assert os.environ['OPENBLAS_NUM_THREADS'] == '1'\n"
-        "print(sorted(service.apis))",
+        "assert s.MapService.config['workers'] == 3, s.MapService.config\n"
+        "assert s.MapService.config['logging'] == {'access': {'enabled': True}}\n"
+        "print(len(s.MapService.middlewares))",
         TSIMCNE_BUNDLE=str(bundle),
+        TSIMCNE_WORKERS="3",
+        TSIMCNE_ACCESS_LOG="true",
     )
     assert result.returncode == 0, result.stderr
-    assert "['embed']" in result.stdout
+    assert result.stdout.split() == ["2"]  # the token guard and the body-size guard, each once

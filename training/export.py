@@ -67,7 +67,7 @@ PARITY_IMAGES = 256
 PARITY_TOLERANCE = 1e-4
 THUMBNAIL_SIDE = 32
 MAX_BATCH = 4096
-FEATURE_SPACE_SAMPLE = 20_000  # images whose raw features fit the projection (serving/detector.py FeatureSpace)
+FEATURE_SPACE_SAMPLE = 20_000  # images whose raw features fit the projection (flag_evidence.FeatureSpace)
 RAW_FEATURES_FILE = ".raw_features.npy"  # the network's features before projection, while exporting
 
 
@@ -142,7 +142,7 @@ def _append_member(archive_file: Path, name: str, dtype: np.dtype, shape: tuple[
 
 
 def _statistics(images: np.ndarray, prep: Preprocessing) -> np.ndarray:
-    """serving/detector.py channel_statistics of the model input of uint8 images, computed a piece at a
+    """tsimcne_core/flag_evidence.py channel_statistics of the model input of uint8 images, computed a piece at a
     time into one float32 array (27 values an image: 108 MB at 10^6 images; they only feed the pixel
     model's mean and covariance, which are fitted in float64)."""
     statistics = None
@@ -206,7 +206,7 @@ def _embed_reference(model: torch.nn.Module, images: np.ndarray, raw_file: Path)
 
 
 def _feature_space(raw: FileRows) -> FeatureSpace:
-    """The projection of the backbone features (serving/detector.py FeatureSpace), fitted on a seeded
+    """The projection of the backbone features (tsimcne_core/flag_evidence.py FeatureSpace), fitted on a seeded
     sample of FEATURE_SPACE_SAMPLE images' raw features."""
     rows = np.random.default_rng(0).permutation(len(raw))[:FEATURE_SPACE_SAMPLE]
     return FeatureSpace.fit(raw[rows], sample=FEATURE_SPACE_SAMPLE)
@@ -246,7 +246,7 @@ def export_bundle(
     """center_crop: how new raw images must be cropped to look like the training data (if it was cropped).
     artefact_labels: class names that mean "artefact"; images landing among them are flagged so.
     calibration_data: images of the same collection the network never saw, for the flag's calibration
-    (serving/detector.py); without it 10 % of the reference images are left out of the reference.
+    (tsimcne_core/flag_evidence.py); without it 10 % of the reference images are left out of the reference.
     reference: the collection to map as the bundle's reference (any data spec or store at the run's
     image size; default: the training images)."""
     out = Path(out)
@@ -374,7 +374,7 @@ def _write_reference(dataset, coords: np.ndarray, projected: FileRows, space: Fe
     reference["feature_mean"], reference["feature_components"] = space.mean, space.components
     with open(staging / REFERENCE_FILE, "wb") as handle:
         np.savez_compressed(handle, **reference)
-    # features: space.project(backbone features), serving/detector.py FeatureSpace
+    # features: space.project(backbone features), tsimcne_core/flag_evidence.py FeatureSpace
     _append_member(staging / REFERENCE_FILE, "features", projected.dtype, projected.shape, _blocks_of(projected))
     size = _thumbnail_size(dataset.images)
     _append_member(staging / REFERENCE_FILE, "thumbnails", np.dtype(np.uint8), (len(dataset.images), *size, 3),

@@ -3,7 +3,7 @@
 models/<name>/
   model.onnx       float32 images (N, 3, H, W) in [0, 1] -> coords (N, 2), features (N, F)
   reference.npz    the training images' map: coords, labels, ids, class_names, thumbnails, and for the
-                   flag their features projected as serving/detector.py FeatureSpace (no pickle)
+                   flag their features projected as tsimcne_core/flag_evidence.py FeatureSpace (no pickle)
   reference_coords.npy, reference_features.npy
                    the same coordinates and projected features as plain float32 arrays, memory-mapped
                    by serving (bundles exported since issue 14; older ones have only reference.npz)

@@ -4,7 +4,7 @@ It is part of the bundle schema (tsimcne_core/bundle_format.py SCHEMA_VERSION): 
 readers cannot read, or that old bundles do not satisfy, raises the schema version. Schema 1 bundles
 carry one of two calibrations, told apart by `method`:
 
-- `CombinedCalibration` ("features+pixels", serving/detector.py): the shipped flag, three measurements
+- `CombinedCalibration` ("features+pixels", tsimcne_core/flag_evidence.py): the shipped flag, three measurements
   (network features, pixel statistics, map position) each scaled by its own threshold, and a joint one;
 - `PositionCalibration` ("kth-neighbour-distance-2d", tsimcne_core/flag.py): the first flag, the map
   position alone. Bundles exported before any flag have no calibration; serving then computes this one
@@ -43,7 +43,7 @@ class PositionCalibration(_Frozen):
 
 class FeatureIndex(_Frozen):
     """The neighbour index the feature distance is searched with: the same at export (calibration) and in
-    serving (serving/detector.py `feature_index`), with its recall against exact search measured at export."""
+    serving (tsimcne_core/feature_index.py `feature_index`), with its recall against exact search measured at export."""
 
     kind: Literal["exact", "faiss-flat", "faiss-ivf"] = Field(
         description="exact: numpy brute force; faiss-flat: FAISS, exact; faiss-ivf: FAISS IVF, re-ranked exactly"
@@ -111,7 +111,7 @@ class FalseFlagInterval(_Frozen):
 
 class CombinedCalibration(_Frozen):
     """Features, pixels and position, each over its own scale; flagged when the largest, divided by
-    `threshold`, exceeds 1 (serving/detector.py)."""
+    `threshold`, exceeds 1 (tsimcne_core/flag_evidence.py)."""
 
     method: Literal["features+pixels"] = "features+pixels"
     duplicate_distance: float | None = Field(

@@ -131,7 +131,7 @@ def choose_flag(
     calibration: CombinedCalibration | PositionCalibration | None, reference: ReferenceSet, gpu: bool = False
 ) -> CombinedFlag | PositionFlag:
     """The flag a bundle supports: combined when it has that calibration and the features it needs.
-    gpu: the model runs on CUDA, so the feature index may go to the GPU too (serving/detector.py)."""
+    gpu: the model runs on CUDA, so the feature index may go to the GPU too (tsimcne_core/flag_evidence.py)."""
     if isinstance(calibration, CombinedCalibration):
         if reference.has_features:
             return CombinedFlag(calibration, reference, gpu)

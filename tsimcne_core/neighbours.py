@@ -11,7 +11,7 @@ Everything that searches a reference set goes through a `NeighbourIndex`. Three 
   inverted-file index (IVF) whose candidates, found from 8-bit codes in the `nprobe` nearest of `nlist`
   cells, are re-ranked with exact float32 distances. The
   export measures its recall against exact search and raises `nprobe` until it reaches the target
-  (serving/detector.py `plan_feature_index`); the flag is calibrated with the very index it is served with.
+  (training/index_building.py `plan_feature_index`); the flag is calibrated with the very index it is served with.
   Export writes the index into the bundle; serving memory-maps it (`FaissIndex.load`), so that the
   workers of one machine share one copy in the page cache, and moves it to a GPU where there is one
   (`FaissIndex.to_gpu`).

@@ -13,7 +13,7 @@ collection would.
 
 For each N and each index kind (FAISS flat: exact; FAISS IVF with 8-bit codes and exact re-ranking of
 4 x k candidates, nprobe doubled from 8 until recall@15 >= 0.99, as `tsimcne export` does it:
-serving/detector.py `plan_feature_index`): the build time (including the nprobe tuning for IVF), the
+training/index_building.py `plan_feature_index`): the build time (including the nprobe tuning for IVF), the
 saved index file's size, recall@15 against exact search on the 1,000 queries, and the median search
 latency for 1 and for 8 queries (k = 15) over --repeats searches, with the numpy brute force (the search
 before FAISS) beside them. FAISS runs with one OpenMP thread (the benchmark is pinned to one core).

@@ -9,7 +9,7 @@ bundle, 128-D features, is made with the project's CLI): its model, preprocessin
 kept, its reference is replaced by --points synthetic points (2-D map positions in 8 Gaussian clusters,
 labels by cluster, ids "synthetic-<i>"; projected features from benchmarks/scale/synthetic_features.py
 in the bundle's feature dimensions), and the feature index is planned over them as export plans it
-(serving/detector.py `plan_feature_index`: FAISS flat up to 200,000 points, IVF above). Two copies:
+(training/index_building.py `plan_feature_index`: FAISS flat up to 200,000 points, IVF above). Two copies:
 - "shared": the layout `tsimcne export` writes now: reference.npz plus reference_coords.npy,
   reference_features.npy and reference_features.faiss, which the workers memory-map;
 - "own copies": reference.npz only (bundles exported before): every worker decompresses the
