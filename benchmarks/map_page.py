@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/map_page.py --bundle models/pbc-cpu --points 100000 --runs 3 \
         --crop 200 --screenshot docs/page.png --upload <image files>   (the picture in the README)
 
-For each --points: tiles the bundle's reference map to that many points (tests/browser.py `tile_bundle`:
+For each --points: tiles the bundle's reference map to that many points (benchmarks/harness/browser.py `tile_bundle`:
 each copy jittered by 1 % of the map's extent; thumbnails left out, since 1,000,000 of them take 2.4 GB
 and the page only fetches the one under the cursor), serves it with a real `bentoml serve` (the page
 reads GET /map?format=binary, gzip-compressed), opens the page in headless Chromium (the test suite's
@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 from PIL import Image  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 
-from tests.browser import (  # noqa: E402
+from benchmarks.harness.browser import (  # noqa: E402
     NEIGHBOUR_THUMBNAILS_LOADED,
     measure_page,
     start_chromium,
@@ -48,7 +48,7 @@ from tests.browser import (  # noqa: E402
     upload_files,
     wait_for,
 )
-from tests.servers import start_server  # noqa: E402
+from benchmarks.harness.servers import start_server  # noqa: E402
 
 
 def centre_crop(path: Path, side: int, folder: Path) -> Path:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from benchmarks.harness.cli import run_cli
 from training.synthetic import make_synthetic_cells
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,19 +30,6 @@ def pytest_configure(config: pytest.Config) -> None:
     index, workers = int(worker.removeprefix("gw")), int(count)
     if workers > 1 and len(cores) >= workers:
         os.sched_setaffinity(0, cores[index::workers])
-
-
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run `tsimcne ARGS` as a real subprocess and capture its output."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "tsimcne_cli", *args],
-        cwd=cwd or ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 @pytest.fixture(scope="session")

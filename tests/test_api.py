@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import ROOT, run_cli
+from benchmarks.harness.cli import run_cli
+from tests.conftest import ROOT
 from training.export import PARITY_TOLERANCE
 from training.synthetic import make_synthetic_cells
 from tsimcne_core.placing import PlacedImage as PlacedRecord

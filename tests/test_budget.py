@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import run_cli
+from benchmarks.harness.cli import run_cli
 from training.budget import SAFETY, STAGE_SHARES, BudgetPlan, epochs_for_budget, parse_budget, replan, replan_remaining
 from tsimcne_core.errors import TrainingStopped, UserError
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import run_cli
+from benchmarks.harness.cli import run_cli
 
 TINY = ["--recipe", "tiny", "--epochs", "2,1,1", "--image-size", "16"]
 

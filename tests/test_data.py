@@ -151,7 +151,7 @@ def test_real_pbc_npz(pbc_npz: Path) -> None:
 def test_exif_orientation_is_honoured_in_training_data(tmp_path: Path) -> None:
     """Training reads files through tsimcne_core/images.py, as the service does: a JPEG stored sideways with
     orientation 6 is trained on upright, with the pixels the service places for the same file."""
-    from tests.attack_files import stored_pixels, with_orientation
+    from benchmarks.harness.attack_files import stored_pixels, with_orientation
     from tsimcne_core.images import decode_image
 
     upright = np.random.default_rng(2).integers(0, 256, size=(24, 16, 3), dtype=np.uint8)

@@ -9,9 +9,9 @@ import time
 import numpy as np
 import pytest
 
+from benchmarks.harness.attack_files import planar_tiff, solid_png
 from serving.upload_body import Upload
 from serving.upload_decoding import DeadlineExceeded, RequestTooLarge, UploadDecoder, check_request_pixels
-from tests.attack_files import planar_tiff, solid_png
 from tsimcne_core.bundle_format import Preprocessing
 
 PREP = Preprocessing(height=16, width=16)

@@ -22,9 +22,9 @@ import httpx
 import pytest
 import yaml
 
+from benchmarks.harness.servers import free_port, start_server
 from serving.settings import ENV_PREFIX, ServiceSettings
 from tests.conftest import ROOT
-from tests.servers import free_port, start_server
 
 K8S = ROOT / "deploy" / "k8s"
 DEPLOY_TOOLS = ROOT / ".venv-deploy" / "bin"

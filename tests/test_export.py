@@ -13,7 +13,7 @@ import tifffile
 import torch
 from PIL import Image
 
-from tests.conftest import run_cli
+from benchmarks.harness.cli import run_cli
 from training.checkpoint import load_checkpoint
 from training.embedding import embed_images
 from training.runs import model_from_state

@@ -11,7 +11,7 @@ import pytest
 import tifffile
 from PIL import Image, ImageOps
 
-from tests.attack_files import planar_tiff, stored_pixels, tiff_claiming, with_orientation
+from benchmarks.harness.attack_files import planar_tiff, stored_pixels, tiff_claiming, with_orientation
 from tsimcne_core.images import ImageDecodeError, decode_image, read_header, read_image, resize_rgb
 
 

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from tests.conftest import run_cli
+from benchmarks.harness.cli import run_cli
 from training.synthetic import make_synthetic_cells
 from tsimcne_core.errors import UserError
 from tsimcne_map.archive import list_images

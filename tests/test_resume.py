@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from tests.conftest import ROOT, run_cli
+from benchmarks.harness.cli import run_cli
+from tests.conftest import ROOT
 from training.runlock import hold_run_lock
 
 ARGS = ["--data", "synthetic:160", "--recipe", "tiny", "--epochs", "4,2,3", "--image-size", "16", "--batch-size", "16"]

@@ -14,9 +14,15 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from tests.attack_files import planar_tiff, solid_png, stored_pixels, with_orientation
-from tests.conftest import run_cli
-from tests.servers import metric_value, run_server_to_exit, start_server, write_broken_files, write_good_images
+from benchmarks.harness.attack_files import planar_tiff, solid_png, stored_pixels, with_orientation
+from benchmarks.harness.cli import run_cli
+from benchmarks.harness.servers import (
+    metric_value,
+    run_server_to_exit,
+    start_server,
+    write_broken_files,
+    write_good_images,
+)
 from tsimcne_core.bundle_format import open_bundle
 from tsimcne_core.placing import Placer
 

@@ -6,8 +6,9 @@ import subprocess
 
 import pytest
 
-from tests.conftest import ROOT, run_cli
-from tests.servers import BENTOML, server_env, start_server
+from benchmarks.harness.cli import run_cli
+from benchmarks.harness.servers import BENTOML, server_env, start_server
+from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
 

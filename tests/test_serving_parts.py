@@ -15,11 +15,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from benchmarks.harness.attack_files import solid_png
 from serving.batching import MicroBatcher
 from serving.guards import BearerTokenAuth, BodySizeLimit, token_problem
 from serving.settings import SettingsError, load_settings
 from serving.upload_body import BodyLimits, Refusal, _MultipartReader, read_uploads
-from tests.attack_files import solid_png
 
 
 def _times_ten(jobs: list[np.ndarray]) -> list[np.ndarray]:

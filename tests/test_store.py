@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import run_cli
+from benchmarks.harness.cli import run_cli
 from training.augment import mean_border_colour
 from training.chunks import FileRows, NpyRowWriter, gather_rows, iter_chunks, read_rows
 from training.data import MAX_IN_MEMORY_ENV

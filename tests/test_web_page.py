@@ -23,8 +23,7 @@ from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.actions.wheel_input import ScrollOrigin
 from selenium.webdriver.common.by import By
 
-from serving.map_wire import MEDIA_TYPE, decode_binary
-from tests.browser import (
+from benchmarks.harness.browser import (
     NEIGHBOUR_THUMBNAILS_LOADED,
     find_chromium,
     measure_page,
@@ -34,7 +33,8 @@ from tests.browser import (
     wait_for,
     wait_until_drawn,
 )
-from tests.servers import ROOT, start_server, write_broken_files, write_good_images
+from benchmarks.harness.servers import ROOT, start_server, write_broken_files, write_good_images
+from serving.map_wire import MEDIA_TYPE, decode_binary
 
 pytestmark = pytest.mark.slow
 ARTIFACTS = ROOT / "test-artifacts"

@@ -27,7 +27,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.servers import start_server
+from benchmarks.harness.servers import start_server
 
 DEFAULT_CONFIGURATIONS = "cuda:1:8,cuda:1:64,cuda:4:64,cpu:4:64"  # provider:workers:images per request
 

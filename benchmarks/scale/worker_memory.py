@@ -44,8 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from synthetic_features import clustered_unit_features  # noqa: E402
 
-from tests.conftest import run_cli  # noqa: E402
-from tests.servers import start_server  # noqa: E402
+from benchmarks.harness.cli import run_cli  # noqa: E402
+from benchmarks.harness.servers import start_server  # noqa: E402
 from training.index_building import plan_feature_index  # noqa: E402
 from tsimcne_core.bundle_format import (  # noqa: E402
     COORDS_FILE,

@@ -42,11 +42,14 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-import bundles  # benchmarks/serve/bundles.py, beside this script
 import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:  # run by path (python benchmarks/serve/hot_path.py) rather than with -m
+    sys.path.insert(0, str(ROOT))
+from benchmarks.serve import bundles  # noqa: E402
+
 PBC = ROOT.parent / "shared" / "data" / "bloodcells" / "pbc_28.npz"
 WORK = ROOT / "benchmarks" / "scratch" / "serve"
 LUA = Path(__file__).with_name("post.lua")

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks" / "scale"))  # worker_memory.rollup
 
-from tests.servers import metric_value, start_server  # noqa: E402
+from benchmarks.harness.servers import metric_value, start_server  # noqa: E402
 from tsimcne_core.placing import Placer  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "bloodcells" / "pbc_28.npz"

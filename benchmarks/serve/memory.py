@@ -4,7 +4,7 @@
 
 Every worker holds the reference map (coordinates, ids, labels, the flag's projected features, the /map
 JSON, and once /thumbnail is used, the thumbnails). For each size, the bundle is tiled to that many
-reference points (tests/browser.py tile_bundle), `bentoml serve` started with one worker, and the largest
+reference points (benchmarks/harness/browser.py tile_bundle), `bentoml serve` started with one worker, and the largest
 resident memory of its processes read when ready, after GET /map, after GET /thumbnail and after one
 POST /embed. Without --bundle a tiny bundle is made with the project's CLI. Results: printed and written
 to benchmarks/scratch/serve_memory.json.
@@ -25,9 +25,9 @@ import psutil
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from tests.browser import tile_bundle  # noqa: E402
-from tests.conftest import run_cli  # noqa: E402
-from tests.servers import start_server  # noqa: E402
+from benchmarks.harness.browser import tile_bundle  # noqa: E402
+from benchmarks.harness.cli import run_cli  # noqa: E402
+from benchmarks.harness.servers import start_server  # noqa: E402
 from tsimcne_core.bundle_format import REFERENCE_FILE  # noqa: E402
 
 SCRATCH = ROOT / "benchmarks" / "scratch"

@@ -31,7 +31,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from tests.servers import start_server, write_broken_files  # noqa: E402
+from benchmarks.harness.servers import start_server, write_broken_files  # noqa: E402
 
 SCRATCH = ROOT / "benchmarks" / "scratch"
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "bloodcells" / "pbc_28.npz"

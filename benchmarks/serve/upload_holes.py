@@ -41,9 +41,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from tests.attack_files import planar_tiff, solid_png, stored_pixels, tiff_claiming, with_orientation  # noqa: E402
-from tests.conftest import run_cli  # noqa: E402
-from tests.servers import BENTOML, free_port, server_env  # noqa: E402
+from benchmarks.harness.attack_files import planar_tiff, solid_png, stored_pixels, tiff_claiming, with_orientation  # noqa: E402
+from benchmarks.harness.cli import run_cli  # noqa: E402
+from benchmarks.harness.servers import BENTOML, free_port, server_env  # noqa: E402
 
 SCRATCH = ROOT / "benchmarks" / "scratch"
 TOKEN = "s3cret-token-for-the-lab-0123456789"

@@ -18,7 +18,7 @@ import numpy as np
 import tifffile
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # The bentoml beside this Python; TSIMCNE_BENTOML names another (e.g. one installed with pip --target).
 BENTOML = Path(os.environ.get("TSIMCNE_BENTOML") or Path(sys.executable).with_name("bentoml"))
 

@@ -1,0 +1,1 @@
+"""benchmarks/flagging: see benchmarks/README.md."""

@@ -1,0 +1,1 @@
+"""benchmarks/poster: see benchmarks/README.md."""

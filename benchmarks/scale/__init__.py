@@ -1,0 +1,1 @@
+"""benchmarks/scale: see benchmarks/README.md."""

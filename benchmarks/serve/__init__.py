@@ -1,0 +1,1 @@
+"""benchmarks/serve: see benchmarks/README.md."""
