@@ -55,6 +55,7 @@ from tsimcne_core.public import public_evaluation
 from tsimcne_core.versions import installed_versions
 
 logger = logging.getLogger("bentoml.tsimcne")
+REQUEST_TIMEOUT_S = 120  # BentoML's request timeout; the reverse proxies in deploy/ wait as long
 
 
 def _prepare_environment(threads: int) -> None:
@@ -210,7 +211,7 @@ def _tracing(settings: ServiceSettings) -> dict:
 
 
 @bentoml.asgi_app(web, path="/")
-@bentoml.service(name="tsimcne", traffic={"timeout": 120}, service_class=MapServiceDefinition)
+@bentoml.service(name="tsimcne", traffic={"timeout": REQUEST_TIMEOUT_S}, service_class=MapServiceDefinition)
 class MapService:
     """Place microscopy images on a t-SimCNE map and flag those that land away from the collection."""
 

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from sklearn.model_selection import train_test_split
+from sklearn.neighbors import KNeighborsClassifier
 
 from benchmarks.harness.cli import run_cli
 from tests.conftest import ROOT
@@ -32,7 +34,6 @@ from tsimcne_map import (
 )
 
 SETTINGS = {"epochs": (2, 1, 1), "precision": "fp32", "progress": False}
-EPOCH_RECORDS: list[dict] = []  # what the fitted model's callback received
 EMBED_FIELDS = {"filename", "x", "y", "flag", "score", "evidence", "duplicate_of", "neighbours", "majority_label"}
 
 
@@ -43,10 +44,16 @@ def cells() -> tuple[np.ndarray, list[str]]:
 
 
 @pytest.fixture(scope="module")
-def fitted(tmp_path_factory, cells) -> TSimCNE:
+def epoch_records() -> list[dict]:
+    """What the fitted model's callback received (filled by `fitted`, which every user of it also asks for)."""
+    return []
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory, cells, epoch_records) -> TSimCNE:
     images, labels = cells
     run_dir = tmp_path_factory.mktemp("api") / "runs" / "cells"
-    model = TSimCNE("tiny", run_dir=run_dir, callback=EPOCH_RECORDS.append, **SETTINGS)
+    model = TSimCNE("tiny", run_dir=run_dir, callback=epoch_records.append, **SETTINGS)
     coords = model.fit_transform(images, labels)
     assert coords.shape == (96, 2) and coords.dtype == np.float32 and np.isfinite(coords).all()
     return model
@@ -69,13 +76,13 @@ def bundle(fitted, tmp_path_factory) -> Bundle:
     return fitted.export(tmp_path_factory.mktemp("models") / "cells", artefact_labels=["thromboid"])
 
 
-def test_fit_writes_a_run_folder_the_cli_can_use(fitted, cells) -> None:
+def test_fit_writes_a_run_folder_the_cli_can_use(fitted, cells, epoch_records) -> None:
     run = fitted.run_dir_
     for name in ("config.json", "data.npz", "stage3.pt", "last.pt", "embedding.npz", "log.jsonl"):
         assert (run / name).is_file(), name
     assert fitted.config_.data == str((run / "data.npz").resolve()) and fitted.config_.image_size == (16, 16)
     assert fitted.class_names_ == sorted(set(cells[1])) and len(fitted.labels_) == 96
-    assert [(r["stage"], r["epoch"]) for r in EPOCH_RECORDS] == [(1, 1), (1, 2), (2, 1), (3, 1)]
+    assert [(r["stage"], r["epoch"]) for r in epoch_records] == [(1, 1), (1, 2), (2, 1), (3, 1)]
     result = run_cli("evaluate", str(run))  # the CLI reads the run made from arrays (its data kept in data.npz)
     assert result.returncode == 0, result.stderr
 
@@ -148,7 +155,13 @@ def test_fit_on_files_and_load_evaluate_plot(tmp_path, new_files) -> None:
     loaded = TSimCNE.load(model.run_dir_)
     np.testing.assert_allclose(loaded.transform(new_files), model.transform(new_files), atol=1e-5)
     report = loaded.evaluate()
-    assert 0 <= report["knn_accuracy"] <= 1 and report["n_images"] == 20 and (model.run_dir_ / "metrics.json").exists()
+    assert report["n_images"] == 20 and (model.run_dir_ / "metrics.json").exists()
+    # the figure is kNN (k=15) on a stratified 10 % hold-out of this run's own map and labels, computed apart here
+    train_x, test_x, train_y, test_y = train_test_split(
+        loaded.embedding_, labels + labels, test_size=0.1, random_state=0, stratify=labels + labels
+    )
+    expected = KNeighborsClassifier(n_neighbors=15).fit(train_x, train_y).score(test_x, test_y)
+    assert report["knn_accuracy"] == pytest.approx(expected)
     assert loaded.plot().read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

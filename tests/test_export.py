@@ -17,7 +17,7 @@ from benchmarks.harness.cli import run_cli
 from training.checkpoint import load_checkpoint
 from training.embedding import embed_images
 from training.runs import model_from_state
-from tsimcne_core.bundle_format import BundleError, open_bundle
+from tsimcne_core.bundle_format import PIXEL_DIVISOR, BundleError, open_bundle
 from tsimcne_core.images import read_image, resize_rgb
 from tsimcne_core.neighbours import FaissIndex
 from tsimcne_core.preprocess import load_model_input
@@ -84,6 +84,20 @@ def test_serving_preprocessing_and_onnxruntime_reproduce_torch(run_and_bundle, t
     pixels = np.stack([resize_rgb(read_image(f), (16, 16)) for f in files])
     torch_coords, _ = embed_images(model, pixels, torch.device("cpu"))
     assert np.abs(onnx_coords - torch_coords).max() <= 1e-4 * max(1.0, np.abs(torch_coords).max())
+
+
+def test_serving_divides_by_the_bundles_divide_by(run_and_bundle, tmp_path, synthetic_arrays) -> None:
+    """The bundle records what training divided pixels by, and serving divides by the recorded value (not a
+    literal of its own): a bundle saying 1.0 gets 255 times the input."""
+    _, bundle = run_and_bundle
+    prep = open_bundle(bundle).preprocessing
+    assert prep.divide_by == PIXEL_DIVISOR == 255.0
+    images, _, _ = synthetic_arrays
+    Image.fromarray(images[0]).save(tmp_path / "a.png")
+    recorded = load_model_input([tmp_path / "a.png"], prep)
+    other = load_model_input([tmp_path / "a.png"], prep.model_copy(update={"divide_by": 1.0}))
+    np.testing.assert_allclose(other, recorded * 255.0, rtol=1e-6)
+    assert recorded.max() <= 1.0
 
 
 def _copy(bundle: Path, tmp_path: Path) -> Path:

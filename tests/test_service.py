@@ -131,7 +131,9 @@ def test_concurrent_single_image_requests_are_batched(server, service_bundle) ->
     assert [r.status_code for r in responses] == [200] * len(paths)
     images = metric_value(after, "tsimcne_batch_images_sum") - metric_value(before, "tsimcne_batch_images_sum")
     runs = metric_value(after, "tsimcne_batch_images_count") - metric_value(before, "tsimcne_batch_images_count")
-    assert images == len(paths) and 1 <= runs <= len(paths)
+    # every image was placed once, and some model runs took several requests' images together (without
+    # batching there would be one run per request)
+    assert images == len(paths) and 1 <= runs < len(paths), (images, runs)
 
 
 @pytest.mark.parametrize(

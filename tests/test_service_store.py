@@ -9,12 +9,15 @@ import pytest
 from benchmarks.harness.cli import run_cli
 from benchmarks.harness.servers import BENTOML, server_env, start_server
 from tests.conftest import ROOT
+from tsimcne_map import Bundle
 
 pytestmark = pytest.mark.slow
 
 
 def test_register_serve_by_tag_and_build_a_bento(service_bundle, tmp_path, monkeypatch) -> None:
-    bundle, _ = service_bundle
+    bundle, data = service_bundle
+    cell = sorted(data.rglob("*.png"))[0]
+    expected = Bundle.open(bundle).place([cell])[0]  # the same image placed in-process, for comparison
     run = bundle.parent.parent / "runs" / "cells"
     home = tmp_path / "bentoml"
     monkeypatch.setenv("BENTOML_HOME", str(home))
@@ -43,8 +46,19 @@ def test_register_serve_by_tag_and_build_a_bento(service_bundle, tmp_path, monke
         with running.client() as client:
             info = client.get("/info").json()
             page, script = client.get("/"), client.get("/ui/map.js")
+            placed = client.post(
+                "/embed",
+                params={"filename": cell.name},
+                content=cell.read_bytes(),
+                headers={"Content-Type": "image/png"},
+            )
         assert info["bundle"] == "cells" and info["provider"] == "CPUExecutionProvider"
         # The map page travels in the Bento too (bentofile.yaml includes serving/web/).
         assert page.status_code == 200 and "tsimcne map" in page.text and script.status_code == 200
+        # and it places images as the bundle does in-process (the model and reference came with the Bento)
+        assert placed.status_code == 200, placed.text
+        answer = placed.json()["images"][0]
+        assert answer["filename"] == cell.name and answer["flag"] == expected.flag
+        assert (answer["x"], answer["y"]) == pytest.approx((expected.x, expected.y), abs=1e-4)
     finally:
         running.stop()

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from training.chunks import iter_chunks
+from tsimcne_core.bundle_format import PIXEL_DIVISOR
 from tsimcne_core.errors import UnknownNameError
 
 
@@ -135,7 +136,7 @@ def mean_border_colour(images: np.ndarray) -> tuple[float, float, float]:
         for part in (top, bottom, left, right):
             sums += part.reshape(-1, part.shape[-1]).sum(axis=0, dtype=np.uint64)
             count += part.shape[0] * part.shape[1]
-    return tuple(float(c) for c in sums.astype(np.float64) / max(count, 1) / 255.0)
+    return tuple(float(c) for c in sums.astype(np.float64) / max(count, 1) / PIXEL_DIVISOR)
 
 
 def _uniform(n: int, low: float, high: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
@@ -325,7 +326,7 @@ class BatchAugmenter:
         self.fill = fill
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+        x = images.float() / PIXEL_DIVISOR if images.dtype == torch.uint8 else images.float()
         n, _, height, width = x.shape
         preset = self.preset
         theta = _geometry(n, height, width, preset, generator, x.device)

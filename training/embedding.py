@@ -19,6 +19,7 @@ import torch
 
 from training.chunks import iter_chunks
 from training.network import TSimCNENet
+from tsimcne_core.bundle_format import PIXEL_DIVISOR
 
 
 def iter_embeddings(
@@ -35,7 +36,7 @@ def iter_embeddings(
     with torch.inference_mode():
         for start, block in iter_chunks(images, batch_size, desc=desc, progress=progress):
             chunk = torch.from_numpy(block).to(device)
-            x = chunk.permute(0, 3, 1, 2).float() / 255.0
+            x = chunk.permute(0, 3, 1, 2).float() / PIXEL_DIVISOR
             z, h = model(x)
             yield start, z.float().cpu().numpy(), h.float().cpu().numpy()
 

@@ -48,6 +48,7 @@ from tsimcne_core.bundle_format import (
     MANIFEST,
     MAP_FILE,
     MODEL_FILE,
+    PIXEL_DIVISOR,
     REFERENCE_FILE,
     SCHEMA_VERSION,
     BundleManifest,
@@ -261,6 +262,7 @@ def export_bundle(
         width=dataset.size[1],
         resize_method=state["config"]["resize_method"],
         center_crop=center_crop,
+        divide_by=PIXEL_DIVISOR,
     )
     what = "training" if reference is None else "reference"
     staging = _staging_folder(out)

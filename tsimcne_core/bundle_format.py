@@ -50,6 +50,11 @@ class BundleError(ValueError):
     """A bundle that cannot be used; the message names the file and why."""
 
 
+# What training divides uint8 pixels by (training/augment.py, training/embedding.py) and export records as
+# `divide_by`; serving divides by the bundle's value. One number, so the two sides cannot disagree.
+PIXEL_DIVISOR = 255.0
+
+
 class Preprocessing(BaseModel):
     """How a decoded RGB uint8 image becomes the model input (see tsimcne_core/preprocess.py)."""
 
@@ -61,7 +66,7 @@ class Preprocessing(BaseModel):
     # was made that way (BloodMNIST: 200x200 of the 360x363 originals); None = the whole image.
     center_crop: tuple[int, int] | None = None
     channels: str = "rgb"  # grayscale repeated, alpha dropped (tsimcne_core/images.py)
-    divide_by: float = 255.0  # pixel values are divided by this (uint8 -> [0, 1])
+    divide_by: float = PIXEL_DIVISOR  # pixel values are divided by this (uint8 -> [0, 1])
     layout: str = "NCHW"
 
 
