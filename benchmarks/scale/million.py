@@ -13,8 +13,8 @@ skipped when its output exists (so an interrupted run continues):
    and `tsimcne export RUN --calibration-data CALIB` -> the small bundle (the run's own training images);
 4. per bundle: the neighbour index and its measured recall@k (bundle.json); the false-flag rate on TEST's
    clean images (tsimcne_map.Bundle.place, the code /embed runs);
-5. per bundle: benchmarks/serve/load.py (16 clients, 1 and 8 images per request, TEST's images; p50/p99,
-   images/s, the memory of the service's processes).
+5. per bundle: the /embed rows of benchmarks/serve/hot_path.py (wrk, 16 connections, 1 and 8 PBC images per
+   request; requests/s, images/s, latency percentiles).
 Results: WORK/million-N.json, printed.
 """
 
@@ -46,13 +46,14 @@ def false_flag_rate(bundle: Path, held_out: Path) -> dict:
     return {"images": len(flags), "flagged": flagged, "rate": flagged / len(flags)}
 
 
-def load_test(bundle: Path, held_out: Path, seconds: int, log: Path) -> dict:
-    """benchmarks/serve/load.py against one bundle; its JSON result."""
-    command = [sys.executable, str(ROOT / "benchmarks" / "serve" / "load.py"), "--bundle", str(bundle)]
-    command += ["--data", str(held_out), "--seconds", str(seconds), "--raw-seconds", "5", "--per-request", "1,8"]
+def load_test(bundle: Path, seconds: int, log: Path) -> dict:
+    """The /embed rows of benchmarks/serve/hot_path.py (the one load generator) on one bundle; its JSON."""
+    result = log.with_suffix(".json")
+    command = [sys.executable, "-m", "benchmarks.serve.hot_path", "--bundle", str(bundle), "--large-bundle", "none"]
+    command += ["--only", "embed", "--seconds", str(seconds), "--out", str(result)]
     with log.open("w") as output:
         subprocess.run(command, cwd=ROOT, stdout=output, stderr=subprocess.STDOUT, check=True)
-    return json.loads((ROOT / "benchmarks" / "scratch" / "serve_load.json").read_text())
+    return json.loads(result.read_text())
 
 
 def main() -> None:
@@ -105,7 +106,7 @@ def main() -> None:
         save()
     if not args.skip_load:
         for name, bundle in (("small", small), ("n", big)):
-            results[f"load_{name}"] = load_test(bundle, args.held_out, args.seconds, work / f"load-{name}.log")
+            results[f"load_{name}"] = load_test(bundle, args.seconds, work / f"load-{name}.log")
             save()
     print(json.dumps(results, indent=2))
 
