@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from benchmarks.harness.cli import run_cli
+from tests.conftest import ROOT
 from training.checkpoint import load_checkpoint
 from training.embedding import embed_images
 from training.runs import model_from_state
@@ -92,6 +93,8 @@ def test_serving_divides_by_the_bundles_divide_by(run_and_bundle, tmp_path, synt
     _, bundle = run_and_bundle
     prep = open_bundle(bundle).preprocessing
     assert prep.divide_by == PIXEL_DIVISOR == 255.0
+    model_bytes = (bundle / "model.onnx").read_bytes()  # nothing of the exporting machine's paths
+    assert str(ROOT).encode() not in model_bytes and b"stack_trace" not in model_bytes
     images, _, _ = synthetic_arrays
     Image.fromarray(images[0]).save(tmp_path / "a.png")
     recorded = load_model_input([tmp_path / "a.png"], prep)

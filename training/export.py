@@ -91,6 +91,22 @@ def _export_onnx(model: torch.nn.Module, size: tuple[int, int], path: Path) -> N
         external_data=False,
         verbose=False,
     )
+    _drop_source_paths(path)
+
+
+def _drop_source_paths(path: Path) -> None:
+    """torch.onnx records, on every node, the Python stack that made it: absolute paths of the exporting
+    machine's checkout. They say nothing to onnxruntime, leak where the exporter worked, and make the same
+    network export to different bytes from two checkouts; the bundle drops them (the rest of each node's
+    metadata, its module names, stays)."""
+    import onnx
+
+    graph = onnx.load(str(path))
+    for node in graph.graph.node:
+        kept = [entry for entry in node.metadata_props if entry.key != "pkg.torch.onnx.stack_trace"]
+        del node.metadata_props[:]
+        node.metadata_props.extend(kept)
+    onnx.save(graph, str(path))
 
 
 def _parity(model_path: Path, images: np.ndarray, torch_coords: np.ndarray, prep: Preprocessing) -> dict:

@@ -39,7 +39,7 @@ def plan_feature_index(
     """The feature index export calibrates with and serving will rebuild, and its record for bundle.json.
 
     With faiss-cpu: exact (flat) up to `exact_limit` reference vectors (default: as many as fit in
-    serving/neighbours.py EXACT_LIMIT_BYTES), else IVF, whose nprobe is doubled
+    tsimcne_core/neighbours.py EXACT_LIMIT_BYTES), else IVF, whose nprobe is doubled
     from 8 until its recall@k against exact search on (up to `sample` of) `queries` reaches `target_recall`
     (or every cell is searched). Without faiss-cpu: exact numpy search."""
     vectors = as_rows(reference_projected)
