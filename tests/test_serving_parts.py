@@ -361,3 +361,36 @@ def test_majority_labels_break_ties_alphabetically_and_ignore_unlabelled_neighbo
     assert share[0] == 0.5 and np.isnan(share[1]) and share[2] == 1.0 and share[3] == 0.5
     flags = counter.flags(majority, np.array([0.5, 0.5, 2.0, 0.5]))
     assert flags == ["artefact", "in_distribution", "out_of_distribution", "in_distribution"]  # no label: no artefact
+
+
+def test_the_embed_handler_answers_in_process_as_the_route_does(service_bundle) -> None:
+    """EmbedHandler is /embed's body as a plain class: driven here without HTTP, it places what Placer places
+    and names a broken upload in a 422, as the served route does (tests/test_service.py)."""
+    import json
+    from dataclasses import dataclass
+
+    from serving.embed_route import EmbedHandler
+    from tsimcne_core.bundle_format import MANIFEST, sha256_file
+    from tsimcne_core.images import read_image
+    from tsimcne_core.placing import Placer
+
+    @dataclass
+    class File:
+        name: str
+        data: bytes
+
+    bundle, data = service_bundle
+    cells = sorted(data.rglob("*.png"))[:3]
+    placer = Placer(bundle, provider="cpu")
+    handler = EmbedHandler(placer, sha256_file(bundle / MANIFEST), load_settings({"bundle": str(bundle)}, environ={}))
+    files = [File(path.name, path.read_bytes()) for path in cells]
+    answer = asyncio.run(handler.answer_files(files))
+    assert answer.status == 200, answer.body
+    placed = json.loads(answer.body)
+    expected = placer.place(placer.prepare([read_image(path) for path in cells]), [path.name for path in cells])
+    assert [image["filename"] for image in placed["images"]] == [path.name for path in cells]
+    for image, record in zip(placed["images"], expected, strict=True):
+        assert (image["x"], image["y"]) == pytest.approx((record.x, record.y)) and image["flag"] == record.flag
+    refused = asyncio.run(handler.answer_files([*files[:1], File("broken.png", b"\x89PNG\r\n\x1a\n")]))
+    assert refused.status == 422 and json.loads(refused.body)["detail"][0]["file"] == "broken.png"
+    assert asyncio.run(handler.answer_files([])).status == 400
