@@ -1,6 +1,6 @@
 """Inference speed: onnxruntime (what `tsimcne embed` and the service run) against eager torch, one run.
 
-    .venv/bin/python benchmarks/embed_speed.py BUNDLE RUN_DIR [--n 2048] [--batch 64]
+    .venv/bin/python -m benchmarks.embed_speed BUNDLE RUN_DIR [--n 2048] [--batch 64]
 
 Both get the same preprocessed float32 batches of the run's training images (PBC 28 px for the
 numbers in benchmarks/README.md) and run the same fp32 network on the CPU with the same thread count;
@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.timing import best_of
 from training.checkpoint import load_checkpoint

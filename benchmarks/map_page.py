@@ -1,7 +1,7 @@
 """The map page with millions of points (issue 14): first drawing and pan/zoom frame times in headless Chromium.
 
-    .venv/bin/python benchmarks/map_page.py --bundle models/pbc-tiny --points 1000000 10000000 [--runs 2]
-    .venv/bin/python benchmarks/map_page.py --bundle models/pbc-cpu --points 100000 --runs 3 \
+    .venv/bin/python -m benchmarks.map_page --bundle models/pbc-tiny --points 1000000 10000000 [--runs 2]
+    .venv/bin/python -m benchmarks.map_page --bundle models/pbc-cpu --points 100000 --runs 3 \
         --crop 200 --screenshot docs/page.png --upload <image files>   (the picture in the README)
 
 For each --points: tiles the bundle's reference map to that many points (benchmarks/harness/browser.py `tile_bundle`:
@@ -35,7 +35,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from PIL import Image  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402

@@ -1,7 +1,7 @@
 """What a longer CPU run buys: the `cpu` recipe with --time-budget 10, 30 and 120 minutes on all of PBC,
 each scored (kNN accuracy, silhouette) and plotted against its wall clock.
 
-    .venv/bin/python benchmarks/quality_vs_time.py [--minutes 10 30 120]
+    .venv/bin/python -m benchmarks.quality_vs_time [--minutes 10 30 120]
 
 Timed work: run it alone on the machine (another heavy process would change the epochs each budget plans).
 Under `taskset` it trains on the cores it is given. Results and runs are kept per budget, core count and
@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from tsimcne_core.cores import usable_cores  # noqa: E402
 from tsimcne_core.files import atomic_write, atomic_write_json  # noqa: E402

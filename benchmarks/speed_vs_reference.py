@@ -1,6 +1,6 @@
 """Training speed and map quality: this project against the reference package, side by side, one run.
 
-    .venv/bin/python benchmarks/speed_vs_reference.py [--n-speed 2048] [--n-quality 2048]
+    .venv/bin/python -m benchmarks.speed_vs_reference [--n-speed 2048] [--n-quality 2048]
 
 1. Installs the reference (tsimcne==0.3.12, the last release whose three-stage `fit` works) into
    benchmarks/.venv-ref if it is not there yet (pip, so torch comes from the local wheel store).
@@ -26,7 +26,6 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from training.config import build_config  # noqa: E402
 from training.datasets import load_dataset  # noqa: E402

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "flagging"))
-import artefacts
-
+from benchmarks.flagging import artefacts
 from training.synthetic import make_synthetic_cells
 
 KINDS = {**artefacts.STRONG, **artefacts.SUBTLE, **artefacts.UNSEEN, "near duplicate": artefacts.near_duplicate}

@@ -21,7 +21,7 @@ pytestmark = [
 def _run(bundle, only: str, out) -> subprocess.CompletedProcess:
     """hot_path.py on `bundle` (no 1,000,000-image rows), the servers whose name holds `only`, 1 s a row."""
     command = [
-        sys.executable, "benchmarks/serve/hot_path.py", "--bundle", str(bundle), "--large-bundle", "none",
+        sys.executable, "-m", "benchmarks.serve.hot_path", "--bundle", str(bundle), "--large-bundle", "none",
         "--only", only, "--seconds", "1", "--warm-up", "1", "--out", str(out),
     ]  # fmt: skip
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)

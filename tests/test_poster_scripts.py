@@ -26,7 +26,7 @@ def test_tables_and_figure_on_a_tiny_collection(tmp_path: Path) -> None:
 
     def run(script: str, *extra: str) -> str:
         done = subprocess.run(
-            [sys.executable, f"benchmarks/poster/{script}.py", "--data", str(data), *TINY, *extra],
+            [sys.executable, "-m", f"benchmarks.poster.{script}", "--data", str(data), *TINY, *extra],
             cwd=ROOT,
             env=env,
             capture_output=True,

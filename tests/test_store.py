@@ -224,10 +224,7 @@ def test_streamed_batches_read_ahead_in_order_stop_and_pass_errors_on(class_fold
 
 def test_scale_benchmark_collection_is_real_files_then_a_store(tmp_path: Path, synthetic_arrays) -> None:
     """benchmarks/scale at a small size: N PNG files tiled from a source through the augmentations."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "scale"))
-    from make_collection import make_collection
+    from benchmarks.scale.make_collection import make_collection
 
     images, labels, names = synthetic_arrays
     np.savez(tmp_path / "source.npz", images=images[:20], labels=labels[:20], class_names=np.array(names))

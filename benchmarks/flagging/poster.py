@@ -1,7 +1,7 @@
 """The poster's experiment as a recipe: train a map on a collection with injected artefacts and
 near-duplicates, and see where they land.
 
-    .venv/bin/python benchmarks/flagging/poster.py            # ~3 minutes on 2 CPU cores
+    .venv/bin/python -m benchmarks.flagging.poster            # ~3 minutes on 2 CPU cores
 
 Collection: 2,400 synthetic cells (the project's generator, 32 px, 6 types), plus 100 near-duplicate
 copies of one cell (+-1 px shift, sensor noise: re-acquisitions of the same field) and 50 cells with
@@ -21,11 +21,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).parent))
 
-import artefacts  # noqa: E402
-
+from benchmarks.flagging import artefacts  # noqa: E402
 from training.synthetic import make_synthetic_cells  # noqa: E402
 from tsimcne_core.neighbours import pairwise_distances  # noqa: E402
 

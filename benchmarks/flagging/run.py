@@ -1,7 +1,7 @@
 """Flagging benchmark (issue 5): how well do scores computed from where an image lands separate clean
 held-out cells from artefacts, near-duplicates and images from elsewhere?
 
-    .venv/bin/python benchmarks/flagging/run.py --bundle MODELS/BUNDLE --train TRAIN.npz \
+    .venv/bin/python -m benchmarks.flagging.run --bundle MODELS/BUNDLE --train TRAIN.npz \
         --calibration CALIB.npz --held-out TEST.npz
 
 --train: the images the bundle's network was trained on (the reference); --calibration and --held-out:
@@ -32,11 +32,8 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).parent))
 
-import artefacts  # noqa: E402
-
+from benchmarks.flagging import artefacts  # noqa: E402
 from training.flag_calibration import calibrate_detector  # noqa: E402
 from tsimcne_core.bundle_format import open_bundle  # noqa: E402
 from tsimcne_core.calibration import CombinedCalibration  # noqa: E402

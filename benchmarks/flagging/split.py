@@ -1,6 +1,6 @@
 """Split PBC into the flagging benchmark's sets: 90 % to train on, 5 % to calibrate, 5 % to test.
 
-.venv/bin/python benchmarks/flagging/split.py   # -> benchmarks/scratch/flagging/pbc_{train90,calib5,test5}.npz
+.venv/bin/python -m benchmarks.flagging.split   # -> benchmarks/scratch/flagging/pbc_{train90,calib5,test5}.npz
 """
 
 from __future__ import annotations

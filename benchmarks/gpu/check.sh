@@ -64,5 +64,5 @@ tsimcne embed "$WORK/bundle" --data "$WORK/new" --provider "$PROVIDER" --out "$R
 
 echo "== onnxruntime: CPU against CUDA"
 if [ "$PROVIDER" = cuda ]; then
-    "$PY" benchmarks/gpu/ort_speed.py "$WORK/bundle" --data "$DATA" --n "${ORT_N:-4096}" --out "$RESULTS/ort_speed.json"
+    "$PY" -m benchmarks.gpu.ort_speed "$WORK/bundle" --data "$DATA" --n "${ORT_N:-4096}" --out "$RESULTS/ort_speed.json"
 fi

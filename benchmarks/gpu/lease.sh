@@ -16,7 +16,7 @@ export PYTHONUNBUFFERED=1
 if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
-timeout 60 python3 benchmarks/gpu/profile_step.py "$DATA" --device "${DEVICE:-cuda}" --width "${WIDTH:-64}" --batch "${BATCH:-1024}" --steps 10 --skip-compile \
+timeout 60 python3 -m benchmarks.gpu.profile_step "$DATA" --device "${DEVICE:-cuda}" --width "${WIDTH:-64}" --batch "${BATCH:-1024}" --steps 10 --skip-compile \
     --out "$OUT/profile.json" > "$OUT/profile.log" 2>&1 || echo "profile: exit $?"
 GUARD=$GUARD bash benchmarks/gpu/reference_pbc.sh "$DATA" "$OUT"
 echo "reference_pbc.sh: exit $?"

@@ -1,6 +1,6 @@
 """onnxruntime on the GPU against the CPU for one bundle, in one run (the service's model step).
 
-    python benchmarks/gpu/ort_speed.py BUNDLE --data pbc_28.npz [--n 4096] [--out result.json]
+    python -m benchmarks.gpu.ort_speed BUNDLE --data pbc_28.npz [--n 4096] [--out result.json]
 
 For each provider: raw `session.run` images/s at batch 1, 8, 64 and 256 (best of 3 passes over the same
 preprocessed float32 images), then `Placer.place` (what the service does per model batch:
@@ -15,12 +15,9 @@ import argparse
 import json
 import os
 import platform
-import sys
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.timing import best_of
 from tsimcne_core.placing import Placer

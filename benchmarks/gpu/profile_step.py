@@ -1,7 +1,7 @@
 """Where a training step's time goes, on the device it runs on: the first thing to run on a lent GPU.
 
-    python benchmarks/gpu/profile_step.py PBC_NPZ [--steps 20] [--width 64] [--batch 1024] [--device cuda]
-    python benchmarks/gpu/profile_step.py PBC_NPZ --device cpu --width 16 --stem-stride 2 --batch 512 \
+    python -m benchmarks.gpu.profile_step PBC_NPZ [--steps 20] [--width 64] [--batch 1024] [--device cuda]
+    python -m benchmarks.gpu.profile_step PBC_NPZ --device cpu --width 16 --stem-stride 2 --batch 512 \
         --augmentation microscopy --skip-compile --steps 5     # the `cpu` recipe's step
 
 Times the trainer's own step (augmentation, forward, loss, backward, optimiser) eagerly and with
@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
 

@@ -62,12 +62,12 @@ trained=$(date +%s)
 if [ "$status" -ne 0 ]; then  # stopped (Ctrl-C / the lease's time guard) or failed: summarise what ran
     echo "== training did not finish (exit $status); summary of the epochs that ran" | tee -a "$RESULTS/train.log"
     cp "$run/log.jsonl" "$run/config.json" "$RESULTS/" 2>/dev/null || true
-    "$PY" benchmarks/gpu/summarize.py "$RESULTS" --train-seconds "$((trained - started))" \
+    "$PY" -m benchmarks.gpu.summarize "$RESULTS" --train-seconds "$((trained - started))" \
         --gpu "$(cat "$RESULTS/gpu.txt" 2>/dev/null || echo cpu)"
     exit "$status"
 fi
 "$PY" -m tsimcne_cli evaluate "$run" --linear --device "$DEVICE" 2>&1 | tee "$RESULTS/evaluate.log"
 "$PY" -m tsimcne_cli plot "$run" --out "$RESULTS/map.png"
 cp "$run/log.jsonl" "$run/metrics.json" "$run/config.json" "$RESULTS/"
-"$PY" benchmarks/gpu/summarize.py "$RESULTS" --train-seconds "$((trained - started))" \
+"$PY" -m benchmarks.gpu.summarize "$RESULTS" --train-seconds "$((trained - started))" \
     --gpu "$(cat "$RESULTS/gpu.txt" 2>/dev/null || echo cpu)"

@@ -37,7 +37,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu
     || { tail "$OUT/export.log"; exit 1; }
 status=0
 for provider in $PROVIDERS; do
-    timeout 240 "$PY" benchmarks/serve/hot_path.py --bundle "$WORK/pbc-17k" --large-bundle none --only "embed (defaults)" \
+    timeout 240 "$PY" -m benchmarks.serve.hot_path --bundle "$WORK/pbc-17k" --large-bundle none --only "embed (defaults)" \
         --provider "$provider" --seconds "$SECONDS_PER_ROW" --warm-up "$WARM_UP" --out "$OUT/hot_path-$provider.json" \
         > "$OUT/hot_path-$provider.log" 2>&1 || { status=1; tail "$OUT/hot_path-$provider.log"; }
     grep "^|" "$OUT/hot_path-$provider.log"

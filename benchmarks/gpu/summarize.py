@@ -1,6 +1,6 @@
 """Summarise a reference run for benchmarks/README.md: time, images/s, model TFLOP/s, MFU, quality vs targets.
 
-    python benchmarks/gpu/summarize.py RESULTS_DIR --train-seconds S --gpu "NVIDIA H200, ..."
+    python -m benchmarks.gpu.summarize RESULTS_DIR --train-seconds S --gpu "NVIDIA H200, ..."
 
 Reads log.jsonl, metrics.json and config.json from RESULTS_DIR; writes summary.json and summary.md there.
 """
@@ -10,10 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from training.flops import peak_flops
 

@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
 
 from training.evaluate import knn_accuracy  # noqa: E402
 from tsimcne_core.files import atomic_savez, atomic_write, atomic_write_json  # noqa: E402

@@ -6,7 +6,7 @@ benchmarks/flagging/artefacts.py with --artefact). t-SimCNE with the `microscopy
 as a user would (nobody tells it what was injected). For each injected group: the share of its images' 15 nearest
 map neighbours that belong to the same group, against the share expected if the group were scattered at random.
 
-    .venv/bin/python benchmarks/poster/fig5.py [--seeds 0] [--epochs 12,2,4] [--lr 0.06] [--artefact "pen mark"]
+    .venv/bin/python -m benchmarks.poster.fig5 [--seeds 0] [--epochs 12,2,4] [--lr 0.06] [--artefact "pen mark"]
 
 Another artefact kind, other epochs or another rate than the tables' (pen mark, 12/2/4, lr 0.06) write their report
 and picture under a name that says so (e.g. fig5-blur-defocus-e33-5-8-lr0.12.md,
@@ -16,19 +16,24 @@ docs/poster-fig5-pbc-blur-defocus-e33-5-8-lr0.12.png), beside the tables' own.
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).parents[1] / "flagging"))
-
-import artefacts
-from common import DOCS, SCRATCH, TABLE_EPOCHS, TABLE_LR, Setting, arguments, class_names, markdown_table, write_report
-from methods import tsimcne
-from poster import plot
-
+from benchmarks.flagging import artefacts
+from benchmarks.flagging.poster import plot
+from benchmarks.poster.common import (
+    DOCS,
+    SCRATCH,
+    TABLE_EPOCHS,
+    TABLE_LR,
+    Setting,
+    arguments,
+    class_names,
+    markdown_table,
+    write_report,
+)
+from benchmarks.poster.methods import tsimcne
 from tsimcne_core.files import atomic_savez
 
 K = 15

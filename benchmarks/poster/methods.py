@@ -13,8 +13,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-from common import Setting, cached, map_scores, network_outputs, save_map, train, tsne
 
+from benchmarks.poster.common import Setting, cached, map_scores, network_outputs, save_map, train, tsne
 from training.probe import linear_probe
 
 

@@ -5,22 +5,28 @@ against `microscopy-keep-size` (no zoom: shifts, rotations, flips, colour), on
   network taught to ignore size cannot separate the classes, and
 - PBC, where the classes differ in much more than size, to see what dropping the zoom costs there.
 
-    .venv/bin/python benchmarks/poster/size.py [--seeds 0 1 2] [--epochs 12,2,4]
+    .venv/bin/python -m benchmarks.poster.size [--seeds 0 1 2] [--epochs 12,2,4]
 """
 
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from common import DOCS, SCRATCH, Setting, arguments, load_map, markdown_table, mean_sd, plot_panels, write_report
-from methods import tsimcne
-
+from benchmarks.poster.common import (
+    DOCS,
+    SCRATCH,
+    Setting,
+    arguments,
+    load_map,
+    markdown_table,
+    mean_sd,
+    plot_panels,
+    write_report,
+)
+from benchmarks.poster.methods import tsimcne
 from training.synthetic import make_red_cell_sizes
 from tsimcne_core.files import atomic_savez
 

@@ -2,19 +2,14 @@
 augmentations, + 90° rotations, + 90° and arbitrary rotations; kNN accuracy and silhouette, mean ± sd over seeds,
 and the three maps side by side.
 
-    .venv/bin/python benchmarks/poster/table1.py [--seeds 0 1 2] [--epochs 12,2,4]
+    .venv/bin/python -m benchmarks.poster.table1 [--seeds 0 1 2] [--epochs 12,2,4]
 
 ~18 training runs; cached, so a stopped run continues (benchmarks/poster/common.py).
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).parent))
-
-from common import (
+from benchmarks.poster.common import (
     AUGMENTATIONS,
     DOCS,
     Setting,
@@ -26,7 +21,7 @@ from common import (
     plot_panels,
     write_report,
 )
-from methods import pixel_tsne, simclr, tsimcne
+from benchmarks.poster.methods import pixel_tsne, simclr, tsimcne
 
 # Nwabufo et al., BloodMNIST, full GPU schedule (silhouette per augmentation; kNN with all augmentations)
 POSTER = {

@@ -1,20 +1,15 @@
 """Poster Table 2 on real blood cells: which augmentations the map needs. t-SimCNE with all augmentations (the
 `microscopy` chain), without the resized crops, without colour jitter, without random grayscale.
 
-    .venv/bin/python benchmarks/poster/table2.py [--seeds 0 1 2] [--epochs 12,2,4]
+    .venv/bin/python -m benchmarks.poster.table2 [--seeds 0 1 2] [--epochs 12,2,4]
 
 The poster's ImageNet-pretrained ResNet baselines are not run: their weights cannot be downloaded here.
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).parent))
-
-from common import Setting, arguments, markdown_table, mean_sd, write_report
-from methods import tsimcne
+from benchmarks.poster.common import Setting, arguments, markdown_table, mean_sd, write_report
+from benchmarks.poster.methods import tsimcne
 
 VARIANTS = {  # column -> augmentation, with the poster's BloodMNIST figures (kNN %, silhouette)
     "all augmentations": ("microscopy", "92.9 / 0.50"),

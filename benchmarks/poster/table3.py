@@ -3,20 +3,15 @@ probe on the frozen backbone features (stratified 70/10/20 % split: trained on 7
 the held-out 20 %; training/probe.py), beside kNN on the same features, for SimCLR with and without rotations and
 for t-SimCNE's backbone (after stage 1, and after the whole run).
 
-    .venv/bin/python benchmarks/poster/table3.py [--seeds 0 1 2] [--epochs 12,2,4]
+    .venv/bin/python -m benchmarks.poster.table3 [--seeds 0 1 2] [--epochs 12,2,4]
 
 Reuses Table 1's runs (cached); trains what is missing.
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).parent))
-
-from common import AUGMENTATIONS, Setting, arguments, markdown_table, mean_sd, write_report
-from methods import simclr, tsimcne
+from benchmarks.poster.common import AUGMENTATIONS, Setting, arguments, markdown_table, mean_sd, write_report
+from benchmarks.poster.methods import simclr, tsimcne
 
 
 def main() -> None:

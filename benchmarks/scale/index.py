@@ -1,7 +1,7 @@
 """The feature index at scale (issue 14): build time, size, recall@15 and search latency of the index the
 flag would use, for N reference features.
 
-    taskset -c 1 nice -n 5 .venv/bin/python benchmarks/scale/index.py --sizes 200000 1000000
+    taskset -c 1 nice -n 5 .venv/bin/python -m benchmarks.scale.index --sizes 200000 1000000
 
 Features (benchmarks/scale/synthetic_features.py): 128-D, 1,000 cluster centres drawn uniformly on the
 unit sphere, each point its centre plus isotropic Gaussian noise (sd 0.06 per dimension: a noise vector
@@ -35,11 +35,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from synthetic_features import clustered_unit_features  # noqa: E402
-
+from benchmarks.scale.synthetic_features import clustered_unit_features  # noqa: E402
 from training.index_building import plan_feature_index  # noqa: E402
 from tsimcne_core.neighbours import build_index  # noqa: E402
 

@@ -6,13 +6,12 @@ i mod 17,092) and each copy after the first is passed through the project's own 
 holds N distinct real-looking cells, 28x28 RGB, in one folder per class (the source's label), as a
 lab's export folder would be laid out. Deterministic for a given N and seed.
 
-    taskset -c 1 nice -n 5 .venv/bin/python benchmarks/scale/make_collection.py --n 20000 --out DIR
+    taskset -c 1 nice -n 5 .venv/bin/python -m benchmarks.scale.make_collection --n 20000 --out DIR
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,7 +21,6 @@ from PIL import Image
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
 
 from training.augment import BatchAugmenter, get_preset, mean_border_colour  # noqa: E402
 

@@ -1,7 +1,7 @@
 """Issue 14's scale benchmark end to end: a collection of N real-looking cells mapped with a network trained
 on a subset, against the same network's bundle of its own training images, in one run.
 
-    taskset -c 1 nice -n 5 .venv/bin/python benchmarks/scale/million.py --n 1000000 \\
+    taskset -c 1 nice -n 5 .venv/bin/python -m benchmarks.scale.million --n 1000000 \\
         --run RUN --source TRAIN.npz --calibration CALIB.npz --held-out TEST.npz
 
 RUN: a finished training run (trained on TRAIN.npz); CALIB / TEST: two disjoint sets of clean images of the
@@ -30,8 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-from prepare_export import CLI, ROOT, measured
+from benchmarks.scale.prepare_export import CLI, ROOT, measured
 
 
 def false_flag_rate(bundle: Path, held_out: Path) -> dict:
@@ -80,7 +79,7 @@ def main() -> None:
     big, small = work / f"bundle-{args.n}", work / f"bundle-{args.run.name}"
     if not (collection / ".complete").is_file():
         shutil.rmtree(collection, ignore_errors=True)
-        command = [sys.executable, str(Path(__file__).parent / "make_collection.py"), "--n", str(args.n)]
+        command = [sys.executable, "-m", "benchmarks.scale.make_collection", "--n", str(args.n)]
         results["collection"] = measured([*command, "--out", str(collection), "--source", str(args.source)],
                                          work / "collection.log")  # fmt: skip
         (collection / ".complete").touch()

@@ -12,7 +12,7 @@ Each measured command runs as its own process; its peak resident memory is the k
 for that process (os.wait4's ru_maxrss), its time the wall clock around it. Results: printed, and
 written to WORK/results-N.json.
 
-    taskset -c 1 nice -n 5 .venv/bin/python benchmarks/scale/prepare_export.py --n 20000
+    taskset -c 1 nice -n 5 .venv/bin/python -m benchmarks.scale.prepare_export --n 20000
 """
 
 from __future__ import annotations
@@ -68,8 +68,8 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     collection = args.collection or work / f"collection-{args.n}"
     if not collection.exists():
-        maker = ROOT / "benchmarks" / "scale" / "make_collection.py"
-        subprocess.run([sys.executable, str(maker), "--n", str(args.n), "--out", str(collection)], check=True)
+        maker = [sys.executable, "-m", "benchmarks.scale.make_collection"]
+        subprocess.run([*maker, "--n", str(args.n), "--out", str(collection)], cwd=ROOT, check=True)
     run = work / "runs" / f"subset-{args.train_images}-w{args.width}"
     if not (run / "stage3.pt").is_file():
         with np.load(PBC, allow_pickle=False) as archive:

@@ -1,6 +1,6 @@
 """Batch embedding: `tsimcne embed --engine ray` against the one-process `tsimcne embed`, same files.
 
-    taskset -c 1 .venv/bin/python benchmarks/scale/ray_embed.py BUNDLE [--images 5000] [--ray-address ADDR]
+    taskset -c 1 .venv/bin/python -m benchmarks.scale.ray_embed BUNDLE [--images 5000] [--ray-address ADDR]
 
 Writes N PNG files from ../shared/data/bloodcells/pbc_28.npz (real PBC cells at 28 px, cycled when N is
 larger than the 17,092 images; kept in --workdir for the next run), then runs both commands as a user

@@ -2,7 +2,7 @@
 memory-mapped and shared between workers (bundles exported since issue 14) against each worker
 building and holding its own copies (the older bundle layout).
 
-    taskset -c 1 nice -n 5 .venv/bin/python benchmarks/scale/worker_memory.py --points 200000 --workers 2
+    taskset -c 1 nice -n 5 .venv/bin/python -m benchmarks.scale.worker_memory --points 200000 --workers 2
 
 A bundle with a large reference set is made from a small real one (--bundle; without it a tiny width-16
 bundle, 128-D features, is made with the project's CLI): its model, preprocessing and calibration are
@@ -39,13 +39,10 @@ import psutil
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from synthetic_features import clustered_unit_features  # noqa: E402
 
 from benchmarks.harness.cli import run_cli  # noqa: E402
 from benchmarks.harness.servers import start_server  # noqa: E402
+from benchmarks.scale.synthetic_features import clustered_unit_features  # noqa: E402
 from training.index_building import plan_feature_index  # noqa: E402
 from tsimcne_core.bundle_format import (  # noqa: E402
     COORDS_FILE,

@@ -1,7 +1,7 @@
 """The two bundles the /embed benchmark serves: the PBC map (17,092 reference images) and the same network
 with a 1,000,000-image reference map. Each step is skipped when its output exists, so a second call is free.
 
-    .venv/bin/python benchmarks/serve/bundles.py            # -> benchmarks/scratch/serve/bundles/{pbc-17k,pbc-1m}
+    .venv/bin/python -m benchmarks.serve.bundles            # -> benchmarks/scratch/serve/bundles/{pbc-17k,pbc-1m}
 
 1. `tsimcne train --recipe cpu --epochs 2,1,1` on all of PBC (../shared/data/bloodcells/pbc_28.npz): the `cpu`
    recipe's network (ResNet-18 width 16, stride-2 stem), which is what a user serves; a few epochs only,

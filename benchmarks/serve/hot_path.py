@@ -1,8 +1,8 @@
 """POST /embed against the floors of the servers under it, in one run on the same cores (issue 24).
 
-    .venv/bin/python benchmarks/serve/hot_path.py                # the table (~15 minutes; the first time it
+    .venv/bin/python -m benchmarks.serve.hot_path                # the table (~15 minutes; the first time it
                                                                  # also makes the two bundles: ~35 minutes)
-    .venv/bin/python benchmarks/serve/hot_path.py --soak 600     # + 10 minutes at full load, worker RSS every 10 s
+    .venv/bin/python -m benchmarks.serve.hot_path --soak 600     # + 10 minutes at full load, worker RSS every 10 s
 
 Every server gets the whole machine in turn and is driven by wrk (Debian's `wrk`: a C load generator that
 takes a fraction of one core, so the figures are the server's), `-t1 -c16` (16 connections), `--seconds`
@@ -29,7 +29,6 @@ import io
 import json
 import math
 import os
-import platform
 import re
 import shutil
 import signal
@@ -46,9 +45,10 @@ import numpy as np
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:  # run by path (python benchmarks/serve/hot_path.py) rather than with -m
-    sys.path.insert(0, str(ROOT))
+from benchmarks.results import RESULTS, record  # noqa: E402
 from benchmarks.serve import bundles  # noqa: E402
+
+PACKAGES = ("bentoml", "uvicorn", "starlette", "uvloop", "httptools", "onnxruntime", "numpy", "orjson", "faiss-cpu")
 
 PBC = ROOT.parent / "shared" / "data" / "bloodcells" / "pbc_28.npz"
 WORK = ROOT / "benchmarks" / "scratch" / "serve"
@@ -310,31 +310,9 @@ def servers(small: Path, large: Path | None, home: Path) -> list[Server]:
     return rows
 
 
-def machine() -> dict:
-    cpu = ""
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    from importlib.metadata import version
-
-    packages = ("bentoml", "uvicorn", "starlette", "uvloop", "httptools", "onnxruntime", "numpy", "orjson", "faiss-cpu")
-    versions = {}
-    for package in packages:
-        try:
-            versions[package] = version(package)
-        except Exception:
-            versions[package] = None
-    wrk_version = subprocess.run([WRK, "-v"], capture_output=True, text=True).stdout.splitlines()[0:1]
-    return {
-        "cpu": cpu,
-        "usable_cores": len(os.sched_getaffinity(0)),
-        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-        "kernel": platform.release(),
-        "python": platform.python_version(),
-        "versions": versions,
-        "load_generator": wrk_version[0] if wrk_version else "wrk",
-    }
+def wrk_version() -> str:
+    found = subprocess.run([WRK, "-v"], capture_output=True, text=True).stdout.splitlines()[0:1]
+    return found[0] if found else "wrk"
 
 
 def _line(row: Row) -> str:
@@ -342,6 +320,17 @@ def _line(row: Row) -> str:
         f"{row.server:28} {row.bundle or '-':9} {row.case:12} {row.requests_per_s:9,.0f} req/s "
         f"{row.images_per_s:9,.0f} img/s  p50 {row.p50_ms:6.1f} p99 {row.p99_ms:6.1f} ms  non-2xx {row.non_2xx}"
     )
+
+
+def report_table(report: dict) -> str:
+    """The README's table of a result file: where and how it was measured, then every row."""
+    host = report["machine"]
+    heading = (
+        f"Measured {report['started']} - {report['finished']} on {host['cpu']}, {host['usable_cores']} usable "
+        f"cores, {host['memory_gib']} GiB; `{report['command']}`; {report['connections']} connections, "
+        f"{report['seconds_per_row']:g} s a row, provider {report['provider']}."
+    )
+    return heading + "\n\n" + table(report["rows"])
 
 
 def table(rows: list[dict]) -> str:
@@ -368,7 +357,10 @@ def main() -> None:
     parser.add_argument("--only", help="run only the servers whose name contains this text")
     parser.add_argument("--soak", type=float, default=0, help="also run /embed this many seconds, RSS every 10 s")
     parser.add_argument("--provider", default="cpu", help="onnxruntime provider of the /embed rows (cuda on a GPU)")
-    parser.add_argument("--out", type=Path)
+    parser.add_argument("--out", type=Path, help="the result file (default: benchmarks/scratch/serve/)")
+    parser.add_argument(
+        "--record", action="store_true", help="keep the result in benchmarks/results/ (cited by the README)"
+    )
     args = parser.parse_args()
     if shutil.which(WRK) is None:
         sys.exit(f"error: {WRK} not found: install wrk (apt-get install wrk) or name it in WRK=")
@@ -394,23 +386,23 @@ def main() -> None:
         if args.only and args.only not in server.name:
             continue
         rows += measure(server, bodies, args.seconds, args.warm_up, work)
-    report = {
-        "command": " ".join(sys.argv),
-        "started": started.isoformat(timespec="seconds"),
-        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": machine(),
+    payload = {
         "connections": 16,
         "seconds_per_row": args.seconds,
         "provider": args.provider,
         "rows": [asdict(row) for row in rows],
     }
     if args.soak:
-        report["soak"] = soak(args.bundle.resolve(), bodies["multipart-1"], args.soak, work, args.provider)
-    out = args.out or WORK / f"hot_path-{started:%Y%m%dT%H%M}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n")
+        payload["soak"] = soak(args.bundle.resolve(), bodies["multipart-1"], args.soak, work, args.provider)
+    default = (
+        RESULTS / f"serve-hot-path-{started:%Y-%m-%d}.json"
+        if args.record
+        else WORK / f"hot_path-{started:%Y%m%dT%H%M}.json"
+    )
+    out = record(payload, args.out or default, started=started, packages=PACKAGES, load_generator=wrk_version())
+    report = json.loads(out.read_text())
     print(table(report["rows"]))
-    print(f"written to {out}")
+    print(f"written to {out}" + ("; python -m benchmarks.tables puts its table into the README" if args.record else ""))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Memory of one service worker against the size of the bundle's reference map (for sizing replicas).
 
-    .venv/bin/python benchmarks/serve/memory.py [--bundle models/NAME] [--points 120 20000 100000]
+    .venv/bin/python -m benchmarks.serve.memory [--bundle models/NAME] [--points 120 20000 100000]
 
 Every worker holds the reference map (coordinates, ids, labels, the flag's projected features, the /map
 JSON, and once /thumbnail is used, the thumbnails). For each size, the bundle is tiled to that many
@@ -23,7 +23,6 @@ import numpy as np
 import psutil
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
 
 from benchmarks.harness.browser import tile_bundle  # noqa: E402
 from benchmarks.harness.cli import run_cli  # noqa: E402

@@ -1,6 +1,6 @@
 """Robustness of the service (issue 4): schemathesis against its OpenAPI spec, then a corpus of broken files.
 
-    .venv/bin/python benchmarks/serve/robustness.py --bundle models/pbc-cpu
+    .venv/bin/python -m benchmarks.serve.robustness --bundle models/pbc-cpu
 
 1. Starts `bentoml serve` on loopback with the bundle.
 2. schemathesis (`st run .../docs.json -c not_a_server_error`, --examples per operation, fixed seed):
@@ -29,7 +29,6 @@ import tifffile
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
 
 from benchmarks.harness.servers import start_server, write_broken_files  # noqa: E402
 

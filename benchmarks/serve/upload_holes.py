@@ -1,8 +1,8 @@
 """The upload holes of issue 12 tried against a real `bentoml serve`: what the service answered, before and after.
 
-    .venv/bin/python benchmarks/serve/upload_holes.py --label after
+    .venv/bin/python -m benchmarks.serve.upload_holes --label after
     git archive 83aacb2 serving | tar -x -C benchmarks/scratch/before      # the code before the fixes
-    .venv/bin/python benchmarks/serve/upload_holes.py --label before --source benchmarks/scratch/before
+    .venv/bin/python -m benchmarks.serve.upload_holes --label before --source benchmarks/scratch/before
 
 --source is the folder `bentoml serve` runs in: its serving/ package is the one served (it comes first on
 sys.path; /info's limits tell which code answered). A tiny bundle is made with the project's CLI,
@@ -39,7 +39,6 @@ import psutil
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
 
 from benchmarks.harness.attack_files import planar_tiff, solid_png, stored_pixels, tiff_claiming, with_orientation  # noqa: E402
 from benchmarks.harness.cli import run_cli  # noqa: E402
