@@ -1,6 +1,6 @@
 """Files an attacker (or an unlucky instrument) sends: bombs, many-pixel images, images stored sideways.
 
-Shared by the tests and benchmarks/serve/upload_holes.py, which records what the service answers to them.
+Shared by the tests (tests/test_images.py, tests/test_service.py and others).
 """
 
 from __future__ import annotations
