@@ -17,6 +17,8 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from benchmarks.results import SCRATCH as RESULT_SCRATCH
+from benchmarks.results import record
 from benchmarks.timing import best_of
 from training.checkpoint import load_checkpoint
 from training.runs import dataset_for_state, final_checkpoint_path, model_from_state
@@ -64,6 +66,10 @@ def main() -> None:
         "torch": torch.__version__,
     }
     print(json.dumps(result, indent=2))
+    print(
+        "written to",
+        record(result, RESULT_SCRATCH / "embed_speed.json"),
+    )
     onnx_first = session.run(["coords"], {"images": batches[0]})[0]
     with torch.inference_mode():
         torch_first = model(tensors[0])[0].numpy()

@@ -48,6 +48,7 @@ from benchmarks.harness.browser import (  # noqa: E402
     wait_for,
 )
 from benchmarks.harness.servers import start_server  # noqa: E402
+from benchmarks.results import record  # noqa: E402
 
 
 def centre_crop(path: Path, side: int, folder: Path) -> Path:
@@ -145,7 +146,7 @@ def main() -> None:
         "results": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    record(report, args.out)
     print(f"written to {args.out}")
 
 

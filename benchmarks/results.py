@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
+SCRATCH = Path(__file__).resolve().parent / "scratch"  # ignored by git
+STARTED = datetime.now(UTC)  # when the benchmark began: it imports this module first
 
 
 def cpu_model() -> str:
@@ -57,15 +59,23 @@ def command_line() -> str:
     return " ".join([program, *sys.argv[1:]])
 
 
-def record(payload: dict[str, Any], out: Path, *, started: datetime, packages: Sequence[str] = (), **extra) -> Path:
-    """Write `payload` to `out` with the command, times and machine it was measured with (atomically)."""
-    report = {
+def record(
+    payload: dict[str, Any],
+    out: Path,
+    *,
+    started: datetime | None = None,
+    packages: Sequence[str] = ("numpy", "torch", "onnxruntime", "bentoml", "faiss-cpu"),
+    **extra: Any,
+) -> Path:
+    """Write `payload` to `out` with the command, times and machine it was measured with (atomically);
+    these four fields replace any of the same name in `payload`."""
+    stamp = {
         "command": command_line(),
-        "started": started.isoformat(timespec="seconds"),
+        "started": (started or STARTED).isoformat(timespec="seconds"),
         "finished": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine(packages, **extra),
-        **payload,
     }
+    report = {**stamp, **{key: value for key, value in payload.items() if key not in stamp}}
     out.parent.mkdir(parents=True, exist_ok=True)
     scratch = out.with_name(out.name + ".tmp")
     scratch.write_text(json.dumps(report, indent=1) + "\n")

@@ -27,6 +27,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from benchmarks.results import record  # noqa: E402
 from training.config import build_config  # noqa: E402
 from training.datasets import load_dataset  # noqa: E402
 from training.device import resolve_runtime  # noqa: E402
@@ -144,7 +145,7 @@ def main() -> None:
             "ours": {**our_quality.as_dict(), "seconds": ours["seconds"]},
         }
         print(json.dumps(results["quality"], indent=2), flush=True)
-    (SCRATCH / "speed_vs_reference.json").write_text(json.dumps(results, indent=2) + "\n")
+    record(results, SCRATCH / "speed_vs_reference.json")
 
 
 if __name__ == "__main__":

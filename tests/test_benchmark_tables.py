@@ -45,3 +45,13 @@ def test_a_table_citing_a_missing_file_is_an_error_naming_it(tmp_path: Path) -> 
     shutil.copytree(ROOT / "benchmarks" / "results", tmp_path / "results")
     result = _tables("--readme", str(readme), "--results", str(tmp_path / "results"))
     assert result.returncode == 1 and "serve-hot-path-1999-01-01.json" in result.stderr
+
+
+def test_a_recorded_result_says_where_when_and_how_it_was_measured(tmp_path: Path) -> None:
+    from benchmarks.results import record
+
+    out = record({"rows": [1, 2], "machine": "a string of the old kind"}, tmp_path / "deep" / "result.json")
+    report = json.loads(out.read_text())
+    assert report["rows"] == [1, 2] and report["command"].startswith("python")
+    assert report["started"] <= report["finished"] and report["machine"]["usable_cores"] >= 1
+    assert "numpy" in report["machine"]["versions"] and not list(tmp_path.rglob("*.tmp"))

@@ -34,6 +34,7 @@ from sklearn.metrics import roc_auc_score
 ROOT = Path(__file__).resolve().parents[2]
 
 from benchmarks.flagging import artefacts  # noqa: E402
+from benchmarks.results import record  # noqa: E402
 from training.flag_calibration import calibrate_detector  # noqa: E402
 from tsimcne_core.bundle_format import open_bundle  # noqa: E402
 from tsimcne_core.calibration import CombinedCalibration  # noqa: E402
@@ -240,7 +241,7 @@ def main() -> None:
     }
     out = ROOT / "benchmarks" / "scratch" / "flagging.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
+    record(results, out)
     print(f"false-flag rate on {len(clean)} clean held-out images (target {args.target_rate:.0%}):")
     for method in methods:
         print(f"  {method}: {results['false_flag_rate_on_clean_test'][method]:.2%}")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.results import record
 from benchmarks.timing import best_of
 from tsimcne_core.placing import Placer
 
@@ -64,7 +65,7 @@ def main() -> None:
     report["cuda"] = measure(Placer(args.bundle, provider="cuda"), images, batches)
     print(json.dumps(report["cuda"]), flush=True)
     if args.out:
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        record(report, args.out)
 
 
 if __name__ == "__main__":

@@ -12,13 +12,13 @@ kernels, images/s and model TFLOP/s. Writes profile.json (and a Chrome trace wit
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks.results import record
 from training.config import build_config
 from training.datasets import load_dataset
 from training.device import resolve_runtime
@@ -117,7 +117,7 @@ def main() -> None:
     table = events.table(sort_by="self_" + device_key, row_limit=25)
     print(table)
     report["top_ops"] = table.splitlines()[:30]
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    record(report, args.out)
     if args.trace:
         profiler.export_chrome_trace(str(args.out.with_suffix(".trace.json")))
     print(f"profile written to {args.out}")

@@ -36,6 +36,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 
+from benchmarks.results import record  # noqa: E402
 from benchmarks.scale.synthetic_features import clustered_unit_features  # noqa: E402
 from training.index_building import plan_feature_index  # noqa: E402
 from tsimcne_core.neighbours import build_index  # noqa: E402
@@ -104,7 +105,7 @@ def main() -> None:
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    record(result, args.out)
     print(f"written: {args.out}")
 
 

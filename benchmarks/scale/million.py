@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.results import record
 from benchmarks.scale.prepare_export import CLI, ROOT, measured
 
 
@@ -73,7 +74,7 @@ def main() -> None:
     results.update({"n_images": args.n, "run": str(args.run), "date": datetime.now(UTC).isoformat(timespec="minutes")})
 
     def save() -> None:
-        out.write_text(json.dumps(results, indent=2))
+        record(results, out)
 
     collection, store = work / f"collection-{args.n}", work / f"store-{args.n}"
     big, small = work / f"bundle-{args.n}", work / f"bundle-{args.run.name}"

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.results import record
+
 ROOT = Path(__file__).resolve().parents[2]
 PBC = ROOT.parent / "shared" / "data" / "bloodcells" / "pbc_28.npz"
 CLI = [sys.executable, "-m", "tsimcne_cli"]
@@ -104,7 +106,7 @@ def main() -> None:
         f"{len(os.sched_getaffinity(0))} usable by this process",
         "date": datetime.now(UTC).isoformat(timespec="minutes"),
     }
-    (work / f"results-{args.n}.json").write_text(json.dumps(results, indent=2) + "\n")
+    record(results, work / f"results-{args.n}.json")
     print(json.dumps(results, indent=2))
 
 

@@ -24,6 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.results import SCRATCH as RESULT_SCRATCH
+from benchmarks.results import record
+
 ROOT = Path(__file__).resolve().parents[2]
 PBC = ROOT.parent / "shared" / "data" / "bloodcells" / "pbc_28.npz"
 
@@ -107,6 +110,7 @@ def main() -> None:
         "agreement": compare(local_out, ray_out),
     }
     print(json.dumps(report, indent=2))
+    print("written to", record(report, RESULT_SCRATCH / "ray_embed.json"))
 
 
 if __name__ == "__main__":

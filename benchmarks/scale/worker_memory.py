@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 from benchmarks.harness.cli import run_cli  # noqa: E402
 from benchmarks.harness.servers import start_server  # noqa: E402
+from benchmarks.results import record  # noqa: E402
 from benchmarks.scale.synthetic_features import clustered_unit_features  # noqa: E402
 from training.index_building import plan_feature_index  # noqa: E402
 from tsimcne_core.bundle_format import (  # noqa: E402
@@ -193,7 +194,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores visible, affinity {sorted(os.sched_getaffinity(0))}",
         "results": results,
     }
-    args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    record(summary, args.out)
     print(f"written: {args.out}")
 
 

@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[2]
 from benchmarks.harness.browser import tile_bundle  # noqa: E402
 from benchmarks.harness.cli import run_cli  # noqa: E402
 from benchmarks.harness.servers import start_server  # noqa: E402
+from benchmarks.results import record  # noqa: E402
 from tsimcne_core.bundle_format import REFERENCE_FILE  # noqa: E402
 
 SCRATCH = ROOT / "benchmarks" / "scratch"
@@ -95,7 +96,7 @@ def main() -> None:
         "rows": rows,
         "bytes_per_reference_point": per_point,
     }
-    (SCRATCH / "serve_memory.json").write_text(json.dumps(results, indent=2))
+    record(results, SCRATCH / "serve_memory.json")
     print(json.dumps(results, indent=2))
 
 

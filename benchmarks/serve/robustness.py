@@ -31,6 +31,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[2]
 
 from benchmarks.harness.servers import start_server, write_broken_files  # noqa: E402
+from benchmarks.results import record  # noqa: E402
 
 SCRATCH = ROOT / "benchmarks" / "scratch"
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "bloodcells" / "pbc_28.npz"
@@ -111,7 +112,7 @@ def main() -> None:
         "server_5xx_in_log": server.log_text().count("status=5"),
         "tracebacks_in_log": server.log_text().count("Traceback"),
     }
-    (SCRATCH / "serve_robustness.json").write_text(json.dumps(results, indent=2))
+    record(results, SCRATCH / "serve_robustness.json")
     print(json.dumps(results, indent=2))
 
 
