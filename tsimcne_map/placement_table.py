@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from tsimcne_core.flag import Flag
+
 if TYPE_CHECKING:
     from pathlib import Path
 
@@ -21,7 +23,7 @@ FIELDS: list[tuple[str, str, str]] = [
     ("id", "string", "the image's path as listed"),
     ("x", "float64", "map position"),
     ("y", "float64", "map position"),
-    ("flag", "string", "in_distribution, out_of_distribution or artefact"),
+    ("flag", "string", ", ".join(Flag)),
     ("score", "float64", "the flag's score; above 1 is flagged"),
     ("evidence_features", "float64", "network features over their calibrated threshold (null: position-only flag)"),
     ("evidence_pixels", "float64", "colour/exposure statistics over their threshold (null: position-only flag)"),
