@@ -21,15 +21,20 @@ schema, in-process calls), so both paths place and refuse alike.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import io
 import logging
 import random
 import time
+import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
+from urllib.parse import parse_qs
 
 import numpy as np
 import orjson
+from PIL import Image
 
 from serving import metrics
 from serving.batching import MicroBatcher
@@ -38,6 +43,8 @@ from serving.http_errors import error_body
 from serving.settings import ServiceSettings
 from serving.upload_body import BodyLimits, ClientGone, Refusal, Upload, read_uploads
 from serving.upload_decoding import DeadlineExceeded, RequestTooLarge, UploadDecoder, check_request_pixels
+from tsimcne_core.journal import ClientMetadata, JournalError, JournalRow, MetadataError, SqlJournal
+from tsimcne_core.journal import now as journal_now
 from tsimcne_core.placing import Placer
 
 ROUTE = "/embed"
@@ -60,15 +67,27 @@ class Answer:
 class _Job:
     batch: np.ndarray
     names: list[str]
+    request: _RequestRecord | None = None  # what the journal keeps of the request (None: no journal)
+
+
+@dataclass(slots=True)
+class _RequestRecord:
+    request_id: str
+    metadata: ClientMetadata
+    digests: list[str]  # sha256 of each uploaded file's bytes
 
 
 class EmbedHandler:
     """Everything /embed does after the body is read: limits, decoding, the batched placement, the answer.
     One per worker, made when the service opens its bundle."""
 
-    def __init__(self, placer: Placer, bundle_sha256: str, settings: ServiceSettings) -> None:
+    def __init__(
+        self, placer: Placer, bundle_sha256: str, settings: ServiceSettings, journal: SqlJournal | None = None
+    ) -> None:
         self.placer = placer
         self.settings = settings
+        self.bundle_sha256 = bundle_sha256
+        self.journal = journal
         prep = placer.manifest.preprocessing
         self.decoder = UploadDecoder(
             prep,
@@ -77,17 +96,22 @@ class EmbedHandler:
             inline_pixels=INLINE_DECODE_PIXELS,
             on_active=metrics.DECODING_REQUESTS.set,
         )
-        self.batcher: MicroBatcher[_Job, bytes] = MicroBatcher(self._place, max_images=settings.max_batch_images)
+        self.batcher: MicroBatcher[_Job, bytes | Refusal] = MicroBatcher(
+            self._place, max_images=settings.max_batch_images
+        )
         self.limits = BodyLimits(
             settings.max_upload_bytes, settings.max_images, settings.max_pixels, UPLOAD_FIELD, ROUTE
         )
         head = orjson.dumps({"bundle": placer.manifest.name, "bundle_sha256": bundle_sha256})
         self._head = head[:-1] + b',"images":'  # every answer starts the same way
 
-    async def answer(self, uploads: Sequence[Upload]) -> Answer:
-        """The answer to a request whose uploads have been read (each header opened)."""
+    async def answer(
+        self, uploads: Sequence[Upload], metadata: ClientMetadata | None = None, request_id: str | None = None
+    ) -> Answer:
+        """The answer to a request whose uploads have been read (each header opened); with a journal, its
+        rows are committed before the answer is given."""
         try:
-            return await self._answer(uploads)
+            return await self._answer(uploads, metadata, request_id)
         except Refusal as refusal:
             return refused(refusal)
 
@@ -102,7 +126,9 @@ class EmbedHandler:
             upload.open(self.settings.max_pixels)
         return await self.answer(uploads)
 
-    async def _answer(self, uploads: Sequence[Upload]) -> Answer:
+    async def _answer(
+        self, uploads: Sequence[Upload], metadata: ClientMetadata | None, request_id: str | None
+    ) -> Answer:
         settings = self.settings
         try:
             check_request_pixels(uploads, settings.max_request_pixels)
@@ -121,20 +147,34 @@ class EmbedHandler:
             message = f"{len(problems)} of {len(uploads)} uploads are not usable images: {listed}"
             raise Refusal(422, "bad_image", message, problems)
         job = _Job(decoded.batch, [upload.name for upload in uploads])
+        if self.journal is not None:
+            request_id = request_id or uuid.uuid4().hex
+            digests = [hashlib.sha256(upload.data).hexdigest() for upload in uploads]
+            job.request = _RequestRecord(request_id, metadata or ClientMetadata(), digests)
         try:
             async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
                 body = await self.batcher.run(job, len(job.names))
         except TimeoutError:
             raise _over_budget(settings, "the time budget ran out while the images waited for the model") from None
-        return Answer(200, body)
+        if isinstance(body, Refusal):
+            raise body
+        return Answer(200, body, {"X-Request-ID": job.request.request_id} if job.request else None)
 
-    def _place(self, jobs: Sequence[_Job]) -> list[bytes]:
+    def _place(self, jobs: Sequence[_Job]) -> list[bytes | Refusal]:
         """In the model thread: one model run and placement for all `jobs`, then each job's answer."""
         batch = jobs[0].batch if len(jobs) == 1 else np.concatenate([job.batch for job in jobs])
         names = jobs[0].names if len(jobs) == 1 else [name for job in jobs for name in job.names]
         timings: dict[str, float] = {}
         placed = self.placer.place(batch, names, calls=[len(job.names) for job in jobs], timings=timings)
         metrics.record_batch(placed, timings["model"])
+        if self.journal is not None:
+            try:  # one transaction for the whole batch, committed before any of its requests is answered
+                self.journal.write(journal_rows(jobs, placed, batch, self.bundle_sha256, self.placer))
+            except JournalError as exc:
+                logger.error("%s", exc)
+                message = f"{exc}; the images were not kept, so none is answered as placed: retry later"
+                refusal = Refusal(503, "journal", message, headers={"Retry-After": "5"})
+                return [refusal for _ in jobs]
         answers, start = [], 0
         for job in jobs:
             stop = start + len(job.names)
@@ -144,6 +184,35 @@ class EmbedHandler:
 
     async def close(self) -> None:
         await self.batcher.close()
+
+
+def journal_rows(
+    jobs: Sequence[_Job], placed: Sequence[Any], batch: np.ndarray, bundle_sha256: str, placer: Placer
+) -> list[JournalRow]:
+    """The journal's rows of a placed batch: each record with its request, metadata, file digest and the image
+    at model size as PNG (the model input scaled back to uint8)."""
+    rows, start, time_now = [], 0, journal_now()
+    scale = float(placer.manifest.preprocessing.divide_by)
+    for job in jobs:
+        request = job.request
+        assert request is not None
+        for offset, (record, digest) in enumerate(zip(placed[start : start + len(job.names)], request.digests,
+                                                      strict=True)):  # fmt: skip
+            pixels = np.clip(np.rint(batch[start + offset].transpose(1, 2, 0) * scale), 0, 255).astype(np.uint8)
+            png = io.BytesIO()
+            Image.fromarray(pixels).save(png, format="PNG")
+            rows.append(
+                JournalRow(
+                    time=time_now, request_id=request.request_id, bundle_sha256=bundle_sha256,
+                    filename=record.filename, image_sha256=digest, x=record.x, y=record.y, flag=record.flag,
+                    score=record.score, evidence=dict(record.evidence), majority_label=record.majority_label,
+                    majority_share=record.majority_share, neighbours=[asdict(n) for n in record.neighbours],
+                    duplicate_of=record.duplicate_of, source=request.metadata.source,
+                    sample_id=request.metadata.sample_id, tags=list(request.metadata.tags), thumbnail=png.getvalue(),
+                )
+            )  # fmt: skip
+        start += len(job.names)
+    return rows
 
 
 def refused(refusal: Refusal) -> Answer:
@@ -230,6 +299,13 @@ class EmbedRoute:
             return refused(Refusal(503, "not_ready", "the service is starting: retry in a few seconds"))
         # A client trickling its body must not hold the connection and its buffer for ever (BentoML's traffic
         # timeout bounded this before /embed was answered in front of BentoML).
+        metadata = None
+        if scope.get("query_string"):  # client metadata for the journal: checked before the body is read
+            try:
+                metadata = ClientMetadata.parse(parse_qs(scope["query_string"].decode("latin-1")))
+            except MetadataError as exc:
+                status, reason = (413, "too_large") if exc.too_large else (400, "metadata")
+                return refused(Refusal(status, reason, f"query parameter {exc}"))
         seconds = handler.settings.body_timeout_s
         try:
             async with asyncio.timeout(seconds):
@@ -239,7 +315,15 @@ class EmbedRoute:
         except TimeoutError:
             message = f"the request body did not arrive within {seconds:g} s (setting body_timeout_s)"
             return refused(Refusal(408, "body_timeout", message))
-        return await handler.answer(uploads)
+        return await handler.answer(uploads, metadata, _request_id(scope))
+
+
+def _request_id(scope: dict) -> str | None:
+    """The client's X-Request-ID when it is a short printable token, so its logs and the journal agree."""
+    given = _header(scope, b"x-request-id")
+    if given and len(given) <= 128 and given.isprintable() and " " not in given:
+        return given
+    return None
 
 
 async def _send(send: Any, answer: Answer) -> None:

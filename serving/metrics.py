@@ -82,7 +82,7 @@ def record_batch(placed: Sequence[PlacedImage], model_seconds: float) -> None:
 DECODE_REASONS = ("undecodable", "too_large", "empty")
 REJECT_REASONS = (
     "empty", "wrong_field", "not_a_file", "content_type", "malformed", "too_many_images", "too_large", "bad_image",
-    "too_many_pixels", "over_budget", "unauthorised", "not_ready", "body_timeout",
+    "too_many_pixels", "over_budget", "unauthorised", "not_ready", "body_timeout", "metadata", "journal",
 )  # fmt: skip
 EMBED_STATUSES = ("200", "400", "401", "405", "408", "413", "415", "422", "500", "503")
 

@@ -41,6 +41,7 @@ from serving.api_models import EmbedResponse, InfoResponse, Limits
 from serving.embed_route import ROUTE as EMBED_ROUTE
 from serving.embed_route import EmbedHandler, EmbedRoute
 from serving.guards import BearerTokenAuth, BodySizeLimit
+from serving.journal_routes import journal_router
 from serving.map_route import map_router
 from serving.map_wire import MapOnTheWire
 from serving.model_store import bundle_path_from_store
@@ -49,6 +50,7 @@ from serving.uploads import UploadedFile
 from serving.webpage import Thumbnails, page_router, validation_error
 from tsimcne_core.bundle_format import MANIFEST, REFERENCE_FILE, BundleError, open_bundle, sha256_file
 from tsimcne_core.calibration import public_calibration
+from tsimcne_core.journal import JournalError, open_journal
 from tsimcne_core.neighbours import set_faiss_threads
 from tsimcne_core.placing import Placer
 from tsimcne_core.public import public_evaluation
@@ -138,6 +140,7 @@ def info() -> InfoResponse:
 
 
 web.include_router(page_router(thumbnails=lambda: bentoml.get_current_service().thumbnails))
+web.include_router(journal_router(journal=lambda: getattr(bentoml.get_current_service(), "journal", None)))
 
 
 class MapServiceDefinition(bentoml.Service):
@@ -221,7 +224,7 @@ class MapService:
         self.plan = worker_plan(self.settings)
         try:
             self._open_bundle()
-        except BundleError as exc:
+        except (BundleError, JournalError) as exc:
             logger.error("cannot serve: %s", exc)
             _stop_server()
             raise
@@ -255,7 +258,11 @@ class MapService:
         self.info = self._info()
         # Warm-up: the first onnxruntime run allocates, the indexes page in; before /readyz says yes.
         placer.warm_up()
-        self.embed_handler = EmbedHandler(placer, self.bundle_sha256, settings)
+        # The journal (when set): opened, and its schema migrated, before /readyz says yes.
+        self.journal = open_journal(settings.journal) if settings.journal else None
+        if self.journal is not None:
+            logger.info("journal: %s (schema version %d)", self.journal.describe(), self.journal.version())
+        self.embed_handler = EmbedHandler(placer, self.bundle_sha256, settings, self.journal)
 
     def __is_ready__(self) -> bool:
         return self.ready

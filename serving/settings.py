@@ -73,6 +73,19 @@ class ServiceSettings(BaseModel):
         "unset: /embed and the map routes are not traced",
     )
 
+    journal: str | None = Field(
+        None,
+        description="keep every placed image: sqlite:///PATH (one host) or postgresql://USER:PASSWORD@HOST/DB "
+        "(several replicas); unset: placed images are not kept",
+    )
+
+    @field_validator("journal")
+    @classmethod
+    def _journal_url(cls, value: str | None) -> str | None:
+        if value is None or value.startswith(("sqlite:///", "postgresql://", "postgres://")):
+            return value
+        raise ValueError("give sqlite:///PATH or postgresql://USER:PASSWORD@HOST/DB")
+
     @field_validator("api_token")
     @classmethod
     def _token_not_blank(cls, value: str | None) -> str | None:

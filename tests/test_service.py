@@ -657,3 +657,9 @@ def test_a_body_that_does_not_arrive_in_time_is_answered_408(service_bundle, tmp
             assert client.get("/readyz").status_code == 200
     finally:
         running.stop()
+
+
+def test_without_a_journal_placements_say_how_to_turn_it_on(server) -> None:
+    with server.client() as client:
+        reply = client.get("/placements")
+    assert reply.status_code == 404 and "journal=sqlite:///PATH" in reply.json()["error"]

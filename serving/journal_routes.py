@@ -1,0 +1,92 @@
+"""Reading the journal over HTTP: GET /placements (filters, cursor pages, JSON or CSV), one placement, and the
+image it was placed from at model size. Behind the bearer token like every route but health (serving/guards.py).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Callable
+from typing import Literal
+
+from fastapi import APIRouter, Query
+from starlette.responses import JSONResponse, Response
+
+from serving.http_errors import json_error
+from tsimcne_core.flag import Flag
+from tsimcne_core.journal import COLUMNS, MAX_PAGE, JournalError, PlacementFilter, SqlJournal
+
+JOURNAL_OFF = "the journal is off: start the service with journal=sqlite:///PATH (or postgresql://...)"
+
+
+def journal_router(journal: Callable[[], SqlJournal | None]) -> APIRouter:
+    """Routes over the running worker's journal (`journal()`: None when the setting is unset)."""
+    router = APIRouter()
+
+    @router.get("/placements")
+    def placements(
+        since: str | None = Query(None, description="from this time on (ISO 8601, UTC)"),
+        until: str | None = Query(None, description="before this time (ISO 8601, UTC)"),
+        flag: Flag | None = Query(None),  # noqa: B008
+        label: str | None = Query(None, description="majority label among the neighbours"),
+        source: str | None = Query(None, description="the client's source (instrument or pipeline)"),
+        review: str | None = Query(None, description="review state: unreviewed, fine, artefact or a label"),
+        after: int | None = Query(None, ge=0, description="the cursor: the `next` of the previous page"),
+        limit: int = Query(100, ge=1, le=MAX_PAGE),
+        format: Literal["json", "csv"] = Query("json"),
+    ) -> Response:
+        """Placed images, oldest first, a page at a time (`next` is the cursor of the following page)."""
+        store = journal()
+        if store is None:
+            return json_error(404, JOURNAL_OFF)
+        where = PlacementFilter(since, until, flag.value if flag else None, label, source, review)
+        try:
+            rows = store.placements(where, after, limit)
+        except JournalError as exc:
+            return json_error(503, str(exc), headers={"Retry-After": "5"})
+        following = rows[-1]["id"] if len(rows) == limit else None
+        if format == "csv":
+            return Response(_csv(rows), media_type="text/csv; charset=utf-8", headers=_cursor(following))
+        return JSONResponse({"placements": rows, "next": following}, headers=_cursor(following))
+
+    @router.get("/placements/{row_id}")
+    def placement(row_id: int) -> Response:
+        store = journal()
+        if store is None:
+            return json_error(404, JOURNAL_OFF)
+        try:
+            row = store.placement(row_id)
+        except JournalError as exc:
+            return json_error(503, str(exc), headers={"Retry-After": "5"})
+        return JSONResponse(row) if row is not None else json_error(404, f"/placements/{row_id}: no such placement")
+
+    @router.get("/placements/{row_id}/image")
+    def image(row_id: int) -> Response:
+        """The image as the model saw it (model size, PNG)."""
+        store = journal()
+        if store is None:
+            return json_error(404, JOURNAL_OFF)
+        try:
+            png = store.thumbnail(row_id)
+        except JournalError as exc:
+            return json_error(503, str(exc), headers={"Retry-After": "5"})
+        if png is None:
+            return json_error(404, f"/placements/{row_id}/image: no such placement")
+        return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=86400, immutable"})
+
+    return router
+
+
+def _cursor(following: int | None) -> dict[str, str]:
+    return {"X-Next-Cursor": str(following)} if following is not None else {}
+
+
+def _csv(rows: list[dict]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    names = ("id", *COLUMNS, "review")
+    writer.writerow(names)
+    for row in rows:
+        writer.writerow([json.dumps(row[n]) if isinstance(row[n], list | dict) else row[n] for n in names])
+    return out.getvalue()

@@ -1,0 +1,188 @@
+"""The journal (tsimcne_core/journal.py, issue 26): every placed image kept in SQLite, what a 2xx promises, the
+client's metadata checked, and GET /placements reading it back, against a real `bentoml serve`."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import sqlite3
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psutil
+import pytest
+from PIL import Image
+
+from benchmarks.harness.servers import start_server
+from tsimcne_core.journal import (
+    SCHEMA_VERSION,
+    ClientMetadata,
+    JournalError,
+    JournalRow,
+    MetadataError,
+    PlacementFilter,
+    now,
+    open_journal,
+)
+
+SQL_LOOKING = "scope-2'; DROP TABLE placements; --"
+
+
+def _row(name: str, flag: str = "in_distribution", source: str | None = None) -> JournalRow:
+    return JournalRow(
+        now(), "request-1", "abc", name, "0" * 64, 1.5, -2.5, flag, 0.4, {"features": 0.3, "pixels": 0.2},
+        "lymphocyte", 0.8, [{"id": "ref/1.png", "index": 1, "label": "lymphocyte", "distance": 0.1}], None,
+        source, "sample-7", ["validated"], b"\x89PNG thumbnail",
+    )  # fmt: skip
+
+
+def test_rows_are_kept_found_by_filter_and_paged_by_cursor(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'journal.db'}"
+    journal = open_journal(url)
+    ids = journal.write(
+        [_row(f"{i}.png", "artefact" if i % 3 == 0 else "in_distribution", SQL_LOOKING) for i in range(7)]
+    )
+    assert ids == list(range(1, 8)) and journal.version() == SCHEMA_VERSION
+    found = journal.placements(PlacementFilter(source=SQL_LOOKING))  # stored and found verbatim
+    assert [row["filename"] for row in found] == [f"{i}.png" for i in range(7)]
+    assert found[0]["evidence"] == {"features": 0.3, "pixels": 0.2} and found[0]["tags"] == ["validated"]
+    assert [row["id"] for row in journal.placements(PlacementFilter(flag="artefact"))] == [1, 4, 7]
+    first = journal.placements(PlacementFilter(), limit=3)
+    second = journal.placements(PlacementFilter(), after=first[-1]["id"], limit=3)
+    assert [r["id"] for r in first + second] == [1, 2, 3, 4, 5, 6]
+    assert journal.placements(PlacementFilter(flag=SQL_LOOKING)) == []
+    journal.close()
+    reopened = open_journal(url)  # a restart keeps every row
+    assert reopened.placement(7)["filename"] == "6.png" and reopened.thumbnail(7) == b"\x89PNG thumbnail"
+    assert reopened.placement(99) is None
+
+
+def test_a_journal_that_cannot_be_used_is_refused_naming_it(tmp_path: Path) -> None:
+    with pytest.raises(JournalError, match="give sqlite:///PATH or postgresql://"):
+        open_journal("mysql://somewhere/db")
+    path = tmp_path / "newer.db"
+    open_journal(f"sqlite:///{path}").close()
+    with sqlite3.connect(path) as connection:
+        connection.execute("UPDATE journal_schema SET version = 99")
+    with pytest.raises(JournalError, match=r"newer\.db: cannot be opened: schema version 99 is newer"):
+        open_journal(f"sqlite:///{path}")
+
+
+def test_client_metadata_is_checked_naming_the_field() -> None:
+    parsed = ClientMetadata.parse({"source": [SQL_LOOKING], "sample_id": ["S1"], "tags": ["a, b", "c"]})
+    assert parsed == ClientMetadata(SQL_LOOKING, "S1", ("a", "b", "c"))
+    with pytest.raises(MetadataError, match="source: given more than once"):
+        ClientMetadata.parse({"source": ["a", "b"]})
+    with pytest.raises(MetadataError, match="sample_id: control characters") as info:
+        ClientMetadata.parse({"sample_id": ["a\nb"]})
+    assert not info.value.too_large
+    with pytest.raises(MetadataError, match="tags: 21 tags; at most 20") as info:
+        ClientMetadata.parse({"tags": [",".join(str(i) for i in range(21))]})
+    assert info.value.too_large
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL the server and its workers at once: nothing gets to flush or clean up."""
+    parent = psutil.Process(pid)
+    for process in [*parent.children(recursive=True), parent]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    parent.wait(timeout=20)
+
+
+def test_every_acknowledged_image_is_in_the_journal_even_after_a_kill(service_bundle, tmp_path) -> None:
+    bundle, data = service_bundle
+    cells = sorted(data.rglob("*.png"))[:24]
+    database = tmp_path / "journal.db"
+    running = start_server(
+        tmp_path, {"bundle": str(bundle), "workers": "2", "journal": f"sqlite:///{database}"}, home=tmp_path
+    )
+    try:
+        running.wait_for_log("journal: sqlite:///")
+        params = {"source": SQL_LOOKING, "sample_id": "S-1", "tags": "validated,morning"}
+        with running.client() as client, ThreadPoolExecutor(8) as pool:  # two workers writing at once
+            answers = list(
+                pool.map(
+                    lambda path: client.post(
+                        "/embed", params=params, files=[("images", (path.name, path.read_bytes()))]
+                    ),
+                    cells,
+                )
+            )
+            assert [a.status_code for a in answers] == [200] * len(cells)
+            assert len({a.headers["x-request-id"] for a in answers}) == len(cells)
+            page = client.get("/placements", params={"source": SQL_LOOKING, "limit": 10}).json()
+            assert len(page["placements"]) == 10 and page["next"] == page["placements"][-1]["id"]
+            rest = client.get("/placements", params={"source": SQL_LOOKING, "after": page["next"], "limit": 100})
+            rows = page["placements"] + rest.json()["placements"]
+            assert sorted(r["filename"] for r in rows) == sorted(p.name for p in cells)
+            placed = {a.json()["images"][0]["filename"]: a.json()["images"][0] for a in answers}
+            for row in rows:  # what the journal keeps is what the client was answered
+                assert (row["x"], row["y"], row["flag"]) == (
+                    placed[row["filename"]]["x"],
+                    placed[row["filename"]]["y"],
+                    placed[row["filename"]]["flag"],
+                )
+                assert row["sample_id"] == "S-1" and row["tags"] == ["validated", "morning"]
+            image = client.get(f"/placements/{rows[0]['id']}/image")
+            assert image.headers["content-type"] == "image/png" and Image.open(io.BytesIO(image.content)).size == (
+                16,
+                16,
+            )
+            assert client.get("/placements", params={"format": "csv"}).text.startswith("id,time,request_id")
+            assert client.get("/placements/999999").status_code == 404
+            cell = cells[0].read_bytes()
+            twice = client.post(
+                "/embed", params=[("source", "a"), ("source", "b")], files=[("images", ("c.png", cell))]
+            )
+            assert twice.status_code == 400 and "source: given more than once" in twice.json()["error"]
+            long = client.post("/embed", params={"sample_id": "x" * 201}, files=[("images", ("c.png", cell))])
+            assert long.status_code == 413 and "sample_id" in long.json()["error"]
+            # under load, killed: every answered image has its row, and no row is half-written
+            acknowledged = []
+
+            def post(path: Path) -> None:
+                try:
+                    reply = client.post(
+                        "/embed", params={"source": "load"}, files=[("images", (path.name, path.read_bytes()))]
+                    )
+                except Exception:
+                    return
+                if reply.status_code == 200:
+                    acknowledged.append(reply.headers["x-request-id"])
+
+            futures = [pool.submit(post, path) for path in cells * 8]
+            deadline = time.monotonic() + 120
+            while len(acknowledged) < 20 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert len(acknowledged) >= 20
+            _kill_tree(running.process.pid)
+            for future in futures:
+                future.result()
+    finally:
+        running.stop()
+    with sqlite3.connect(database) as connection:
+        kept = {row[0] for row in connection.execute("SELECT request_id FROM placements WHERE source = 'load'")}
+        complete = connection.execute("SELECT count(*) FROM placements WHERE thumbnail IS NULL OR x IS NULL").fetchone()
+    assert set(acknowledged) <= kept and complete == (0,)
+
+
+def test_a_journal_that_cannot_be_written_fails_the_request_with_503(service_bundle, tmp_path) -> None:
+    bundle, data = service_bundle
+    cell = sorted(data.rglob("*.png"))[0]
+    database = tmp_path / "journal.db"
+    running = start_server(
+        tmp_path, {"bundle": str(bundle), "workers": "1", "journal": f"sqlite:///{database}"}, home=tmp_path
+    )
+    try:
+        with sqlite3.connect(database) as connection:
+            connection.execute("DROP TABLE placements")  # the journal breaks under the running service
+        with running.client() as client:
+            reply = client.post("/embed", files=[("images", (cell.name, cell.read_bytes()))])
+            assert reply.status_code == 503 and reply.headers["retry-after"] == "5"
+            assert f"journal sqlite:///{database}" in reply.json()["error"] and "not kept" in reply.json()["error"]
+            assert client.get("/placements").status_code == 503
+            assert client.get("/readyz").status_code == 200  # the service itself goes on
+    finally:
+        running.stop()

@@ -1,0 +1,328 @@
+"""The journal: every placed image, kept durably, so the service remembers what came in and where it landed.
+
+One row per placed image: when, the request, the bundle, the file's name and sha256, x, y, flag, score,
+evidence, majority label and share, neighbours, duplicate_of, the image at model size (PNG, for thumbnails
+and re-use) and the client's metadata (source, sample id, tags). A model batch's rows are written in one
+transaction before any of its requests is answered, so a 2xx means its rows are committed; a journal that
+cannot be written fails the request (the service answers 503 naming it), never a 200 without its rows.
+
+`sqlite:///PATH` is the embedded default (WAL, synchronous=FULL: a committed row survives the process being
+killed; several worker processes share the file); `postgresql://...` is for several replicas (psycopg, read
+lazily). The schema is versioned in a table of its own and migrated forward when a journal is opened.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+MAX_TEXT = 200  # characters of source, sample_id and each tag
+MAX_TAGS = 20
+MAX_PAGE = 1000  # rows of one /placements page
+
+COLUMNS = (
+    "time", "request_id", "bundle_sha256", "filename", "image_sha256", "x", "y", "flag", "score", "evidence",
+    "majority_label", "majority_share", "neighbours", "duplicate_of", "source", "sample_id", "tags",
+)  # fmt: skip
+JSON_COLUMNS = ("evidence", "neighbours", "tags")
+# Version 1; later versions add statements to MIGRATIONS[n] (from n - 1 to n), never edit these.
+CREATE = (
+    "CREATE TABLE IF NOT EXISTS journal_schema (version INTEGER NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS placements (
+        id {id_type}, time TEXT NOT NULL, request_id TEXT NOT NULL, bundle_sha256 TEXT NOT NULL,
+        filename TEXT NOT NULL, image_sha256 TEXT NOT NULL, x DOUBLE PRECISION NOT NULL,
+        y DOUBLE PRECISION NOT NULL, flag TEXT NOT NULL, score DOUBLE PRECISION NOT NULL, evidence TEXT NOT NULL,
+        majority_label TEXT, majority_share DOUBLE PRECISION, neighbours TEXT NOT NULL, duplicate_of TEXT,
+        source TEXT, sample_id TEXT, tags TEXT NOT NULL, review TEXT NOT NULL DEFAULT 'unreviewed',
+        thumbnail {blob})""",
+    "CREATE INDEX IF NOT EXISTS placements_time ON placements (time)",
+    "CREATE INDEX IF NOT EXISTS placements_flag ON placements (flag, id)",
+    "CREATE INDEX IF NOT EXISTS placements_source ON placements (source, id)",
+    "CREATE INDEX IF NOT EXISTS placements_label ON placements (majority_label, id)",
+)
+MIGRATIONS: dict[int, tuple[str, ...]] = {}
+
+
+class JournalError(RuntimeError):
+    """The journal could not be opened, read or written; the message names it."""
+
+
+class MetadataError(ValueError):
+    """Client metadata that is refused: `field` names it, `too_large` tells 413 from 400."""
+
+    def __init__(self, field_name: str, message: str, too_large: bool = False) -> None:
+        super().__init__(f"{field_name}: {message}")
+        self.field = field_name
+        self.too_large = too_large
+
+
+@dataclass(frozen=True, slots=True)
+class ClientMetadata:
+    """What a client may send with its images (query parameters of POST /embed)."""
+
+    source: str | None = None  # the instrument or pipeline
+    sample_id: str | None = None
+    tags: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, values: Mapping[str, Sequence[str]]) -> ClientMetadata:
+        """From parsed query parameters; refuses repeated or unknown-shaped values naming the field."""
+        source = _one_text(values, "source")
+        sample_id = _one_text(values, "sample_id")
+        tags: list[str] = []
+        for value in values.get("tags", ()):
+            tags += [tag.strip() for tag in value.split(",") if tag.strip()]
+        if len(tags) > MAX_TAGS:
+            raise MetadataError("tags", f"{len(tags)} tags; at most {MAX_TAGS}", too_large=True)
+        for tag in tags:
+            _check_text("tags", tag)
+        return cls(source, sample_id, tuple(tags))
+
+
+def _one_text(values: Mapping[str, Sequence[str]], name: str) -> str | None:
+    given = values.get(name, ())
+    if len(given) > 1:
+        raise MetadataError(name, "given more than once")
+    if not given or given[0] == "":
+        return None
+    _check_text(name, given[0])
+    return given[0]
+
+
+def _check_text(name: str, text: str) -> None:
+    if len(text) > MAX_TEXT:
+        raise MetadataError(name, f"{len(text)} characters; at most {MAX_TEXT}", too_large=True)
+    if any(ord(char) < 32 or ord(char) == 127 for char in text):
+        raise MetadataError(name, "control characters are not allowed")
+
+
+@dataclass(slots=True)
+class JournalRow:
+    """One placed image as the journal keeps it."""
+
+    time: str
+    request_id: str
+    bundle_sha256: str
+    filename: str
+    image_sha256: str
+    x: float
+    y: float
+    flag: str
+    score: float
+    evidence: dict[str, float | None]
+    majority_label: str | None
+    majority_share: float | None
+    neighbours: list[dict[str, Any]]
+    duplicate_of: str | None
+    source: str | None
+    sample_id: str | None
+    tags: list[str]
+    thumbnail: bytes | None = field(default=None, repr=False)
+
+    def values(self) -> tuple:
+        record = asdict(self)
+        return (*(json.dumps(record[c]) if c in JSON_COLUMNS else record[c] for c in COLUMNS), self.thumbnail)
+
+
+@dataclass(frozen=True, slots=True)
+class PlacementFilter:
+    """What GET /placements selects: a time range (ISO 8601, UTC), flag, majority label, source, review."""
+
+    since: str | None = None
+    until: str | None = None
+    flag: str | None = None
+    label: str | None = None
+    source: str | None = None
+    review: str | None = None
+
+    def where(self, mark: str) -> tuple[str, list[Any]]:
+        clauses, values = [], []
+        for column, operator, value in (
+            ("time", ">=", self.since), ("time", "<", self.until), ("flag", "=", self.flag),
+            ("majority_label", "=", self.label), ("source", "=", self.source), ("review", "=", self.review),
+        ):  # fmt: skip
+            if value is not None:
+                clauses.append(f"{column} {operator} {mark}")
+                values.append(value)
+        return " AND ".join(clauses), values
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+class SqlJournal:
+    """The journal on a DB-API connection (one per thread); SQLite and PostgreSQL differ only in `_connect`,
+    the parameter mark and the id column."""
+
+    mark = "?"
+    id_type = "INTEGER PRIMARY KEY AUTOINCREMENT"
+    blob = "BLOB"
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._local = threading.local()
+        try:
+            self._migrate()
+        except Exception as exc:
+            raise JournalError(f"journal {self.describe()}: cannot be opened: {exc}") from exc
+
+    def describe(self) -> str:
+        return self.url
+
+    def _connect(self) -> Any:
+        raise NotImplementedError
+
+    def _connection(self) -> Any:
+        connection = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = self._local.connection = self._connect()
+        return connection
+
+    def _migrate(self) -> None:
+        connection = self._connection()
+        cursor = connection.cursor()
+        for statement in CREATE:
+            cursor.execute(statement.format(id_type=self.id_type, blob=self.blob))
+        cursor.execute("SELECT version FROM journal_schema")
+        found = cursor.fetchone()
+        if found is None:
+            cursor.execute(f"INSERT INTO journal_schema (version) VALUES ({self.mark})", (SCHEMA_VERSION,))
+            version = SCHEMA_VERSION
+        else:
+            version = int(found[0])
+        if version > SCHEMA_VERSION:
+            raise JournalError(f"schema version {version} is newer than this service's {SCHEMA_VERSION}")
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            for statement in MIGRATIONS[target]:
+                cursor.execute(statement)
+            cursor.execute(f"UPDATE journal_schema SET version = {self.mark}", (target,))
+        connection.commit()
+
+    def version(self) -> int:
+        cursor = self._connection().cursor()
+        cursor.execute("SELECT version FROM journal_schema")
+        return int(cursor.fetchone()[0])
+
+    def write(self, rows: Sequence[JournalRow]) -> list[int]:
+        """All `rows` in one transaction; their ids. JournalError (naming the journal) when it fails: then
+        none of them is written."""
+        if not rows:
+            return []
+        connection = self._connection()
+        names = ", ".join((*COLUMNS, "thumbnail"))
+        marks = ", ".join([self.mark] * (len(COLUMNS) + 1))
+        try:
+            cursor = connection.cursor()
+            ids = []
+            for row in rows:
+                cursor.execute(f"INSERT INTO placements ({names}) VALUES ({marks}) RETURNING id", row.values())
+                ids.append(int(cursor.fetchone()[0]))
+            connection.commit()
+            return ids
+        except Exception as exc:
+            try:
+                connection.rollback()
+            except Exception:
+                self._local.connection = None
+            raise JournalError(f"journal {self.describe()}: the placements could not be written: {exc}") from exc
+
+    def placements(self, where: PlacementFilter, after: int | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """Rows matching `where` with ids above `after`, oldest first, at most `limit` (<= MAX_PAGE)."""
+        clause, values = where.where(self.mark)
+        if after is not None:
+            clause = f"{clause} AND id > {self.mark}" if clause else f"id > {self.mark}"
+            values.append(after)
+        sql = f"SELECT id, {', '.join(COLUMNS)}, review FROM placements"
+        sql += f" WHERE {clause}" if clause else ""
+        sql += f" ORDER BY id LIMIT {int(min(max(limit, 1), MAX_PAGE))}"
+        return list(self._rows(sql, values))
+
+    def placement(self, row_id: int) -> dict[str, Any] | None:
+        found = list(self._rows(f"SELECT id, {', '.join(COLUMNS)}, review FROM placements WHERE id = {self.mark}",
+                                [row_id]))  # fmt: skip
+        return found[0] if found else None
+
+    def thumbnail(self, row_id: int) -> bytes | None:
+        cursor = self._read(f"SELECT thumbnail FROM placements WHERE id = {self.mark}", [row_id])
+        found = cursor.fetchone()
+        return bytes(found[0]) if found and found[0] is not None else None
+
+    def _read(self, sql: str, values: list[Any]) -> Any:
+        connection = self._connection()
+        try:
+            cursor = connection.cursor()
+            cursor.execute(sql, values)
+            return cursor
+        except Exception as exc:
+            try:
+                connection.rollback()
+            except Exception:
+                self._local.connection = None
+            raise JournalError(f"journal {self.describe()}: cannot be read: {exc}") from exc
+
+    def _rows(self, sql: str, values: list[Any]) -> Iterator[dict[str, Any]]:
+        cursor = self._read(sql, values)
+        names = ("id", *COLUMNS, "review")
+        for found in cursor.fetchall():
+            row = dict(zip(names, found, strict=True))
+            for column in JSON_COLUMNS:
+                row[column] = json.loads(row[column])
+            yield row
+        self._connection().commit()  # end the read transaction (PostgreSQL keeps one open otherwise)
+
+    def close(self) -> None:
+        connection = getattr(self._local, "connection", None)
+        if connection is not None:
+            connection.close()
+            self._local.connection = None
+
+
+class SqliteJournal(SqlJournal):
+    def __init__(self, url: str) -> None:
+        self.path = Path(url.removeprefix("sqlite:///"))
+        super().__init__(url)
+
+    def _connect(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        connection = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
+        connection.execute("PRAGMA journal_mode=WAL")  # readers do not block the writer, workers share it
+        connection.execute("PRAGMA synchronous=FULL")  # a commit is on disk before the request is answered
+        return connection
+
+
+class PostgresJournal(SqlJournal):
+    mark = "%s"
+    id_type = "BIGSERIAL PRIMARY KEY"
+    blob = "BYTEA"
+
+    def describe(self) -> str:
+        """The URL without its password."""
+        scheme, _, rest = self.url.partition("://")
+        credentials, at, host = rest.rpartition("@")
+        return f"{scheme}://{credentials.split(':', 1)[0]}{at}{host}" if at else self.url
+
+    def _connect(self) -> Any:
+        try:
+            import psycopg
+        except ImportError as exc:
+            raise JournalError(
+                f"journal {self.describe()}: PostgreSQL needs psycopg (pip install 'psycopg[binary]')"
+            ) from exc
+        return psycopg.connect(self.url)
+
+
+def open_journal(url: str) -> SqlJournal:
+    """The journal a URL names: sqlite:///PATH or postgresql://USER:PASSWORD@HOST/DB."""
+    if url.startswith("sqlite:///"):
+        return SqliteJournal(url)
+    if url.startswith(("postgresql://", "postgres://")):
+        return PostgresJournal(url)
+    raise JournalError(f"journal {url!r}: give sqlite:///PATH or postgresql://USER:PASSWORD@HOST/DB")
