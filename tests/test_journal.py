@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import sqlite3
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -14,6 +16,7 @@ import psutil
 import pytest
 from PIL import Image
 
+from benchmarks.harness.postgres import postgres_bin, start_postgres
 from benchmarks.harness.servers import start_server
 from tsimcne_core.journal import (
     SCHEMA_VERSION,
@@ -27,6 +30,44 @@ from tsimcne_core.journal import (
 )
 
 SQL_LOOKING = "scope-2'; DROP TABLE placements; --"
+BACKENDS = ["sqlite", "postgresql"]
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """One throwaway PostgreSQL server for the module (each test gets a database of its own)."""
+    if postgres_bin() is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true and PostgreSQL is missing: scripts/test installs it as root")
+        pytest.skip("PostgreSQL not installed (apt-get install postgresql)")
+    server = start_postgres()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=BACKENDS)
+def journal_url(request, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'journal.db'}"
+    import psycopg
+
+    server = request.getfixturevalue("postgres")
+    name = f"journal_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server.url, autocommit=True) as connection:
+        connection.execute(f"CREATE DATABASE {name}")
+    return server.url.rsplit("/", 1)[0] + f"/{name}"
+
+
+def _sql(url: str, statement: str) -> list[tuple]:
+    """Run one statement on the journal's database directly (as an operator, or a fault, would)."""
+    if url.startswith("sqlite:///"):
+        with contextlib.closing(sqlite3.connect(url.removeprefix("sqlite:///"))) as connection, connection:
+            return connection.execute(statement).fetchall()
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as connection:
+        cursor = connection.execute(statement)
+        return cursor.fetchall() if cursor.description else []
 
 
 def _row(name: str, flag: str = "in_distribution", source: str | None = None) -> JournalRow:
@@ -37,8 +78,8 @@ def _row(name: str, flag: str = "in_distribution", source: str | None = None) ->
     )  # fmt: skip
 
 
-def test_rows_are_kept_found_by_filter_and_paged_by_cursor(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'journal.db'}"
+def test_rows_are_kept_found_by_filter_and_paged_by_cursor(journal_url: str) -> None:
+    url = journal_url
     journal = open_journal(url)
     ids = journal.write(
         [_row(f"{i}.png", "artefact" if i % 3 == 0 else "in_distribution", SQL_LOOKING) for i in range(7)]
@@ -58,15 +99,13 @@ def test_rows_are_kept_found_by_filter_and_paged_by_cursor(tmp_path: Path) -> No
     assert reopened.placement(99) is None
 
 
-def test_a_journal_that_cannot_be_used_is_refused_naming_it(tmp_path: Path) -> None:
+def test_a_journal_that_cannot_be_used_is_refused_naming_it(journal_url: str) -> None:
     with pytest.raises(JournalError, match="give sqlite:///PATH or postgresql://"):
         open_journal("mysql://somewhere/db")
-    path = tmp_path / "newer.db"
-    open_journal(f"sqlite:///{path}").close()
-    with sqlite3.connect(path) as connection:
-        connection.execute("UPDATE journal_schema SET version = 99")
-    with pytest.raises(JournalError, match=r"newer\.db: cannot be opened: schema version 99 is newer"):
-        open_journal(f"sqlite:///{path}")
+    open_journal(journal_url).close()
+    _sql(journal_url, "UPDATE journal_schema SET version = 99")
+    with pytest.raises(JournalError, match=r"cannot be opened: schema version 99 is newer than this service's 1"):
+        open_journal(journal_url)
 
 
 def test_client_metadata_is_checked_naming_the_field() -> None:
@@ -91,15 +130,12 @@ def _kill_tree(pid: int) -> None:
     parent.wait(timeout=20)
 
 
-def test_every_acknowledged_image_is_in_the_journal_even_after_a_kill(service_bundle, tmp_path) -> None:
+def test_every_acknowledged_image_is_in_the_journal_even_after_a_kill(service_bundle, tmp_path, journal_url) -> None:
     bundle, data = service_bundle
     cells = sorted(data.rglob("*.png"))[:24]
-    database = tmp_path / "journal.db"
-    running = start_server(
-        tmp_path, {"bundle": str(bundle), "workers": "2", "journal": f"sqlite:///{database}"}, home=tmp_path
-    )
+    running = start_server(tmp_path, {"bundle": str(bundle), "workers": "2", "journal": journal_url}, home=tmp_path)
     try:
-        running.wait_for_log("journal: sqlite:///")
+        running.wait_for_log("journal: ")
         params = {"source": SQL_LOOKING, "sample_id": "S-1", "tags": "validated,morning"}
         with running.client() as client, ThreadPoolExecutor(8) as pool:  # two workers writing at once
             answers = list(
@@ -162,26 +198,22 @@ def test_every_acknowledged_image_is_in_the_journal_even_after_a_kill(service_bu
                 future.result()
     finally:
         running.stop()
-    with sqlite3.connect(database) as connection:
-        kept = {row[0] for row in connection.execute("SELECT request_id FROM placements WHERE source = 'load'")}
-        complete = connection.execute("SELECT count(*) FROM placements WHERE thumbnail IS NULL OR x IS NULL").fetchone()
-    assert set(acknowledged) <= kept and complete == (0,)
+    kept = {row[0] for row in _sql(journal_url, "SELECT request_id FROM placements WHERE source = 'load'")}
+    half_written = _sql(journal_url, "SELECT count(*) FROM placements WHERE thumbnail IS NULL OR x IS NULL")
+    assert set(acknowledged) <= kept and half_written == [(0,)]
+    assert open_journal(journal_url).placements(PlacementFilter(source="load"), limit=1000)  # a restart reads them
 
 
-def test_a_journal_that_cannot_be_written_fails_the_request_with_503(service_bundle, tmp_path) -> None:
+def test_a_journal_that_cannot_be_written_fails_the_request_with_503(service_bundle, tmp_path, journal_url) -> None:
     bundle, data = service_bundle
     cell = sorted(data.rglob("*.png"))[0]
-    database = tmp_path / "journal.db"
-    running = start_server(
-        tmp_path, {"bundle": str(bundle), "workers": "1", "journal": f"sqlite:///{database}"}, home=tmp_path
-    )
+    running = start_server(tmp_path, {"bundle": str(bundle), "workers": "1", "journal": journal_url}, home=tmp_path)
     try:
-        with sqlite3.connect(database) as connection:
-            connection.execute("DROP TABLE placements")  # the journal breaks under the running service
+        _sql(journal_url, "DROP TABLE placements")  # the journal breaks under the running service
         with running.client() as client:
             reply = client.post("/embed", files=[("images", (cell.name, cell.read_bytes()))])
             assert reply.status_code == 503 and reply.headers["retry-after"] == "5"
-            assert f"journal sqlite:///{database}" in reply.json()["error"] and "not kept" in reply.json()["error"]
+            assert f"journal {journal_url}" in reply.json()["error"] and "not kept" in reply.json()["error"]
             assert client.get("/placements").status_code == 503
             assert client.get("/readyz").status_code == 200  # the service itself goes on
     finally:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -186,9 +187,15 @@ class SqlJournal:
             connection = self._local.connection = self._connect()
         return connection
 
+    def _lock_schema(self, cursor: Any) -> None:
+        """Hold off other processes opening the journal until this one's migration commits (several workers
+        start at once; two `CREATE TABLE IF NOT EXISTS` at the same moment collide on PostgreSQL)."""
+        raise NotImplementedError
+
     def _migrate(self) -> None:
         connection = self._connection()
         cursor = connection.cursor()
+        self._lock_schema(cursor)
         for statement in CREATE:
             cursor.execute(statement.format(id_type=self.id_type, blob=self.blob))
         cursor.execute("SELECT version FROM journal_schema")
@@ -293,15 +300,31 @@ class SqliteJournal(SqlJournal):
     def _connect(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         connection = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
-        connection.execute("PRAGMA journal_mode=WAL")  # readers do not block the writer, workers share it
+        # WAL: readers do not block the writer, workers share the file. Switching to it needs the database to
+        # itself, and SQLite answers "locked" at once (no busy wait) while another worker is migrating.
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                connection.execute("PRAGMA journal_mode=WAL")
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
         connection.execute("PRAGMA synchronous=FULL")  # a commit is on disk before the request is answered
         return connection
+
+    def _lock_schema(self, cursor: Any) -> None:
+        cursor.execute("BEGIN IMMEDIATE")  # the database's one writer lock, until the migration commits
 
 
 class PostgresJournal(SqlJournal):
     mark = "%s"
     id_type = "BIGSERIAL PRIMARY KEY"
     blob = "BYTEA"
+
+    def _lock_schema(self, cursor: Any) -> None:
+        cursor.execute("SELECT pg_advisory_xact_lock(2026120326)")  # released when the migration commits
 
     def describe(self) -> str:
         """The URL without its password."""
