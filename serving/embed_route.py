@@ -169,8 +169,13 @@ class EmbedHandler:
         metrics.record_batch(placed, timings["model"])
         if self.journal is not None:
             try:  # one transaction for the whole batch, committed before any of its requests is answered
-                self.journal.write(journal_rows(jobs, placed, batch, self.bundle_sha256, self.placer))
+                rows = journal_rows(jobs, placed, batch, self.bundle_sha256, self.placer)
+                started = time.perf_counter()
+                self.journal.write(rows)
+                metrics.JOURNAL_WRITE_SECONDS.observe(time.perf_counter() - started)
+                metrics.JOURNAL_ROWS.inc(len(rows))
             except JournalError as exc:
+                metrics.JOURNAL_FAILURES.inc()
                 logger.error("%s", exc)
                 message = f"{exc}; the images were not kept, so none is answered as placed: retry later"
                 refusal = Refusal(503, "journal", message, headers={"Retry-After": "5"})

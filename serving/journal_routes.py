@@ -11,17 +11,41 @@ from collections.abc import Callable
 from typing import Literal
 
 from fastapi import APIRouter, Query
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse, Response
 
 from serving.http_errors import json_error
 from tsimcne_core.flag import Flag
-from tsimcne_core.journal import COLUMNS, MAX_PAGE, JournalError, PlacementFilter, SqlJournal
+from tsimcne_core.journal import (
+    COLUMNS,
+    MAX_NOTE,
+    MAX_PAGE,
+    MAX_TEXT,
+    REVIEW_COLUMNS,
+    JournalError,
+    PlacementFilter,
+    SqlJournal,
+)
 
 JOURNAL_OFF = "the journal is off: start the service with journal=sqlite:///PATH (or postgresql://...)"
 
 
-def journal_router(journal: Callable[[], SqlJournal | None]) -> APIRouter:
-    """Routes over the running worker's journal (`journal()`: None when the setting is unset)."""
+class ReviewRequest(BaseModel):
+    """A person's verdict on a placed image."""
+
+    model_config = ConfigDict(extra="forbid")
+    verdict: str = Field(min_length=1, max_length=MAX_TEXT, description="fine, artefact, or one of the map's labels")
+    reviewer: str | None = Field(None, max_length=MAX_TEXT)
+    note: str | None = Field(None, max_length=MAX_NOTE)
+
+
+def journal_router(
+    journal: Callable[[], SqlJournal | None],
+    class_names: Callable[[], list[str]],
+    reference_labels: Callable[[], dict[str, float]],
+) -> APIRouter:
+    """Routes over the running worker's journal (`journal()`: None when the setting is unset); `class_names`
+    are the labels a review may give, `reference_labels` the reference map's label mix (for /drift)."""
     router = APIRouter()
 
     @router.get("/placements")
@@ -75,6 +99,37 @@ def journal_router(journal: Callable[[], SqlJournal | None]) -> APIRouter:
             return json_error(404, f"/placements/{row_id}/image: no such placement")
         return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=86400, immutable"})
 
+    @router.post("/placements/{row_id}/review")
+    def review(row_id: int, verdict: ReviewRequest) -> Response:
+        """Record a verdict: `fine` (a clean image; it may be folded into the map), `artefact`, or a label."""
+        store = journal()
+        if store is None:
+            return json_error(404, JOURNAL_OFF)
+        allowed = ["fine", "artefact", *class_names()]
+        if verdict.verdict not in allowed:
+            return json_error(400, f"verdict: {verdict.verdict!r} is not one of {', '.join(allowed)}")
+        try:
+            row = store.review(row_id, verdict.verdict, verdict.reviewer, verdict.note)
+        except JournalError as exc:
+            return json_error(503, str(exc), headers={"Retry-After": "5"})
+        return JSONResponse(row) if row is not None else json_error(404, f"/placements/{row_id}: no such placement")
+
+    @router.get("/drift")
+    def drift(
+        since: str | None = Query(None, description="from this time on (ISO 8601, UTC)"),
+        until: str | None = Query(None, description="before this time (ISO 8601, UTC)"),
+    ) -> Response:
+        """Per day and source: images, the flagged share, the label mix (beside the reference map's) and the
+        median distance to the nearest reference image."""
+        store = journal()
+        if store is None:
+            return json_error(404, JOURNAL_OFF)
+        try:
+            days = store.drift(since, until)
+        except JournalError as exc:
+            return json_error(503, str(exc), headers={"Retry-After": "5"})
+        return JSONResponse({"reference_labels": reference_labels(), "days": days})
+
     return router
 
 
@@ -85,7 +140,7 @@ def _cursor(following: int | None) -> dict[str, str]:
 def _csv(rows: list[dict]) -> str:
     out = io.StringIO()
     writer = csv.writer(out)
-    names = ("id", *COLUMNS, "review")
+    names = ("id", *COLUMNS, *REVIEW_COLUMNS)
     writer.writerow(names)
     for row in rows:
         writer.writerow([json.dumps(row[n]) if isinstance(row[n], list | dict) else row[n] for n in names])

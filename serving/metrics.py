@@ -63,6 +63,15 @@ BUNDLE_INFO = Gauge(
 )
 
 
+JOURNAL_ROWS = Counter("tsimcne_journal_rows", "Placed images written to the journal")
+JOURNAL_WRITE_SECONDS = Histogram(
+    "tsimcne_journal_write_seconds",
+    "Seconds a model batch's journal transaction took",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+JOURNAL_FAILURES = Counter("tsimcne_journal_failures", "Model batches whose journal write failed (answered 503)")
+
+
 def record_batch(placed: Sequence[PlacedImage], model_seconds: float) -> None:
     """One model run's metrics, counted together: a few writes a batch instead of several an image."""
     MODEL_SECONDS.observe(model_seconds)

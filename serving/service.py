@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 
 import bentoml
+import numpy as np
 from bentoml.exceptions import BentoMLException
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -140,7 +141,13 @@ def info() -> InfoResponse:
 
 
 web.include_router(page_router(thumbnails=lambda: bentoml.get_current_service().thumbnails))
-web.include_router(journal_router(journal=lambda: getattr(bentoml.get_current_service(), "journal", None)))
+web.include_router(
+    journal_router(
+        journal=lambda: getattr(bentoml.get_current_service(), "journal", None),
+        class_names=lambda: bentoml.get_current_service().placer.manifest.class_names,
+        reference_labels=lambda: bentoml.get_current_service().reference_labels,
+    )
+)
 
 
 class MapServiceDefinition(bentoml.Service):
@@ -196,6 +203,13 @@ class MapServiceDefinition(bentoml.Service):
                 route.serve_embed, tracer_provider=BentoMLContainer.tracer_provider.get()
             )
         return route
+
+
+def _label_mix(class_names: list[str], label_indices: np.ndarray) -> dict[str, float]:
+    """The share of each label among the reference images ('none' for unlabelled ones): /drift's baseline."""
+    counts = np.bincount(np.where(label_indices < 0, len(class_names), label_indices), minlength=len(class_names) + 1)
+    total = max(int(counts.sum()), 1)
+    return {name: int(n) / total for name, n in zip([*class_names, "none"], counts.tolist(), strict=True) if n}
 
 
 def _current_handler() -> EmbedHandler | None:
@@ -255,6 +269,7 @@ class MapService:
         )
         self.reference_map.prepare()  # the page's binary /map, made once per worker before /readyz says yes
         self.thumbnails = Thumbnails(folder / REFERENCE_FILE)
+        self.reference_labels = _label_mix(manifest.class_names, reference.label_indices)
         self.info = self._info()
         # Warm-up: the first onnxruntime run allocates, the indexes page in; before /readyz says yes.
         placer.warm_up()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import sqlite3
 import time
@@ -16,6 +17,7 @@ import psutil
 import pytest
 from PIL import Image
 
+from benchmarks.harness.cli import run_cli
 from benchmarks.harness.postgres import postgres_bin, start_postgres
 from benchmarks.harness.servers import start_server
 from tsimcne_core.journal import (
@@ -218,3 +220,63 @@ def test_a_journal_that_cannot_be_written_fails_the_request_with_503(service_bun
             assert client.get("/readyz").status_code == 200  # the service itself goes on
     finally:
         running.stop()
+
+
+def test_review_needs_the_token_and_drift_sums_each_day(service_bundle, tmp_path, journal_url) -> None:
+    bundle, data = service_bundle
+    cells = sorted(data.rglob("*.png"))[:6]
+    token = "journal-token-0123456789abcdef"
+    args = {"bundle": str(bundle), "workers": "1", "journal": journal_url, "api_token": token}
+    running = start_server(tmp_path, args, home=tmp_path)
+    bearer = {"Authorization": f"Bearer {token}"}
+    try:
+        with running.client() as client:
+            for index, path in enumerate(cells):
+                source = "scope-a" if index < 4 else "scope-b"
+                files = [("images", (path.name, path.read_bytes()))]
+                assert client.post("/embed", params={"source": source}, files=files, headers=bearer).status_code == 200
+            first = client.get("/placements", headers=bearer).json()["placements"][0]
+            verdict = {"verdict": "fine", "reviewer": "dr. o'brien", "note": "clean cell; '); DROP TABLE x; --"}
+            assert client.post(f"/placements/{first['id']}/review", json=verdict).status_code == 401
+            reviewed = client.post(f"/placements/{first['id']}/review", json=verdict, headers=bearer)
+            assert reviewed.status_code == 200, reviewed.text
+            assert reviewed.json()["review"] == "fine" and reviewed.json()["review_note"] == verdict["note"]
+            wrong = client.post(f"/placements/{first['id']}/review", json={"verdict": "maybe"}, headers=bearer)
+            assert wrong.status_code == 400 and "verdict: 'maybe' is not one of fine, artefact" in wrong.json()["error"]
+            unknown = client.post("/placements/999999/review", json=verdict, headers=bearer)
+            assert unknown.status_code == 404
+            only_fine = client.get("/placements", params={"review": "fine"}, headers=bearer).json()["placements"]
+            assert [row["id"] for row in only_fine] == [first["id"]]
+            drift = client.get("/drift", headers=bearer).json()
+            assert [(d["source"], d["images"]) for d in drift["days"]] == [("scope-a", 4), ("scope-b", 2)]
+            day = drift["days"][0]
+            assert 0 <= day["flagged_share"] <= 1 and day["median_nearest_distance"] > 0
+            assert (
+                abs(sum(day["labels"].values()) - 1) < 1e-9 and abs(sum(drift["reference_labels"].values()) - 1) < 1e-9
+            )
+            metrics = client.get("/metrics", headers=bearer).text
+            assert "tsimcne_journal_rows_total 6.0" in metrics and "tsimcne_journal_write_seconds_count" in metrics
+    finally:
+        running.stop()
+
+
+def test_the_journal_commands_export_count_and_prune(journal_url: str, tmp_path: Path) -> None:
+    journal = open_journal(journal_url)
+    journal.write([_row(f"{i}.png", source=SQL_LOOKING if i % 2 else None) for i in range(5)])
+    _sql(journal_url, "UPDATE placements SET time = '2020-01-01T00:00:00+00:00' WHERE id <= 2")  # old rows
+    stats = run_cli("journal", "stats", journal_url)
+    assert stats.returncode == 0, stats.stderr
+    assert "rows            5" in stats.stdout and "schema_version  1" in stats.stdout
+    out = tmp_path / "placements.csv"
+    exported = run_cli("journal", "export", journal_url, "--out", str(out), "--source", SQL_LOOKING)
+    assert exported.returncode == 0, exported.stderr
+    lines = out.read_text().splitlines()
+    assert lines[0].startswith("id,time,request_id") and len(lines) == 3 and not list(tmp_path.glob("*.partial"))
+    jsonl = tmp_path / "all.jsonl"
+    assert run_cli("journal", "export", journal_url, "--out", str(jsonl)).returncode == 0
+    assert [json.loads(line)["filename"] for line in jsonl.read_text().splitlines()] == [f"{i}.png" for i in range(5)]
+    pruned = run_cli("journal", "prune", journal_url, "--older-than-days", "365")
+    assert pruned.returncode == 0 and "deleted 2 placements" in pruned.stdout
+    assert [row["filename"] for row in journal.placements(PlacementFilter())] == ["2.png", "3.png", "4.png"]
+    wrong = run_cli("journal", "stats", "mysql://nowhere/db")
+    assert wrong.returncode == 2 and "give sqlite:///PATH" in wrong.stderr and "Traceback" not in wrong.stderr

@@ -17,6 +17,7 @@ from typing import Annotated, Any
 
 import typer
 
+from tsimcne_cli.journal_commands import journal_app
 from tsimcne_core.errors import TrainingStopped, UserError, invalid_settings
 
 app = typer.Typer(
@@ -444,6 +445,9 @@ def synth(
 
     classes = write_synthetic_cells(out, n, parse_size(size), seed=seed)
     typer.echo(f"wrote {n} synthetic images ({classes} classes) to {out}")
+
+
+app.add_typer(journal_app, name="journal")
 
 
 def main() -> None:

@@ -31,7 +31,10 @@ MAX_PAGE = 1000  # rows of one /placements page
 COLUMNS = (
     "time", "request_id", "bundle_sha256", "filename", "image_sha256", "x", "y", "flag", "score", "evidence",
     "majority_label", "majority_share", "neighbours", "duplicate_of", "source", "sample_id", "tags",
+    "nearest_distance",
 )  # fmt: skip
+REVIEW_COLUMNS = ("review", "reviewer", "review_note", "reviewed_at")
+MAX_NOTE = 2000  # characters of a review's note
 JSON_COLUMNS = ("evidence", "neighbours", "tags")
 # Version 1; later versions add statements to MIGRATIONS[n] (from n - 1 to n), never edit these.
 CREATE = (
@@ -41,14 +44,17 @@ CREATE = (
         filename TEXT NOT NULL, image_sha256 TEXT NOT NULL, x DOUBLE PRECISION NOT NULL,
         y DOUBLE PRECISION NOT NULL, flag TEXT NOT NULL, score DOUBLE PRECISION NOT NULL, evidence TEXT NOT NULL,
         majority_label TEXT, majority_share DOUBLE PRECISION, neighbours TEXT NOT NULL, duplicate_of TEXT,
-        source TEXT, sample_id TEXT, tags TEXT NOT NULL, review TEXT NOT NULL DEFAULT 'unreviewed',
+        source TEXT, sample_id TEXT, tags TEXT NOT NULL, nearest_distance DOUBLE PRECISION,
+        review TEXT NOT NULL DEFAULT 'unreviewed', reviewer TEXT, review_note TEXT, reviewed_at TEXT,
         thumbnail {blob})""",
     "CREATE INDEX IF NOT EXISTS placements_time ON placements (time)",
     "CREATE INDEX IF NOT EXISTS placements_flag ON placements (flag, id)",
     "CREATE INDEX IF NOT EXISTS placements_source ON placements (source, id)",
     "CREATE INDEX IF NOT EXISTS placements_label ON placements (majority_label, id)",
+    "CREATE INDEX IF NOT EXISTS placements_review ON placements (review, id)",
 )
 MIGRATIONS: dict[int, tuple[str, ...]] = {}
+SELECTED = ", ".join(("id", *COLUMNS, *REVIEW_COLUMNS))
 
 
 class JournalError(RuntimeError):
@@ -126,9 +132,14 @@ class JournalRow:
     sample_id: str | None
     tags: list[str]
     thumbnail: bytes | None = field(default=None, repr=False)
+    nearest_distance: float | None = None  # to the nearest reference image on the map (drift)
+
+    def __post_init__(self) -> None:
+        if self.nearest_distance is None and self.neighbours:
+            self.nearest_distance = float(self.neighbours[0]["distance"])
 
     def values(self) -> tuple:
-        record = asdict(self)
+        record = asdict(self)  # (nearest_distance is set in __post_init__)
         return (*(json.dumps(record[c]) if c in JSON_COLUMNS else record[c] for c in COLUMNS), self.thumbnail)
 
 
@@ -247,14 +258,13 @@ class SqlJournal:
         if after is not None:
             clause = f"{clause} AND id > {self.mark}" if clause else f"id > {self.mark}"
             values.append(after)
-        sql = f"SELECT id, {', '.join(COLUMNS)}, review FROM placements"
+        sql = f"SELECT {SELECTED} FROM placements"
         sql += f" WHERE {clause}" if clause else ""
         sql += f" ORDER BY id LIMIT {int(min(max(limit, 1), MAX_PAGE))}"
         return list(self._rows(sql, values))
 
     def placement(self, row_id: int) -> dict[str, Any] | None:
-        found = list(self._rows(f"SELECT id, {', '.join(COLUMNS)}, review FROM placements WHERE id = {self.mark}",
-                                [row_id]))  # fmt: skip
+        found = list(self._rows(f"SELECT {SELECTED} FROM placements WHERE id = {self.mark}", [row_id]))
         return found[0] if found else None
 
     def thumbnail(self, row_id: int) -> bytes | None:
@@ -277,13 +287,87 @@ class SqlJournal:
 
     def _rows(self, sql: str, values: list[Any]) -> Iterator[dict[str, Any]]:
         cursor = self._read(sql, values)
-        names = ("id", *COLUMNS, "review")
+        names = ("id", *COLUMNS, *REVIEW_COLUMNS)
         for found in cursor.fetchall():
             row = dict(zip(names, found, strict=True))
             for column in JSON_COLUMNS:
                 row[column] = json.loads(row[column])
             yield row
         self._connection().commit()  # end the read transaction (PostgreSQL keeps one open otherwise)
+
+    def review(self, row_id: int, verdict: str, reviewer: str | None, note: str | None) -> dict[str, Any] | None:
+        """Record a person's verdict on a placement (the latest one counts); the row, or None if there is none."""
+        sql = f"UPDATE placements SET review = {self.mark}, reviewer = {self.mark}, review_note = {self.mark}, "
+        sql += f"reviewed_at = {self.mark} WHERE id = {self.mark}"
+        self._change(sql, [verdict, reviewer, note, now(), row_id])
+        return self.placement(row_id)
+
+    def prune(self, before: str) -> int:
+        """Delete the placements made before `before` (ISO 8601); how many went."""
+        return self._change(f"DELETE FROM placements WHERE time < {self.mark}", [before])
+
+    def _change(self, sql: str, values: list[Any]) -> int:
+        connection = self._connection()
+        try:
+            cursor = connection.cursor()
+            cursor.execute(sql, values)
+            connection.commit()
+            return int(cursor.rowcount)
+        except Exception as exc:
+            try:
+                connection.rollback()
+            except Exception:
+                self._local.connection = None
+            raise JournalError(f"journal {self.describe()}: cannot be written: {exc}") from exc
+
+    def drift(self, since: str | None = None, until: str | None = None) -> list[dict[str, Any]]:
+        """Per day (UTC) and source: images, the flagged share, the mix of majority labels and the median
+        distance to the nearest reference image; oldest day first."""
+        where = PlacementFilter(since=since, until=until)
+        clause, values = where.where(self.mark)
+        sql = "SELECT substr(time, 1, 10), source, flag, majority_label, nearest_distance FROM placements"
+        sql += f" WHERE {clause}" if clause else ""
+        cursor = self._read(sql, values)
+        groups: dict[tuple[str, str | None], dict[str, Any]] = {}
+        for day, source, flag, label, distance in cursor.fetchall():
+            group = groups.setdefault((day, source), {"images": 0, "flagged": 0, "labels": {}, "distances": []})
+            group["images"] += 1
+            group["flagged"] += flag != "in_distribution"
+            key = label if label is not None else "none"
+            group["labels"][key] = group["labels"].get(key, 0) + 1
+            if distance is not None:
+                group["distances"].append(distance)
+        self._connection().commit()
+        rows = []
+        for (day, source), group in sorted(groups.items(), key=lambda item: (item[0][0], item[0][1] or "")):
+            distances = sorted(group["distances"])
+            middle = len(distances) // 2
+            median = None
+            if distances:
+                median = distances[middle] if len(distances) % 2 else (distances[middle - 1] + distances[middle]) / 2
+            rows.append({
+                "day": day, "source": source, "images": group["images"], "flagged": group["flagged"],
+                "flagged_share": group["flagged"] / group["images"],
+                "labels": {label: count / group["images"] for label, count in sorted(group["labels"].items())},
+                "median_nearest_distance": median,
+            })  # fmt: skip
+        return rows
+
+    def stats(self) -> dict[str, Any]:
+        """How many rows, from when to when, by flag and by source, and how many are reviewed."""
+        cursor = self._read("SELECT count(*), min(time), max(time) FROM placements", [])
+        count, first, last = cursor.fetchone()
+        by_flag = dict(self._read("SELECT flag, count(*) FROM placements GROUP BY flag", []).fetchall())
+        by_source = {
+            source if source is not None else "none": n
+            for source, n in self._read("SELECT source, count(*) FROM placements GROUP BY source", []).fetchall()
+        }
+        reviewed = self._read("SELECT count(*) FROM placements WHERE review <> 'unreviewed'", []).fetchone()[0]
+        self._connection().commit()
+        return {
+            "rows": int(count), "first": first, "last": last, "by_flag": by_flag, "by_source": by_source,
+            "reviewed": int(reviewed), "schema_version": self.version(),
+        }  # fmt: skip
 
     def close(self) -> None:
         connection = getattr(self._local, "connection", None)

@@ -1,0 +1,93 @@
+"""`tsimcne journal stats | export | prune`: looking after a service's journal from the command line (the
+same URL as the service's `journal` setting)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from datetime import UTC, datetime, timedelta
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from tsimcne_core.journal import COLUMNS, MAX_PAGE, REVIEW_COLUMNS, JournalError, PlacementFilter, open_journal
+
+journal_app = typer.Typer(help="Read, export and prune a service's journal of placed images.", no_args_is_help=True)
+Url = Annotated[str, typer.Argument(help="the journal: sqlite:///PATH or postgresql://USER:PASSWORD@HOST/DB")]
+
+
+def _journal_errors(command: Any) -> Any:
+    @wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except JournalError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+@journal_app.command()
+@_journal_errors
+def stats(url: Url) -> None:
+    """Rows, first and last time, by flag, by source, how many reviewed."""
+    summary = open_journal(url).stats()
+    for key, value in summary.items():
+        typer.echo(f"{key:<15} {json.dumps(value) if isinstance(value, dict) else value}")
+
+
+@journal_app.command()
+@_journal_errors
+def export(
+    url: Url,
+    out: Annotated[Path, typer.Option(help="a .csv or .jsonl file (written whole, then put in place)")],
+    since: Annotated[str | None, typer.Option(help="from this time on (ISO 8601, UTC)")] = None,
+    until: Annotated[str | None, typer.Option(help="before this time (ISO 8601, UTC)")] = None,
+    flag: Annotated[str | None, typer.Option(help="in_distribution, out_of_distribution or artefact")] = None,
+    source: Annotated[str | None, typer.Option(help="the client's source")] = None,
+    review: Annotated[str | None, typer.Option(help="review state: unreviewed, fine, artefact or a label")] = None,
+) -> None:
+    """Every matching placement (without its image) to a CSV or JSON-lines file."""
+    if out.suffix not in (".csv", ".jsonl"):
+        typer.echo(f"error: {out}: the output must end in .csv or .jsonl", err=True)
+        raise typer.Exit(2)
+    journal = open_journal(url)
+    where = PlacementFilter(since, until, flag, None, source, review)
+    names = ("id", *COLUMNS, *REVIEW_COLUMNS)
+    scratch = out.with_name(out.name + ".partial")
+    count, after = 0, None
+    with scratch.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle) if out.suffix == ".csv" else None
+        if writer is not None:
+            writer.writerow(names)
+        while True:
+            rows = journal.placements(where, after, MAX_PAGE)
+            for row in rows:
+                if writer is not None:
+                    writer.writerow([json.dumps(row[n]) if isinstance(row[n], list | dict) else row[n] for n in names])
+                else:
+                    handle.write(json.dumps(row) + "\n")
+            count += len(rows)
+            if len(rows) < MAX_PAGE:
+                break
+            after = rows[-1]["id"]
+            typer.echo(f"{count:,} placements ...", err=True)
+    scratch.replace(out)
+    typer.echo(f"wrote {count:,} placements to {out}")
+
+
+@journal_app.command()
+@_journal_errors
+def prune(
+    url: Url,
+    older_than_days: Annotated[
+        float, typer.Option("--older-than-days", min=0, help="delete placements older than this")
+    ],
+) -> None:
+    """Delete the placements made more than N days ago."""
+    before = (datetime.now(UTC) - timedelta(days=older_than_days)).isoformat(timespec="microseconds")
+    gone = open_journal(url).prune(before)
+    typer.echo(f"deleted {gone:,} placements made before {before}")
