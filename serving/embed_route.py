@@ -22,24 +22,24 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import io
 import logging
 import random
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
 
 import numpy as np
 import orjson
-from PIL import Image
 
 from serving import metrics
 from serving.batching import MicroBatcher
 from serving.guards import token_problem
 from serving.http_errors import error_body
+from serving.journal_writer import JournalWriter
 from serving.settings import ServiceSettings
 from serving.upload_body import BodyLimits, ClientGone, Refusal, Upload, read_uploads
 from serving.upload_decoding import DeadlineExceeded, RequestTooLarge, UploadDecoder, check_request_pixels
@@ -88,6 +88,7 @@ class EmbedHandler:
         self.settings = settings
         self.bundle_sha256 = bundle_sha256
         self.journal = journal
+        self.writer = JournalWriter(journal) if journal is not None else None
         prep = placer.manifest.preprocessing
         self.decoder = UploadDecoder(
             prep,
@@ -96,7 +97,7 @@ class EmbedHandler:
             inline_pixels=INLINE_DECODE_PIXELS,
             on_active=metrics.DECODING_REQUESTS.set,
         )
-        self.batcher: MicroBatcher[_Job, bytes | Refusal] = MicroBatcher(
+        self.batcher: MicroBatcher[_Job, bytes | tuple[bytes, Future]] = MicroBatcher(
             self._place, max_images=settings.max_batch_images
         )
         self.limits = BodyLimits(
@@ -154,48 +155,44 @@ class EmbedHandler:
         try:
             async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
                 body = await self.batcher.run(job, len(job.names))
+                if isinstance(body, tuple):  # placed; answered once the journal has committed its rows
+                    body, kept = body
+                    await asyncio.wrap_future(kept)
         except TimeoutError:
             raise _over_budget(settings, "the time budget ran out while the images waited for the model") from None
-        if isinstance(body, Refusal):
-            raise body
+        except JournalError as exc:
+            message = f"{exc}; the images were not kept, so none is answered as placed: retry later"
+            raise Refusal(503, "journal", message, headers={"Retry-After": "5"}) from None
         return Answer(200, body, {"X-Request-ID": job.request.request_id} if job.request else None)
 
-    def _place(self, jobs: Sequence[_Job]) -> list[bytes | Refusal]:
+    def _place(self, jobs: Sequence[_Job]) -> list[bytes] | list[tuple[bytes, Future]]:
         """In the model thread: one model run and placement for all `jobs`, then each job's answer."""
         batch = jobs[0].batch if len(jobs) == 1 else np.concatenate([job.batch for job in jobs])
         names = jobs[0].names if len(jobs) == 1 else [name for job in jobs for name in job.names]
         timings: dict[str, float] = {}
         placed = self.placer.place(batch, names, calls=[len(job.names) for job in jobs], timings=timings)
         metrics.record_batch(placed, timings["model"])
-        if self.journal is not None:
-            try:  # one transaction for the whole batch, committed before any of its requests is answered
-                rows = journal_rows(jobs, placed, batch, self.bundle_sha256, self.placer)
-                started = time.perf_counter()
-                self.journal.write(rows)
-                metrics.JOURNAL_WRITE_SECONDS.observe(time.perf_counter() - started)
-                metrics.JOURNAL_ROWS.inc(len(rows))
-            except JournalError as exc:
-                metrics.JOURNAL_FAILURES.inc()
-                logger.error("%s", exc)
-                message = f"{exc}; the images were not kept, so none is answered as placed: retry later"
-                refusal = Refusal(503, "journal", message, headers={"Retry-After": "5"})
-                return [refusal for _ in jobs]
         answers, start = [], 0
         for job in jobs:
             stop = start + len(job.names)
             answers.append(self._head + orjson.dumps(placed[start:stop]) + b"}")
             start = stop
+        if self.writer is not None:  # the rows are built and committed in the journal's thread (group commit)
+            kept = self.writer.submit(lambda: journal_rows(jobs, placed, batch, self.bundle_sha256, self.placer))
+            return [(answer, kept) for answer in answers]
         return answers
 
     async def close(self) -> None:
         await self.batcher.close()
+        if self.writer is not None:
+            await asyncio.to_thread(self.writer.close)
 
 
 def journal_rows(
     jobs: Sequence[_Job], placed: Sequence[Any], batch: np.ndarray, bundle_sha256: str, placer: Placer
 ) -> list[JournalRow]:
     """The journal's rows of a placed batch: each record with its request, metadata, file digest and the image
-    at model size as PNG (the model input scaled back to uint8)."""
+    at model size (the model input scaled back to uint8)."""
     rows, start, time_now = [], 0, journal_now()
     scale = float(placer.manifest.preprocessing.divide_by)
     for job in jobs:
@@ -204,20 +201,22 @@ def journal_rows(
         for offset, (record, digest) in enumerate(zip(placed[start : start + len(job.names)], request.digests,
                                                       strict=True)):  # fmt: skip
             pixels = np.clip(np.rint(batch[start + offset].transpose(1, 2, 0) * scale), 0, 255).astype(np.uint8)
-            png = io.BytesIO()
-            Image.fromarray(pixels).save(png, format="PNG")
             rows.append(
                 JournalRow(
                     time=time_now, request_id=request.request_id, bundle_sha256=bundle_sha256,
                     filename=record.filename, image_sha256=digest, x=record.x, y=record.y, flag=record.flag,
                     score=record.score, evidence=dict(record.evidence), majority_label=record.majority_label,
-                    majority_share=record.majority_share, neighbours=[asdict(n) for n in record.neighbours],
+                    majority_share=record.majority_share, neighbours=[_neighbour(n) for n in record.neighbours],
                     duplicate_of=record.duplicate_of, source=request.metadata.source,
-                    sample_id=request.metadata.sample_id, tags=list(request.metadata.tags), thumbnail=png.getvalue(),
+                    sample_id=request.metadata.sample_id, tags=list(request.metadata.tags), image=pixels,
                 )
             )  # fmt: skip
         start += len(job.names)
     return rows
+
+
+def _neighbour(found: Any) -> dict[str, Any]:
+    return {"id": found.id, "index": found.index, "label": found.label, "distance": found.distance}
 
 
 def refused(refusal: Refusal) -> Answer:

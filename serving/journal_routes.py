@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Literal
 
 from fastapi import APIRouter, Query
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import JSONResponse, Response
 
@@ -92,12 +93,14 @@ def journal_router(
         if store is None:
             return json_error(404, JOURNAL_OFF)
         try:
-            png = store.thumbnail(row_id)
+            pixels = store.image(row_id)
         except JournalError as exc:
             return json_error(503, str(exc), headers={"Retry-After": "5"})
-        if png is None:
+        if pixels is None:
             return json_error(404, f"/placements/{row_id}/image: no such placement")
-        return Response(png, media_type="image/png", headers={"Cache-Control": "max-age=86400, immutable"})
+        png = io.BytesIO()
+        Image.fromarray(pixels).save(png, format="PNG")
+        return Response(png.getvalue(), media_type="image/png", headers={"Cache-Control": "max-age=86400, immutable"})
 
     @router.post("/placements/{row_id}/review")
     def review(row_id: int, verdict: ReviewRequest) -> Response:

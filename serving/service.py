@@ -274,7 +274,7 @@ class MapService:
         # Warm-up: the first onnxruntime run allocates, the indexes page in; before /readyz says yes.
         placer.warm_up()
         # The journal (when set): opened, and its schema migrated, before /readyz says yes.
-        self.journal = open_journal(settings.journal) if settings.journal else None
+        self.journal = open_journal(settings.journal, settings.journal_sync) if settings.journal else None
         if self.journal is not None:
             logger.info("journal: %s (schema version %d)", self.journal.describe(), self.journal.version())
         self.embed_handler = EmbedHandler(placer, self.bundle_sha256, settings, self.journal)

@@ -79,6 +79,12 @@ class ServiceSettings(BaseModel):
         "(several replicas); unset: placed images are not kept",
     )
 
+    journal_sync: Literal["normal", "full"] = Field(
+        "normal",
+        description="SQLite journal: normal keeps what was answered if the service is killed; full also through "
+        "a power cut (an fsync per commit, slower)",
+    )
+
     @field_validator("journal")
     @classmethod
     def _journal_url(cls, value: str | None) -> str | None:

@@ -357,6 +357,12 @@ def main() -> None:
     parser.add_argument("--only", help="run only the servers whose name contains this text")
     parser.add_argument("--soak", type=float, default=0, help="also run /embed this many seconds, RSS every 10 s")
     parser.add_argument("--provider", default="cpu", help="onnxruntime provider of the /embed rows (cuda on a GPU)")
+    parser.add_argument(
+        "--journal",
+        default="",
+        help="also serve the PBC bundle with the journal on: sqlite, postgresql or both (comma-separated); "
+        "postgresql starts a throwaway server (benchmarks/harness/postgres.py)",
+    )
     parser.add_argument("--out", type=Path, help="the result file (default: benchmarks/scratch/serve/)")
     parser.add_argument(
         "--record", action="store_true", help="keep the result in benchmarks/results/ (cited by the README)"
@@ -380,12 +386,29 @@ def main() -> None:
     bodies = png_bodies(work)
     started = datetime.now(UTC)
     rows: list[Row] = []
-    for server in servers(args.bundle.resolve(), large.resolve() if large else None, work / "bentoml-home"):
+    planned = servers(args.bundle.resolve(), large.resolve() if large else None, work / "bentoml-home")
+    postgres = None
+    for kind in filter(None, args.journal.split(",")):
+        if kind == "sqlite":
+            url = f"sqlite:///{work / 'journal.db'}"
+        elif kind == "postgresql":
+            from benchmarks.harness.postgres import start_postgres
+
+            postgres = start_postgres()
+            url = postgres.url
+        else:
+            sys.exit(f"error: --journal {kind!r}: give sqlite, postgresql or both")
+        journaled = _embed(args.bundle.resolve(), f"embed (defaults, journal {kind})", journal=url)
+        journaled.env["BENTOML_HOME"] = str(work / "bentoml-home")
+        planned.append(journaled)
+    for server in planned:
         if server.bundle:
             server.env["TSIMCNE_PROVIDER"] = args.provider
         if args.only and args.only not in server.name:
             continue
         rows += measure(server, bodies, args.seconds, args.warm_up, work)
+    if postgres is not None:
+        postgres.stop()
     payload = {
         "connections": 16,
         "seconds_per_row": args.seconds,
