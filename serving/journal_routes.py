@@ -8,7 +8,7 @@ import csv
 import io
 import json
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import APIRouter, Query
 from PIL import Image
@@ -62,14 +62,10 @@ def journal_router(
         format: Literal["json", "csv"] = Query("json"),
     ) -> Response:
         """Placed images, oldest first, a page at a time (`next` is the cursor of the following page)."""
-        store = journal()
-        if store is None:
-            return json_error(404, JOURNAL_OFF)
         where = PlacementFilter(since, until, flag.value if flag else None, label, source, review)
-        try:
-            rows = store.placements(where, after, limit)
-        except JournalError as exc:
-            return json_error(503, str(exc), headers={"Retry-After": "5"})
+        rows = _use(journal, lambda store: store.placements(where, after, limit))
+        if isinstance(rows, Response):
+            return rows
         following = rows[-1]["id"] if len(rows) == limit else None
         if format == "csv":
             return Response(_csv(rows), media_type="text/csv; charset=utf-8", headers=_cursor(following))
@@ -77,27 +73,15 @@ def journal_router(
 
     @router.get("/placements/{row_id}")
     def placement(row_id: int) -> Response:
-        store = journal()
-        if store is None:
-            return json_error(404, JOURNAL_OFF)
-        try:
-            row = store.placement(row_id)
-        except JournalError as exc:
-            return json_error(503, str(exc), headers={"Retry-After": "5"})
-        return JSONResponse(row) if row is not None else json_error(404, f"/placements/{row_id}: no such placement")
+        row = _use(journal, lambda store: store.placement(row_id))
+        return _found(row, f"/placements/{row_id}")
 
     @router.get("/placements/{row_id}/image")
     def image(row_id: int) -> Response:
         """The image as the model saw it (model size, PNG)."""
-        store = journal()
-        if store is None:
-            return json_error(404, JOURNAL_OFF)
-        try:
-            pixels = store.image(row_id)
-        except JournalError as exc:
-            return json_error(503, str(exc), headers={"Retry-After": "5"})
-        if pixels is None:
-            return json_error(404, f"/placements/{row_id}/image: no such placement")
+        pixels = _use(journal, lambda store: store.image(row_id))
+        if isinstance(pixels, Response) or pixels is None:
+            return _found(pixels, f"/placements/{row_id}/image")
         png = io.BytesIO()
         Image.fromarray(pixels).save(png, format="PNG")
         return Response(png.getvalue(), media_type="image/png", headers={"Cache-Control": "max-age=86400, immutable"})
@@ -105,17 +89,11 @@ def journal_router(
     @router.post("/placements/{row_id}/review")
     def review(row_id: int, verdict: ReviewRequest) -> Response:
         """Record a verdict: `fine` (a clean image; it may be folded into the map), `artefact`, or a label."""
-        store = journal()
-        if store is None:
-            return json_error(404, JOURNAL_OFF)
         allowed = ["fine", "artefact", *class_names()]
-        if verdict.verdict not in allowed:
+        if journal() is not None and verdict.verdict not in allowed:
             return json_error(400, f"verdict: {verdict.verdict!r} is not one of {', '.join(allowed)}")
-        try:
-            row = store.review(row_id, verdict.verdict, verdict.reviewer, verdict.note)
-        except JournalError as exc:
-            return json_error(503, str(exc), headers={"Retry-After": "5"})
-        return JSONResponse(row) if row is not None else json_error(404, f"/placements/{row_id}: no such placement")
+        row = _use(journal, lambda store: store.review(row_id, verdict.verdict, verdict.reviewer, verdict.note))
+        return _found(row, f"/placements/{row_id}")
 
     @router.get("/drift")
     def drift(
@@ -124,16 +102,30 @@ def journal_router(
     ) -> Response:
         """Per day and source: images, the flagged share, the label mix (beside the reference map's) and the
         median distance to the nearest reference image."""
-        store = journal()
-        if store is None:
-            return json_error(404, JOURNAL_OFF)
-        try:
-            days = store.drift(since, until)
-        except JournalError as exc:
-            return json_error(503, str(exc), headers={"Retry-After": "5"})
+        days = _use(journal, lambda store: store.drift(since, until))
+        if isinstance(days, Response):
+            return days
         return JSONResponse({"reference_labels": reference_labels(), "days": days})
 
     return router
+
+
+def _use(journal: Callable[[], SqlJournal | None], read: Callable[[SqlJournal], Any]) -> Any:
+    """`read(journal)`, or the error answer: 404 saying how to turn the journal on, 503 naming it when it fails."""
+    store = journal()
+    if store is None:
+        return json_error(404, JOURNAL_OFF)
+    try:
+        return read(store)
+    except JournalError as exc:
+        return json_error(503, str(exc), headers={"Retry-After": "5"})
+
+
+def _found(row: Any, path: str) -> Response:
+    """A placement row as JSON, an error answer as it is, or 404 for a missing one."""
+    if isinstance(row, Response):
+        return row
+    return JSONResponse(row) if row is not None else json_error(404, f"{path}: no such placement")
 
 
 def _cursor(following: int | None) -> dict[str, str]:

@@ -234,6 +234,13 @@ class SqlJournal:
             cursor.execute(f"UPDATE journal_schema SET version = {self.mark}", (target,))
         connection.commit()
 
+    def _recover(self, connection: Any) -> None:
+        """After a failed statement: roll back, or drop a connection that cannot even do that."""
+        try:
+            connection.rollback()
+        except Exception:
+            self._local.connection = None
+
     def version(self) -> int:
         cursor = self._connection().cursor()
         cursor.execute("SELECT version FROM journal_schema")
@@ -254,10 +261,7 @@ class SqlJournal:
             connection.commit()
             return len(rows)
         except Exception as exc:
-            try:
-                connection.rollback()
-            except Exception:
-                self._local.connection = None
+            self._recover(connection)
             raise JournalError(f"journal {self.describe()}: the placements could not be written: {exc}") from exc
 
     def placements(self, where: PlacementFilter, after: int | None = None, limit: int = 100) -> list[dict[str, Any]]:
@@ -291,10 +295,7 @@ class SqlJournal:
             cursor.execute(sql, values)
             return cursor
         except Exception as exc:
-            try:
-                connection.rollback()
-            except Exception:
-                self._local.connection = None
+            self._recover(connection)
             raise JournalError(f"journal {self.describe()}: cannot be read: {exc}") from exc
 
     def _rows(self, sql: str, values: list[Any]) -> Iterator[dict[str, Any]]:
@@ -326,10 +327,7 @@ class SqlJournal:
             connection.commit()
             return int(cursor.rowcount)
         except Exception as exc:
-            try:
-                connection.rollback()
-            except Exception:
-                self._local.connection = None
+            self._recover(connection)
             raise JournalError(f"journal {self.describe()}: cannot be written: {exc}") from exc
 
     def drift(self, since: str | None = None, until: str | None = None) -> list[dict[str, Any]]:
