@@ -26,12 +26,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
-import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,13 +133,9 @@ def main() -> None:
             last = points == args.points[-1] and args.screenshot is not None
             results.append(measure(args.bundle, points, args, Path(scratch), screenshot=last))
     report = {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "bundle": str(args.bundle),
         "renderer": args.renderer,
         "chromium": chromium,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores visible, affinity {sorted(os.sched_getaffinity(0))}",
-        "python": platform.python_version(),
         "results": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -106,9 +104,7 @@ def main() -> None:
     SCRATCH.mkdir(parents=True, exist_ok=True)
     ensure_reference()
     results: dict = {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-        "command": " ".join(sys.argv),
+        "torch_threads": torch.get_num_threads(),
     }
 
     data = subset(args.n_speed)

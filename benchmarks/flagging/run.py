@@ -23,7 +23,6 @@ benchmarks/scratch/flagging.json.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
 from pathlib import Path
@@ -227,8 +226,6 @@ def main() -> None:
                                           np.r_[mixed_score, burst_score]))  # fmt: skip
 
     results = {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="minutes"),
-        "command": " ".join(sys.argv),
         "bundle": str(args.bundle),
         "reference_images": len(train),
         "held_out": {"calibration": len(calib), "clean_test": len(clean)},

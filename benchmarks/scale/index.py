@@ -24,12 +24,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -98,9 +94,6 @@ def main() -> None:
     queries = clustered_unit_features(args.queries, seed=2)
     rows = [measure(n, kind, queries, args) for n in args.sizes for kind in args.kinds]
     result = {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores visible, affinity {sorted(os.sched_getaffinity(0))}",
         "faiss": faiss.__version__,
         "rows": rows,
     }

@@ -25,7 +25,6 @@ import json
 import shutil
 import subprocess
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -71,7 +70,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     out = work / f"million-{args.n}.json"
     results = json.loads(out.read_text()) if out.is_file() else {}
-    results.update({"n_images": args.n, "run": str(args.run), "date": datetime.now(UTC).isoformat(timespec="minutes")})
+    results.update({"n_images": args.n, "run": str(args.run)})
 
     def save() -> None:
         record(results, out)

@@ -20,12 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +50,6 @@ def measured(command: list[str], log: Path) -> dict:
         raise SystemExit(f"{' '.join(command)} failed ({code}):\n{text[-3000:]}")
     print(text.strip().splitlines()[-1])
     return {
-        "command": " ".join(command[2:]),
         "seconds": round(seconds, 1),
         "peak_rss_mib": round(usage.ru_maxrss / 1024),
     }
@@ -102,9 +99,6 @@ def main() -> None:
         "imports_only": baseline,
         "store_mib": round((store / "images.npy").stat().st_size / 2**20, 1),
         "bundle_mib": round(sum(f.stat().st_size for f in bundle.iterdir()) / 2**20, 1),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-        f"{len(os.sched_getaffinity(0))} usable by this process",
-        "date": datetime.now(UTC).isoformat(timespec="minutes"),
     }
     record(results, work / f"results-{args.n}.json")
     print(json.dumps(results, indent=2))

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -98,8 +97,6 @@ def main() -> None:
         "images": args.images,
         "batch_size": args.batch_size,
         "cpus_usable": len(os.sched_getaffinity(0)),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "date": time.strftime("%Y-%m-%d"),
         "one_process": {"seconds": round(local_s, 1), "images_per_s": round(args.images / local_s)},
         "ray": {
             "seconds": round(ray_s, 1),

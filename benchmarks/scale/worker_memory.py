@@ -24,13 +24,9 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
-import platform
 import shutil
-import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -189,9 +185,6 @@ def main() -> None:
         bundles = make_large_bundles(base, args.points, folder)
         results = [measure(path, layout, args, folder) for layout, path in bundles.items()]
     summary = {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores visible, affinity {sorted(os.sched_getaffinity(0))}",
         "results": results,
     }
     record(summary, args.out)

@@ -13,7 +13,6 @@ to benchmarks/scratch/serve_memory.json.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
 import tempfile
@@ -89,8 +88,6 @@ def main() -> None:
         for key in ("ready_mb", "after_thumbnail_mb")
     }
     results = {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="minutes"),
-        "command": " ".join(sys.argv),
         "bundle": str(args.bundle or "tiny (16 px thumbnails, 32-d features)"),
         "arrays_per_point_bytes": {k: round(v / last["points"]) for k, v in arrays.items()},
         "rows": rows,

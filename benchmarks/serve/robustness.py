@@ -16,7 +16,6 @@ Results: printed and written to benchmarks/scratch/serve_robustness.json.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import subprocess
 import sys
@@ -101,8 +100,6 @@ def main() -> None:
     finally:
         server.stop()
     results = {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="minutes"),
-        "command": " ".join(sys.argv),
         "bundle": str(args.bundle),
         "schemathesis": {"exit_code": fuzz.returncode, "summary": summary, "examples_per_operation": args.examples},
         "corpus": answers,
