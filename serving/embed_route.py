@@ -87,7 +87,6 @@ class EmbedHandler:
         self.placer = placer
         self.settings = settings
         self.bundle_sha256 = bundle_sha256
-        self.journal = journal
         self.writer = JournalWriter(journal) if journal is not None else None
         prep = placer.manifest.preprocessing
         self.decoder = UploadDecoder(
@@ -148,7 +147,7 @@ class EmbedHandler:
             message = f"{len(problems)} of {len(uploads)} uploads are not usable images: {listed}"
             raise Refusal(422, "bad_image", message, problems)
         job = _Job(decoded.batch, [upload.name for upload in uploads])
-        if self.journal is not None:
+        if self.writer is not None:
             request_id = request_id or uuid.uuid4().hex
             digests = [hashlib.sha256(upload.data).hexdigest() for upload in uploads]
             job.request = _RequestRecord(request_id, metadata or ClientMetadata(), digests)
@@ -193,25 +192,23 @@ def journal_rows(
 ) -> list[JournalRow]:
     """The journal's rows of a placed batch: each record with its request, metadata, file digest and the image
     at model size (the model input scaled back to uint8)."""
-    rows, start, time_now = [], 0, journal_now()
+    time_now = journal_now()
     scale = float(placer.manifest.preprocessing.divide_by)
-    for job in jobs:
-        request = job.request
-        assert request is not None
-        for offset, (record, digest) in enumerate(zip(placed[start : start + len(job.names)], request.digests,
-                                                      strict=True)):  # fmt: skip
-            pixels = np.clip(np.rint(batch[start + offset].transpose(1, 2, 0) * scale), 0, 255).astype(np.uint8)
-            rows.append(
-                JournalRow(
-                    time=time_now, request_id=request.request_id, bundle_sha256=bundle_sha256,
-                    filename=record.filename, image_sha256=digest, x=record.x, y=record.y, flag=record.flag,
-                    score=record.score, evidence=dict(record.evidence), majority_label=record.majority_label,
-                    majority_share=record.majority_share, neighbours=[_neighbour(n) for n in record.neighbours],
-                    duplicate_of=record.duplicate_of, source=request.metadata.source,
-                    sample_id=request.metadata.sample_id, tags=list(request.metadata.tags), image=pixels,
-                )
-            )  # fmt: skip
-        start += len(job.names)
+    images = np.clip(np.rint(batch.transpose(0, 2, 3, 1) * scale), 0, 255).astype(np.uint8)  # once a batch
+    requests = [job.request for job in jobs for _ in job.names]
+    digests = [digest for job in jobs for digest in job.request.digests]  # every job has one with a journal
+    rows = []
+    for record, pixels, request, digest in zip(placed, images, requests, digests, strict=True):
+        rows.append(
+            JournalRow(
+                time=time_now, request_id=request.request_id, bundle_sha256=bundle_sha256,
+                filename=record.filename, image_sha256=digest, x=record.x, y=record.y, flag=record.flag,
+                score=record.score, evidence=dict(record.evidence), majority_label=record.majority_label,
+                majority_share=record.majority_share, neighbours=[_neighbour(n) for n in record.neighbours],
+                duplicate_of=record.duplicate_of, source=request.metadata.source,
+                sample_id=request.metadata.sample_id, tags=list(request.metadata.tags), image=pixels,
+            )
+        )  # fmt: skip
     return rows
 
 

@@ -85,9 +85,8 @@ class PositionFlag:
         kth: np.ndarray,
         calls: Sequence[int] | None = None,
     ) -> Assessment:
-        """Scores, evidence and duplicates from the features, their k-th neighbour distance, the model
-        input batch and the k-th map-neighbour distance (what the position-only flag ignores is None);
-        `calls`: the sizes of the calls the batch gathers (duplicates are looked for within each)."""
+        """CombinedFlag.assess's interface, scored from `kth` (the map position) alone: the other inputs may be
+        None, and no duplicates are looked for."""
         scores, _ = score_from_kth_distance(kth, self.calibration)
         return Assessment(scores, scores[:, None], ("position",), np.full(len(scores), -1))
 
