@@ -57,12 +57,13 @@ def journal_router(
         label: str | None = Query(None, description="majority label among the neighbours"),
         source: str | None = Query(None, description="the client's source (instrument or pipeline)"),
         review: str | None = Query(None, description="review state: unreviewed, fine, artefact or a label"),
+        flagged: bool | None = Query(None, description="true: flagged images only (either kind); false: unflagged"),
         after: int | None = Query(None, ge=0, description="the cursor: the `next` of the previous page"),
         limit: int = Query(100, ge=1, le=MAX_PAGE),
         format: Literal["json", "csv"] = Query("json"),
     ) -> Response:
         """Placed images, oldest first, a page at a time (`next` is the cursor of the following page)."""
-        where = PlacementFilter(since, until, flag.value if flag else None, label, source, review)
+        where = PlacementFilter(since, until, flag.value if flag else None, label, source, review, flagged)
         rows = _use(journal, lambda store: store.placements(where, after, limit))
         if isinstance(rows, Response):
             return rows

@@ -155,7 +155,7 @@ class JournalRow:
 
 @dataclass(frozen=True, slots=True)
 class PlacementFilter:
-    """What GET /placements selects: a time range (ISO 8601, UTC), flag, majority label, source, review."""
+    """What GET /placements selects: a time range (ISO 8601, UTC), flag, majority label, source, review, flagged."""
 
     since: str | None = None
     until: str | None = None
@@ -163,9 +163,12 @@ class PlacementFilter:
     label: str | None = None
     source: str | None = None
     review: str | None = None
+    flagged: bool | None = None  # True: out_of_distribution or artefact; False: in_distribution only
 
     def where(self, mark: str) -> tuple[str, list[Any]]:
         clauses, values = [], []
+        if self.flagged is not None:
+            clauses.append("flag <> 'in_distribution'" if self.flagged else "flag = 'in_distribution'")
         for column, operator, value in (
             ("time", ">=", self.since), ("time", "<", self.until), ("flag", "=", self.flag),
             ("majority_label", "=", self.label), ("source", "=", self.source), ("review", "=", self.review),
