@@ -13,6 +13,8 @@ BentoML's app unchanged. What a request costs here, each thing done once:
 - the model run, the placement of the whole batch and each request's answer serialised (orjson, from the
   typed records, no re-validation) in the worker's one model thread (serving/batching.py,
   tsimcne_core/placing.py), shared by every request of a batch;
+- with a journal, the batch's rows committed in one transaction in the model thread before any of its
+  requests is answered (tsimcne_core/journal.py);
 - request metrics: a count and a latency per request, the placement metrics once per model run.
 The same answers (`EmbedHandler.answer`) serve the API method BentoML declares for /embed (its OpenAPI
 schema, in-process calls), so both paths place and refuse alike.
@@ -27,7 +29,6 @@ import random
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
@@ -39,11 +40,10 @@ from serving import metrics
 from serving.batching import MicroBatcher
 from serving.guards import token_problem
 from serving.http_errors import error_body
-from serving.journal_writer import JournalWriter
 from serving.settings import ServiceSettings
 from serving.upload_body import BodyLimits, ClientGone, Refusal, Upload, read_uploads
 from serving.upload_decoding import DeadlineExceeded, RequestTooLarge, UploadDecoder, check_request_pixels
-from tsimcne_core.journal import ClientMetadata, JournalError, JournalRow, MetadataError, SqlJournal
+from tsimcne_core.journal import ClientMetadata, JournalError, MetadataError, SqlJournal
 from tsimcne_core.journal import now as journal_now
 from tsimcne_core.placing import Placer
 
@@ -75,6 +75,7 @@ class _RequestRecord:
     request_id: str
     metadata: ClientMetadata
     digests: list[str]  # sha256 of each uploaded file's bytes
+    originals: list[bytes | None]  # the files themselves, when the journal keeps them (journal_originals)
 
 
 class EmbedHandler:
@@ -87,7 +88,8 @@ class EmbedHandler:
         self.placer = placer
         self.settings = settings
         self.bundle_sha256 = bundle_sha256
-        self.writer = JournalWriter(journal) if journal is not None else None
+        self.journal = journal
+        self.scale = float(placer.manifest.preprocessing.divide_by)
         prep = placer.manifest.preprocessing
         self.decoder = UploadDecoder(
             prep,
@@ -96,9 +98,7 @@ class EmbedHandler:
             inline_pixels=INLINE_DECODE_PIXELS,
             on_active=metrics.DECODING_REQUESTS.set,
         )
-        self.batcher: MicroBatcher[_Job, bytes | tuple[bytes, Future]] = MicroBatcher(
-            self._place, max_images=settings.max_batch_images
-        )
+        self.batcher: MicroBatcher[_Job, bytes] = MicroBatcher(self._place, max_images=settings.max_batch_images)
         self.limits = BodyLimits(
             settings.max_upload_bytes, settings.max_images, settings.max_pixels, UPLOAD_FIELD, ROUTE
         )
@@ -134,6 +134,8 @@ class EmbedHandler:
             check_request_pixels(uploads, settings.max_request_pixels)
         except RequestTooLarge as exc:
             raise Refusal(413, "too_many_pixels", str(exc)) from None
+        if self.journal is not None and settings.journal_originals:
+            _check_original_sizes(uploads, settings.journal_original_max_mb)
         deadline = time.monotonic() + settings.request_budget_s
         try:
             decoded = await self.decoder.decode(uploads, deadline)
@@ -147,16 +149,16 @@ class EmbedHandler:
             message = f"{len(problems)} of {len(uploads)} uploads are not usable images: {listed}"
             raise Refusal(422, "bad_image", message, problems)
         job = _Job(decoded.batch, [upload.name for upload in uploads])
-        if self.writer is not None:
+        if self.journal is not None:
             request_id = request_id or uuid.uuid4().hex
             digests = [hashlib.sha256(upload.data).hexdigest() for upload in uploads]
-            job.request = _RequestRecord(request_id, metadata or ClientMetadata(), digests)
+            originals: list[bytes | None] = [None] * len(uploads)
+            if settings.journal_originals:
+                originals = [bytes(upload.data) for upload in uploads]
+            job.request = _RequestRecord(request_id, metadata or ClientMetadata(), digests, originals)
         try:
             async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
-                body = await self.batcher.run(job, len(job.names))
-                if isinstance(body, tuple):  # placed; answered once the journal has committed its rows
-                    body, kept = body
-                    await asyncio.wrap_future(kept)
+                body = await self.batcher.run(job, len(job.names))  # with a journal: its rows are committed
         except TimeoutError:
             raise _over_budget(settings, "the time budget ran out while the images waited for the model") from None
         except JournalError as exc:
@@ -164,8 +166,11 @@ class EmbedHandler:
             raise Refusal(503, "journal", message, headers={"Retry-After": "5"}) from None
         return Answer(200, body, {"X-Request-ID": job.request.request_id} if job.request else None)
 
-    def _place(self, jobs: Sequence[_Job]) -> list[bytes] | list[tuple[bytes, Future]]:
-        """In the model thread: one model run and placement for all `jobs`, then each job's answer."""
+    def _place(self, jobs: Sequence[_Job]) -> list[bytes]:
+        """In the model thread: one model run and placement for all `jobs`, then each job's answer; with a
+        journal, the batch's rows in one transaction first (JournalError fails every job of the batch: none is
+        answered as placed without its rows). Writing here, not in a thread of its own, measured cheaper: a
+        hand-over to a writer thread cost more under the GIL than the insert (benchmarks/README.md, 16)."""
         batch = jobs[0].batch if len(jobs) == 1 else np.concatenate([job.batch for job in jobs])
         names = jobs[0].names if len(jobs) == 1 else [name for job in jobs for name in job.names]
         timings: dict[str, float] = {}
@@ -176,44 +181,57 @@ class EmbedHandler:
             stop = start + len(job.names)
             answers.append(self._head + orjson.dumps(placed[start:stop]) + b"}")
             start = stop
-        if self.writer is not None:  # the rows are built and committed in the journal's thread (group commit)
-            kept = self.writer.submit(lambda: journal_rows(jobs, placed, batch, self.bundle_sha256, self.placer))
-            return [(answer, kept) for answer in answers]
+        if self.journal is not None:  # committed before any of these requests is answered
+            started = time.perf_counter()
+            try:
+                self.journal.write_values(journal_values(jobs, placed, batch, self.bundle_sha256, self.scale))
+            except JournalError:
+                metrics.JOURNAL_FAILURES.inc()
+                raise
+            metrics.JOURNAL_WRITE_SECONDS.observe(time.perf_counter() - started)
+            metrics.JOURNAL_ROWS.inc(len(placed))
         return answers
 
     async def close(self) -> None:
         await self.batcher.close()
-        if self.writer is not None:
-            await asyncio.to_thread(self.writer.close)
 
 
-def journal_rows(
-    jobs: Sequence[_Job], placed: Sequence[Any], batch: np.ndarray, bundle_sha256: str, placer: Placer
-) -> list[JournalRow]:
-    """The journal's rows of a placed batch: each record with its request, metadata, file digest and the image
-    at model size (the model input scaled back to uint8)."""
+def journal_values(
+    jobs: Sequence[_Job], placed: Sequence[Any], batch: np.ndarray, bundle_sha256: str, scale: float
+) -> list[tuple]:
+    """The journal's rows of a placed batch, as column values (tsimcne_core.journal.ROW_COLUMNS): each record
+    with its request, metadata, file digest and the image at model size (the model input scaled back to
+    uint8, once a batch). Built straight into tuples with orjson: JournalRow objects and json cost 3x more."""
     time_now = journal_now()
-    scale = float(placer.manifest.preprocessing.divide_by)
-    images = np.clip(np.rint(batch.transpose(0, 2, 3, 1) * scale), 0, 255).astype(np.uint8)  # once a batch
+    images = np.clip(np.rint(batch.transpose(0, 2, 3, 1) * scale), 0, 255).astype(np.uint8)
+    height, width = int(images.shape[1]), int(images.shape[2])
     requests = [job.request for job in jobs for _ in job.names]
     digests = [digest for job in jobs for digest in job.request.digests]  # every job has one with a journal
-    rows = []
-    for record, pixels, request, digest in zip(placed, images, requests, digests, strict=True):
-        rows.append(
-            JournalRow(
-                time=time_now, request_id=request.request_id, bundle_sha256=bundle_sha256,
-                filename=record.filename, image_sha256=digest, x=record.x, y=record.y, flag=record.flag,
-                score=record.score, evidence=dict(record.evidence), majority_label=record.majority_label,
-                majority_share=record.majority_share, neighbours=[_neighbour(n) for n in record.neighbours],
-                duplicate_of=record.duplicate_of, source=request.metadata.source,
-                sample_id=request.metadata.sample_id, tags=list(request.metadata.tags), image=pixels,
+    originals = [original for job in jobs for original in job.request.originals]
+    values = []
+    for record, pixels, request, digest, original in zip(placed, images, requests, digests, originals, strict=True):
+        metadata = request.metadata
+        neighbours = [(n.id, n.index, n.label, n.distance) for n in record.neighbours]
+        values.append((
+            time_now, request.request_id, bundle_sha256, record.filename, digest, record.x, record.y, record.flag,
+            record.score, orjson.dumps(record.evidence).decode(), record.majority_label, record.majority_share,
+            orjson.dumps([{"id": i, "index": x, "label": lab, "distance": d} for i, x, lab, d in neighbours]).decode(),
+            record.duplicate_of, metadata.source, metadata.sample_id, orjson.dumps(metadata.tags).decode(),
+            neighbours[0][3] if neighbours else None, pixels.tobytes(), height, width, original,
+        ))  # fmt: skip
+    return values
+
+
+def _check_original_sizes(uploads: Sequence[Upload], max_mb: float) -> None:
+    """413 naming the file when the journal is to keep originals and one is over its own size limit."""
+    limit = int(max_mb * 1024 * 1024)
+    for upload in uploads:
+        if len(upload.data) > limit:
+            message = (
+                f"{upload.name}: {len(upload.data) / 1024 / 1024:.1f} MiB; the journal keeps uploaded files up to "
+                f"{max_mb:g} MiB (setting journal_original_max_mb)"
             )
-        )  # fmt: skip
-    return rows
-
-
-def _neighbour(found: Any) -> dict[str, Any]:
-    return {"id": found.id, "index": found.index, "label": found.label, "distance": found.distance}
+            raise Refusal(413, "too_large", message)
 
 
 def refused(refusal: Refusal) -> Answer:

@@ -1,5 +1,6 @@
-"""Reading the journal over HTTP: GET /placements (filters, cursor pages, JSON or CSV), one placement, and the
-image it was placed from at model size. Behind the bearer token like every route but health (serving/guards.py).
+"""Reading the journal over HTTP: GET /placements (filters, cursor pages, JSON, CSV or Parquet), one placement,
+the image it was placed from at model size, the uploaded file (when kept), reviews and /drift. Behind the
+bearer token like every route but health (serving/guards.py).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import io
 import json
 from collections.abc import Callable
 from typing import Any, Literal
+from urllib.parse import quote
 
 from fastapi import APIRouter, Query
 from PIL import Image
@@ -19,6 +21,7 @@ from serving.http_errors import json_error
 from tsimcne_core.flag import Flag
 from tsimcne_core.journal import (
     COLUMNS,
+    JSON_COLUMNS,
     MAX_NOTE,
     MAX_PAGE,
     MAX_TEXT,
@@ -60,7 +63,7 @@ def journal_router(
         flagged: bool | None = Query(None, description="true: flagged images only (either kind); false: unflagged"),
         after: int | None = Query(None, ge=0, description="the cursor: the `next` of the previous page"),
         limit: int = Query(100, ge=1, le=MAX_PAGE),
-        format: Literal["json", "csv"] = Query("json"),
+        format: Literal["json", "csv", "parquet"] = Query("json"),
     ) -> Response:
         """Placed images, oldest first, a page at a time (`next` is the cursor of the following page)."""
         where = PlacementFilter(since, until, flag.value if flag else None, label, source, review, flagged)
@@ -70,6 +73,8 @@ def journal_router(
         following = rows[-1]["id"] if len(rows) == limit else None
         if format == "csv":
             return Response(_csv(rows), media_type="text/csv; charset=utf-8", headers=_cursor(following))
+        if format == "parquet":
+            return Response(_parquet(rows), media_type="application/vnd.apache.parquet", headers=_cursor(following))
         return JSONResponse({"placements": rows, "next": following}, headers=_cursor(following))
 
     @router.get("/placements/{row_id}")
@@ -86,6 +91,19 @@ def journal_router(
         png = io.BytesIO()
         Image.fromarray(pixels).save(png, format="PNG")
         return Response(png.getvalue(), media_type="image/png", headers={"Cache-Control": "max-age=86400, immutable"})
+
+    @router.get("/placements/{row_id}/original")
+    def original(row_id: int) -> Response:
+        """The uploaded file itself, as it came (kept when the service runs with journal_originals=true)."""
+        kept = _use(journal, lambda store: store.original(row_id))
+        if isinstance(kept, Response):
+            return kept
+        if kept is None:
+            message = f"/placements/{row_id}/original: no such placement, or its file was not kept (journal_originals)"
+            return json_error(404, message)
+        name, data = kept
+        disposition = f"attachment; filename*=UTF-8''{quote(name)}"
+        return Response(data, media_type="application/octet-stream", headers={"Content-Disposition": disposition})
 
     @router.post("/placements/{row_id}/review")
     def review(row_id: int, verdict: ReviewRequest) -> Response:
@@ -131,6 +149,18 @@ def _found(row: Any, path: str) -> Response:
 
 def _cursor(following: int | None) -> dict[str, str]:
     return {"X-Next-Cursor": str(following)} if following is not None else {}
+
+
+def _parquet(rows: list[dict]) -> bytes:
+    """A page as Parquet: one column per field, the JSON ones (evidence, neighbours, tags) as JSON text."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    names = ("id", *COLUMNS, *REVIEW_COLUMNS)
+    columns = {name: [json.dumps(row[name]) if name in JSON_COLUMNS else row[name] for row in rows] for name in names}
+    out = io.BytesIO()
+    pq.write_table(pa.table(columns), out)
+    return out.getvalue()
 
 
 def _csv(rows: list[dict]) -> str:

@@ -8,6 +8,7 @@ Label values are bounded: flag kinds, the bundle's class names, a few decode-err
 
 from __future__ import annotations
 
+import math
 from collections import Counter as Tally
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -70,6 +71,33 @@ JOURNAL_WRITE_SECONDS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
 JOURNAL_FAILURES = Counter("tsimcne_journal_failures", "Model batches whose journal write failed (answered 503)")
+# Drift, from the journal's daily counts (serving/journal_upkeep.py): the same numbers in every worker and
+# replica, so the most recent value is the value. NaN where a source has no images today.
+DRIFT_IMAGES = Gauge(
+    "tsimcne_drift_images", "Images placed today (UTC) by source, from the journal", ["source"],
+    multiprocess_mode="mostrecent",
+)  # fmt: skip
+DRIFT_FLAGGED_SHARE = Gauge(
+    "tsimcne_drift_flagged_share", "Share of today's images flagged, by source", ["source"],
+    multiprocess_mode="mostrecent",
+)  # fmt: skip
+DRIFT_MEDIAN_DISTANCE = Gauge(
+    "tsimcne_drift_median_nearest_distance",
+    "Median map distance of today's images to their nearest reference image, by source",
+    ["source"],
+    multiprocess_mode="mostrecent",
+)
+FLAG_TARGET_RATE = Gauge(
+    "tsimcne_flag_target_rate",
+    "The false-flag rate the bundle's flag was calibrated for (what a flagged share is compared with)",
+    multiprocess_mode="mostrecent",
+)
+
+
+def set_drift(source: str, images: int, flagged_share: float | None, median_distance: float | None) -> None:
+    DRIFT_IMAGES.labels(source=source).set(images)
+    DRIFT_FLAGGED_SHARE.labels(source=source).set(math.nan if flagged_share is None else flagged_share)
+    DRIFT_MEDIAN_DISTANCE.labels(source=source).set(math.nan if median_distance is None else median_distance)
 
 
 def record_batch(placed: Sequence[PlacedImage], model_seconds: float) -> None:
@@ -96,8 +124,11 @@ REJECT_REASONS = (
 EMBED_STATUSES = ("200", "400", "401", "405", "408", "413", "415", "422", "500", "503")
 
 
-def initialise(class_names: list[str]) -> None:
-    """Create every known label set at 0, so series exist (and rate() works) before the first event."""
+def initialise(class_names: list[str], target_rate: float | None) -> None:
+    """Create every known label set at 0, so series exist (and rate() works) before the first event; the
+    drift gauges start with source "none" at no images (the journal's upkeep fills them when it is on)."""
+    FLAG_TARGET_RATE.set(math.nan if target_rate is None else target_rate)
+    set_drift("none", 0, None, None)
     for kind in (Flag.OUT_OF_DISTRIBUTION.value, Flag.ARTEFACT.value):
         IMAGES_FLAGGED.labels(kind=kind)
     for label in [*class_names, "none"]:

@@ -43,6 +43,7 @@ from serving.embed_route import ROUTE as EMBED_ROUTE
 from serving.embed_route import EmbedHandler, EmbedRoute
 from serving.guards import BearerTokenAuth, BodySizeLimit
 from serving.journal_routes import journal_router
+from serving.journal_upkeep import JournalUpkeep
 from serving.map_route import map_router
 from serving.map_wire import MapOnTheWire
 from serving.model_store import bundle_path_from_store
@@ -262,7 +263,7 @@ class MapService:
         # Where the feature index came from (the bundle's file, memory-mapped, or rebuilt) and its device.
         logger.info("neighbour index: %s", json.dumps(placer.neighbour_index))
         metrics.BUNDLE_INFO.labels(manifest.name, self.bundle_sha256, placer.provider).set(1)
-        metrics.initialise(manifest.class_names)
+        metrics.initialise(manifest.class_names, placer.calibration.target_false_flag_rate)
         reference = placer.reference
         self.reference_map = MapOnTheWire(
             manifest.name, manifest.class_names, reference.coords, reference.label_indices, reference.ids
@@ -275,8 +276,15 @@ class MapService:
         placer.warm_up()
         # The journal (when set): opened, and its schema migrated, before /readyz says yes.
         self.journal = open_journal(settings.journal, settings.journal_sync) if settings.journal else None
+        self.journal_upkeep = None
         if self.journal is not None:
             logger.info("journal: %s (schema version %d)", self.journal.describe(), self.journal.version())
+            from bentoml._internal.context import server_context
+
+            prunes = server_context.worker_index in (None, 1)  # one worker of each replica prunes
+            self.journal_upkeep = JournalUpkeep(
+                self.journal, settings.drift_refresh_s, settings.journal_retention_days, prunes
+            )
         self.embed_handler = EmbedHandler(placer, self.bundle_sha256, settings, self.journal)
 
     def __is_ready__(self) -> bool:

@@ -85,6 +85,21 @@ class ServiceSettings(BaseModel):
         "a power cut (an fsync per commit, slower)",
     )
 
+    journal_originals: bool = Field(
+        False,
+        description="also keep each uploaded file as it came (GET /placements/{id}/original); off: the image at "
+        "model size only",
+    )
+    journal_original_max_mb: float = Field(
+        16.0, gt=0, le=4096, description="largest uploaded file the journal keeps (413 above it when originals are on)"
+    )
+    journal_retention_days: float | None = Field(
+        None, gt=0, description="delete placements older than this many days (checked hourly); unset: keep all"
+    )
+    drift_refresh_s: float = Field(
+        60.0, ge=1, le=3600, description="seconds between updates of the drift gauges from the journal"
+    )
+
     @field_validator("journal")
     @classmethod
     def _journal_url(cls, value: str | None) -> str | None:

@@ -11,10 +11,12 @@ import sqlite3
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import psutil
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -22,6 +24,7 @@ from benchmarks.harness.cli import run_cli
 from benchmarks.harness.postgres import postgres_bin, start_postgres
 from benchmarks.harness.servers import start_server
 from tsimcne_core.journal import (
+    MIGRATIONS,
     SCHEMA_VERSION,
     ClientMetadata,
     JournalError,
@@ -111,8 +114,82 @@ def test_a_journal_that_cannot_be_used_is_refused_naming_it(journal_url: str) ->
         open_journal("mysql://somewhere/db")
     open_journal(journal_url).close()
     _sql(journal_url, "UPDATE journal_schema SET version = 99")
-    with pytest.raises(JournalError, match=r"cannot be opened: schema version 99 is newer than this service's 1"):
+    with pytest.raises(
+        JournalError, match=rf"cannot be opened: schema version 99 is newer than this service's {SCHEMA_VERSION}"
+    ):
         open_journal(journal_url)
+
+
+def test_drift_counts_every_row_by_day_and_source_and_prune_keeps_them_true(journal_url: str) -> None:
+    rng = np.random.default_rng(3)
+    rows = []
+    for index in range(300):
+        row = _row(f"{index}.png", rng.choice(["in_distribution", "artefact"], p=[0.9, 0.1]), rng.choice(["a", None]))
+        rows.append(replace(
+            row, time=f"2026-11-{1 + index % 3:02d}T{index % 24:02d}:00:00+00:00",
+            majority_label=rng.choice(["lymphocyte", "neutrophil", None]),
+            nearest_distance=float(rng.lognormal(0, 1)) if index % 10 else 0.0,
+        ))  # fmt: skip
+    journal = open_journal(journal_url)
+    for start in range(0, len(rows), 7):  # batches, as the service writes them
+        journal.write(rows[start : start + 7])
+
+    def expected(kept: list[JournalRow]) -> list[tuple]:
+        groups: dict[tuple, list[JournalRow]] = {}
+        for row in kept:
+            groups.setdefault((row.time[:10], row.source), []).append(row)
+        return [
+            (day, source, len(group), sum(r.flag != "in_distribution" for r in group),
+             float(np.median([r.nearest_distance for r in group])))
+            for (day, source), group in sorted(groups.items(), key=lambda item: (item[0][0], item[0][1] or ""))
+        ]  # fmt: skip
+
+    def found() -> list[tuple]:
+        return [
+            (d["day"], d["source"], d["images"], d["flagged"], d["median_nearest_distance"]) for d in journal.drift()
+        ]
+
+    for got, want in zip(found(), expected(rows), strict=True):
+        assert got[:4] == want[:4] and got[4] == pytest.approx(want[4], rel=0.026, abs=1e-9)
+    assert [d["day"] for d in journal.drift(since="2026-11-02", until="2026-11-02T23:00:00+00:00")] == [
+        "2026-11-02"
+    ] * 2
+    day = journal.drift()[0]
+    assert sum(day["labels"].values()) == pytest.approx(1) and set(day["labels"]) <= {
+        "lymphocyte",
+        "neutrophil",
+        "none",
+    }
+    assert journal.prune("2026-11-02T12:00:00+00:00") == sum(r.time < "2026-11-02T12:00:00+00:00" for r in rows)
+    kept = [r for r in rows if r.time >= "2026-11-02T12:00:00+00:00"]
+    for got, want in zip(found(), expected(kept), strict=True):
+        assert got[:4] == want[:4] and got[4] == pytest.approx(want[4], rel=0.026, abs=1e-9)
+
+
+def test_a_first_version_journal_is_migrated_keeping_its_rows(journal_url: str) -> None:
+    """A journal written by the first release (schema 1: no originals, no daily counts) opens migrated."""
+    mark, id_type, blob = ("?", "INTEGER PRIMARY KEY AUTOINCREMENT", "BLOB")
+    if journal_url.startswith("postgresql"):
+        mark, id_type, blob = ("%s", "BIGSERIAL PRIMARY KEY", "BYTEA")
+    statements = [step.format(id_type=id_type, blob=blob) for step in MIGRATIONS[1]]
+    statements += ["CREATE TABLE journal_schema (version INTEGER NOT NULL)", "INSERT INTO journal_schema VALUES (1)"]
+    for statement in statements:
+        _sql(journal_url, statement)
+    old = [replace(_row(f"{i}.png", source="a"), time=f"2026-10-0{1 + i % 2}T08:00:00+00:00") for i in range(5)]
+    names = "time, request_id, bundle_sha256, filename, image_sha256, x, y, flag, score, evidence, majority_label, "
+    names += "majority_share, neighbours, duplicate_of, source, sample_id, tags, nearest_distance, image"
+    for row in old:  # as version 1 wrote them
+        values = ", ".join(
+            "NULL" if v is None else (f"'{v}'" if isinstance(v, str) else str(v)) for v in row.values()[:18]
+        )
+        _sql(journal_url, f"INSERT INTO placements ({names}) VALUES ({values}, NULL)")
+    journal = open_journal(journal_url)
+    assert journal.version() == SCHEMA_VERSION == 2
+    assert [row["filename"] for row in journal.placements(PlacementFilter())] == [f"{i}.png" for i in range(5)]
+    assert [(d["day"], d["images"]) for d in journal.drift()] == [("2026-10-01", 3), ("2026-10-02", 2)]
+    journal.write([replace(_row("new.png"), original=b"\x89PNG original bytes")])
+    assert journal.original(6) == ("new.png", b"\x89PNG original bytes") and journal.original(1) is None
+    del mark
 
 
 def test_client_metadata_is_checked_naming_the_field() -> None:
@@ -231,7 +308,14 @@ def test_review_needs_the_token_and_drift_sums_each_day(service_bundle, tmp_path
     bundle, data = service_bundle
     cells = sorted(data.rglob("*.png"))[:6]
     token = "journal-token-0123456789abcdef"
-    args = {"bundle": str(bundle), "workers": "1", "journal": journal_url, "api_token": token}
+    old = replace(_row("old.png"), time="2020-01-01T00:00:00+00:00")
+    open_journal(journal_url).write([old])  # older than the retention: pruned when the service starts
+    args = {
+        "bundle": str(bundle), "workers": "1", "journal": journal_url, "api_token": token, "drift_refresh_s": "1",
+        "journal_originals": "true", "journal_original_max_mb": "0.05", "journal_retention_days": "30",
+    }  # fmt: skip
+    big = tmp_path / "big.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 200, 3), dtype=np.uint8)).save(big)
     running = start_server(tmp_path, args, home=tmp_path)
     bearer = {"Authorization": f"Bearer {token}"}
     try:
@@ -259,7 +343,36 @@ def test_review_needs_the_token_and_drift_sums_each_day(service_bundle, tmp_path
             assert (
                 abs(sum(day["labels"].values()) - 1) < 1e-9 and abs(sum(drift["reference_labels"].values()) - 1) < 1e-9
             )
-            metrics = client.get("/metrics", headers=bearer).text
+            too_big = client.post("/embed", files=[("images", ("big.png", big.read_bytes()))], headers=bearer)
+            assert too_big.status_code == 413, too_big.text
+            assert too_big.json()["error"].startswith(
+                "big.png: 0.1 MiB; the journal keeps uploaded files up to 0.05 MiB"
+            )
+            kept = client.get(f"/placements/{first['id']}/original", headers=bearer)
+            assert kept.status_code == 200 and kept.content == cells[0].read_bytes()
+            assert cells[0].name in kept.headers["content-disposition"]
+            assert all(
+                row["filename"] != "old.png" for row in client.get("/placements", headers=bearer).json()["placements"]
+            )
+            table = pq.read_table(
+                io.BytesIO(client.get("/placements?format=parquet&source=scope-b", headers=bearer).content)
+            )
+            assert table.column("filename").to_pylist() == [path.name for path in cells[4:]]
+            assert json.loads(table.column("neighbours")[0].as_py())[0]["index"] >= 0
+            deadline = time.monotonic() + 20
+            while True:  # the drift gauges follow the journal within drift_refresh_s
+                metrics = client.get("/metrics", headers=bearer).text
+                if 'tsimcne_drift_images{source="scope-a"} 4.0' in metrics or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+            assert (
+                'tsimcne_drift_images{source="scope-a"} 4.0' in metrics
+                and 'tsimcne_drift_images{source="scope-b"} 2.0' in metrics
+            )
+            assert (
+                "tsimcne_flag_target_rate 0.01" in metrics
+                and 'tsimcne_drift_flagged_share{source="scope-a"}' in metrics
+            )
             assert "tsimcne_journal_rows_total 6.0" in metrics and "tsimcne_journal_write_seconds_count" in metrics
     finally:
         running.stop()
@@ -267,11 +380,12 @@ def test_review_needs_the_token_and_drift_sums_each_day(service_bundle, tmp_path
 
 def test_the_journal_commands_export_count_and_prune(journal_url: str, tmp_path: Path) -> None:
     journal = open_journal(journal_url)
-    journal.write([_row(f"{i}.png", source=SQL_LOOKING if i % 2 else None) for i in range(5)])
-    _sql(journal_url, "UPDATE placements SET time = '2020-01-01T00:00:00+00:00' WHERE id <= 2")  # old rows
+    rows = [_row(f"{i}.png", source=SQL_LOOKING if i % 2 else None) for i in range(5)]
+    rows[:2] = [replace(row, time="2020-01-01T00:00:00+00:00") for row in rows[:2]]  # old rows
+    journal.write(rows)
     stats = run_cli("journal", "stats", journal_url)
     assert stats.returncode == 0, stats.stderr
-    assert "rows            5" in stats.stdout and "schema_version  1" in stats.stdout
+    assert "rows            5" in stats.stdout and f"schema_version  {SCHEMA_VERSION}" in stats.stdout
     out = tmp_path / "placements.csv"
     exported = run_cli("journal", "export", journal_url, "--out", str(out), "--source", SQL_LOOKING)
     assert exported.returncode == 0, exported.stderr
@@ -283,5 +397,6 @@ def test_the_journal_commands_export_count_and_prune(journal_url: str, tmp_path:
     pruned = run_cli("journal", "prune", journal_url, "--older-than-days", "365")
     assert pruned.returncode == 0 and "deleted 2 placements" in pruned.stdout
     assert [row["filename"] for row in journal.placements(PlacementFilter())] == ["2.png", "3.png", "4.png"]
+    assert [day["images"] for day in journal.drift()] == [2, 1]  # the pruned day's counts went with it
     wrong = run_cli("journal", "stats", "mysql://nowhere/db")
     assert wrong.returncode == 2 and "give sqlite:///PATH" in wrong.stderr and "Traceback" not in wrong.stderr

@@ -6,18 +6,24 @@ encoding on the way in; PNG when it is read) and the client's metadata (source, 
 committed before their requests are answered, so a 2xx means they are kept; a journal that cannot be
 written fails the request (the service answers 503 naming it), never a 200 without its rows.
 
-`sqlite:///PATH` is the embedded default (WAL, synchronous=FULL: a committed row survives the process being
-killed; several worker processes share the file); `postgresql://...` is for several replicas (psycopg, read
-lazily). The schema is versioned in a table of its own and migrated forward when a journal is opened.
+The uploaded file itself is kept too when the service is told to (setting journal_originals). Each write also
+adds to daily counts per source (images by label and flag, a histogram of the distance to the nearest
+reference image), so /drift reads days, not rows, at any size.
+
+`sqlite:///PATH` is the embedded default (WAL; synchronous per the journal_sync setting: a committed row
+survives the process being killed; several worker processes share the file); `postgresql://...` is for
+several replicas (psycopg, read lazily). The schema is versioned in a table of its own and migrated forward
+when a journal is opened (MIGRATIONS: every journal, new or old, goes through the same steps).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,7 +31,6 @@ from typing import Any
 
 import numpy as np
 
-SCHEMA_VERSION = 1
 MAX_TEXT = 200  # characters of source, sample_id and each tag
 MAX_TAGS = 20
 MAX_PAGE = 1000  # rows of one /placements page
@@ -36,27 +41,114 @@ COLUMNS = (
     "majority_label", "majority_share", "neighbours", "duplicate_of", "source", "sample_id", "tags",
     "nearest_distance",
 )  # fmt: skip
+ROW_COLUMNS = (*COLUMNS, "image", "image_height", "image_width", "original")  # what a new row is written with
 REVIEW_COLUMNS = ("review", "reviewer", "review_note", "reviewed_at")
 MAX_NOTE = 2000  # characters of a review's note
 JSON_COLUMNS = ("evidence", "neighbours", "tags")
-# Version 1; later versions add statements to MIGRATIONS[n] (from n - 1 to n), never edit these.
-CREATE = (
-    "CREATE TABLE IF NOT EXISTS journal_schema (version INTEGER NOT NULL)",
-    """CREATE TABLE IF NOT EXISTS placements (
-        id {id_type}, time TEXT NOT NULL, request_id TEXT NOT NULL, bundle_sha256 TEXT NOT NULL,
-        filename TEXT NOT NULL, image_sha256 TEXT NOT NULL, x DOUBLE PRECISION NOT NULL,
-        y DOUBLE PRECISION NOT NULL, flag TEXT NOT NULL, score DOUBLE PRECISION NOT NULL, evidence TEXT NOT NULL,
-        majority_label TEXT, majority_share DOUBLE PRECISION, neighbours TEXT NOT NULL, duplicate_of TEXT,
-        source TEXT, sample_id TEXT, tags TEXT NOT NULL, nearest_distance DOUBLE PRECISION,
-        review TEXT NOT NULL DEFAULT 'unreviewed', reviewer TEXT, review_note TEXT, reviewed_at TEXT,
-        image {blob}, image_height INTEGER, image_width INTEGER)""",
-    "CREATE INDEX IF NOT EXISTS placements_time ON placements (time)",
-    "CREATE INDEX IF NOT EXISTS placements_flag ON placements (flag, id)",
-    "CREATE INDEX IF NOT EXISTS placements_source ON placements (source, id)",
-    "CREATE INDEX IF NOT EXISTS placements_label ON placements (majority_label, id)",
-    "CREATE INDEX IF NOT EXISTS placements_review ON placements (review, id)",
-)
-MIGRATIONS: dict[int, tuple[str, ...]] = {}
+DISTANCE_BIN = 1.05  # drift's distance histogram: bins 5 % wide, so its median is within 2.5 % of the true one
+ZERO_BIN = -(10**6)  # the bin of a distance of 0 (an image the map already holds)
+VERSION_TABLE = "CREATE TABLE IF NOT EXISTS journal_schema (version INTEGER NOT NULL)"
+
+
+def distance_bin(distance: float) -> int:
+    """The drift histogram's bin of a distance to the nearest reference image."""
+    return ZERO_BIN if distance <= 0 else math.floor(math.log(distance) / math.log(DISTANCE_BIN))
+
+
+def bin_centre(index: int) -> float:
+    return 0.0 if index == ZERO_BIN else DISTANCE_BIN ** (index + 0.5)
+
+
+Counts = dict[tuple[str, str, str, str], int]  # (day, source, majority label, flag) -> images
+Bins = dict[tuple[str, str, int], int]  # (day, source, distance bin) -> images
+
+
+def drift_counts(rows: Iterable[tuple[str, str | None, str | None, str, float | None]]) -> tuple[Counts, Bins]:
+    """The daily counts of rows given as (time, source, majority label, flag, nearest distance); a missing
+    source or label counts as ''."""
+    counts: Counts = {}
+    bins: Bins = {}
+    for time_text, source, label, flag, distance in rows:
+        day, source = time_text[:10], source or ""
+        key = (day, source, label or "", flag)
+        counts[key] = counts.get(key, 0) + 1
+        if distance is not None:
+            where = (day, source, distance_bin(float(distance)))
+            bins[where] = bins.get(where, 0) + 1
+    return counts, bins
+
+
+def _upsert_counts(cursor: Any, mark: str, counts: Counts, bins: Bins) -> None:
+    """Add to the daily counts, in key order (transactions of several replicas lock the same rows in the same
+    order: no deadlock)."""
+    if counts:
+        cursor.executemany(
+            f"INSERT INTO drift_counts (day, source, majority_label, flag, images) VALUES ({mark}, {mark}, {mark}, "
+            f"{mark}, {mark}) ON CONFLICT (day, source, majority_label, flag) DO UPDATE SET images = "
+            "drift_counts.images + excluded.images",
+            [(*key, count) for key, count in sorted(counts.items())],
+        )
+    if bins:
+        cursor.executemany(
+            f"INSERT INTO drift_distances (day, source, bin, images) VALUES ({mark}, {mark}, {mark}, {mark}) "
+            "ON CONFLICT (day, source, bin) DO UPDATE SET images = drift_distances.images + excluded.images",
+            [(*key, count) for key, count in sorted(bins.items())],
+        )
+
+
+def binned_median(bins: Mapping[int, int]) -> float | None:
+    """The median of a distance histogram from its bins' centres (within 2.5 % of the true median): with an
+    even count split between two bins, the mean of their centres, as the median of the values would be."""
+    total = sum(bins.values())
+    if not total:
+        return None
+    ordered = sorted(bins)
+    seen = 0
+    for position, index in enumerate(ordered):
+        seen += bins[index]
+        if seen * 2 == total:
+            return (bin_centre(index) + bin_centre(ordered[position + 1])) / 2
+        if seen * 2 > total:
+            return bin_centre(index)
+    return None  # not reached
+
+
+def _backfill_drift(cursor: Any, mark: str) -> None:
+    """Version 2's daily counts for the rows a version-1 journal already holds."""
+    cursor.execute("SELECT time, source, majority_label, flag, nearest_distance FROM placements")
+    counts, bins = drift_counts(cursor.fetchall())
+    _upsert_counts(cursor, mark, counts, bins)
+
+
+# MIGRATIONS[n] takes a journal from version n - 1 to n (1 creates it); a step is an SQL statement ({id_type} and
+# {blob} filled in per database) or a function of (cursor, parameter mark). Released steps are never edited:
+# a change is a new step, so every journal, new or old, goes through the same ones.
+MIGRATIONS: dict[int, tuple[str | Callable[[Any, str], None], ...]] = {
+    1: (
+        """CREATE TABLE IF NOT EXISTS placements (
+            id {id_type}, time TEXT NOT NULL, request_id TEXT NOT NULL, bundle_sha256 TEXT NOT NULL,
+            filename TEXT NOT NULL, image_sha256 TEXT NOT NULL, x DOUBLE PRECISION NOT NULL,
+            y DOUBLE PRECISION NOT NULL, flag TEXT NOT NULL, score DOUBLE PRECISION NOT NULL, evidence TEXT NOT NULL,
+            majority_label TEXT, majority_share DOUBLE PRECISION, neighbours TEXT NOT NULL, duplicate_of TEXT,
+            source TEXT, sample_id TEXT, tags TEXT NOT NULL, nearest_distance DOUBLE PRECISION,
+            review TEXT NOT NULL DEFAULT 'unreviewed', reviewer TEXT, review_note TEXT, reviewed_at TEXT,
+            image {blob}, image_height INTEGER, image_width INTEGER)""",
+        "CREATE INDEX IF NOT EXISTS placements_time ON placements (time)",
+        "CREATE INDEX IF NOT EXISTS placements_flag ON placements (flag, id)",
+        "CREATE INDEX IF NOT EXISTS placements_source ON placements (source, id)",
+        "CREATE INDEX IF NOT EXISTS placements_label ON placements (majority_label, id)",
+        "CREATE INDEX IF NOT EXISTS placements_review ON placements (review, id)",
+    ),
+    2: (  # the uploaded file itself (setting journal_originals), and daily counts so /drift reads days, not rows
+        "ALTER TABLE placements ADD COLUMN original {blob}",
+        """CREATE TABLE drift_counts (day TEXT NOT NULL, source TEXT NOT NULL, majority_label TEXT NOT NULL,
+            flag TEXT NOT NULL, images BIGINT NOT NULL, PRIMARY KEY (day, source, majority_label, flag))""",
+        """CREATE TABLE drift_distances (day TEXT NOT NULL, source TEXT NOT NULL, bin INTEGER NOT NULL,
+            images BIGINT NOT NULL, PRIMARY KEY (day, source, bin))""",
+        _backfill_drift,
+    ),
+}
+SCHEMA_VERSION = max(MIGRATIONS)
 SELECTED = ", ".join(("id", *COLUMNS, *REVIEW_COLUMNS))
 
 
@@ -136,20 +228,21 @@ class JournalRow:
     tags: list[str]
     image: np.ndarray | None = field(default=None, repr=False)  # uint8 (H, W, 3): the model's input
     nearest_distance: float | None = None  # to the nearest reference image on the map (drift)
+    original: bytes | None = field(default=None, repr=False)  # the uploaded file (setting journal_originals)
 
     def __post_init__(self) -> None:
         if self.nearest_distance is None and self.neighbours:
             self.nearest_distance = float(self.neighbours[0]["distance"])
 
     def values(self) -> tuple:
-        """The row's column values, in COLUMNS order, then the image and its height and width."""
+        """The row's values in ROW_COLUMNS order: COLUMNS, then the image, its height and width, the original."""
         image = self.image
         pixels = (image.tobytes(), image.shape[0], image.shape[1]) if image is not None else (None, None, None)
         return (
             self.time, self.request_id, self.bundle_sha256, self.filename, self.image_sha256, self.x, self.y,
             self.flag, self.score, json.dumps(self.evidence), self.majority_label, self.majority_share,
             json.dumps(self.neighbours), self.duplicate_of, self.source, self.sample_id, json.dumps(self.tags),
-            self.nearest_distance, *pixels,
+            self.nearest_distance, *pixels, self.original,
         )  # fmt: skip
 
 
@@ -220,20 +313,20 @@ class SqlJournal:
         connection = self._connection()
         cursor = connection.cursor()
         self._lock_schema(cursor)
-        for statement in CREATE:
-            cursor.execute(statement.format(id_type=self.id_type, blob=self.blob))
+        cursor.execute(VERSION_TABLE)
         cursor.execute("SELECT version FROM journal_schema")
         found = cursor.fetchone()
         if found is None:
-            cursor.execute(f"INSERT INTO journal_schema (version) VALUES ({self.mark})", (SCHEMA_VERSION,))
-            version = SCHEMA_VERSION
-        else:
-            version = int(found[0])
+            cursor.execute(f"INSERT INTO journal_schema (version) VALUES ({self.mark})", (0,))
+        version = int(found[0]) if found is not None else 0
         if version > SCHEMA_VERSION:
             raise JournalError(f"schema version {version} is newer than this service's {SCHEMA_VERSION}")
         for target in range(version + 1, SCHEMA_VERSION + 1):
-            for statement in MIGRATIONS[target]:
-                cursor.execute(statement)
+            for step in MIGRATIONS[target]:
+                if callable(step):
+                    step(cursor, self.mark)
+                else:
+                    cursor.execute(step.format(id_type=self.id_type, blob=self.blob))
             cursor.execute(f"UPDATE journal_schema SET version = {self.mark}", (target,))
         connection.commit()
 
@@ -252,17 +345,22 @@ class SqlJournal:
     def write(self, rows: Sequence[JournalRow]) -> int:
         """All `rows` in one transaction; how many. JournalError (naming the journal) when it fails: then none
         of them is written."""
-        if not rows:
+        return self.write_values([row.values() for row in rows])
+
+    def write_values(self, values: Sequence[tuple]) -> int:
+        """`write` for rows given as their ROW_COLUMNS values (what JournalRow.values gives; the service builds
+        them directly, which costs a third)."""
+        if not values:
             return 0
         connection = self._connection()
-        names = ", ".join((*COLUMNS, "image", "image_height", "image_width"))
-        marks = ", ".join([self.mark] * (len(COLUMNS) + 3))
+        marks = ", ".join([self.mark] * len(ROW_COLUMNS))
+        insert = f"INSERT INTO placements ({', '.join(ROW_COLUMNS)}) VALUES ({marks})"
         try:
-            connection.cursor().executemany(
-                f"INSERT INTO placements ({names}) VALUES ({marks})", [r.values() for r in rows]
-            )
+            cursor = connection.cursor()
+            cursor.executemany(insert, values)
+            _upsert_counts(cursor, self.mark, *drift_counts((v[0], v[14], v[10], v[7], v[17]) for v in values))
             connection.commit()
-            return len(rows)
+            return len(values)
         except Exception as exc:
             self._recover(connection)
             raise JournalError(f"journal {self.describe()}: the placements could not be written: {exc}") from exc
@@ -290,6 +388,12 @@ class SqlJournal:
         if not found or found[0] is None:
             return None
         return np.frombuffer(bytes(found[0]), dtype=np.uint8).reshape(int(found[1]), int(found[2]), 3)
+
+    def original(self, row_id: int) -> tuple[str, bytes] | None:
+        """The uploaded file of a placement and its name, when the journal kept it (journal_originals)."""
+        found = self._read(f"SELECT filename, original FROM placements WHERE id = {self.mark}", [row_id]).fetchone()
+        self._connection().commit()
+        return (found[0], bytes(found[1])) if found and found[1] is not None else None
 
     def _read(self, sql: str, values: list[Any]) -> Any:
         connection = self._connection()
@@ -319,8 +423,28 @@ class SqlJournal:
         return self.placement(row_id)
 
     def prune(self, before: str) -> int:
-        """Delete the placements made before `before` (ISO 8601); how many went."""
-        return self._change(f"DELETE FROM placements WHERE time < {self.mark}", [before])
+        """Delete the placements made before `before` (ISO 8601) and their daily counts; how many went. The
+        day `before` falls in is counted again from the rows it keeps."""
+        connection = self._connection()
+        day = before[:10]
+        mark = self.mark
+        try:
+            cursor = connection.cursor()
+            cursor.execute(f"DELETE FROM placements WHERE time < {mark}", [before])
+            gone = int(cursor.rowcount)
+            for table in ("drift_counts", "drift_distances"):
+                cursor.execute(f"DELETE FROM {table} WHERE day <= {mark}", [day])
+            cursor.execute(
+                "SELECT time, source, majority_label, flag, nearest_distance FROM placements "
+                f"WHERE time >= {mark} AND time < {mark}",
+                [before, day + "\uffff"],
+            )
+            _upsert_counts(cursor, mark, *drift_counts(cursor.fetchall()))
+            connection.commit()
+            return gone
+        except Exception as exc:
+            self._recover(connection)
+            raise JournalError(f"journal {self.describe()}: cannot be written: {exc}") from exc
 
     def _change(self, sql: str, values: list[Any]) -> int:
         connection = self._connection()
@@ -334,35 +458,39 @@ class SqlJournal:
             raise JournalError(f"journal {self.describe()}: cannot be written: {exc}") from exc
 
     def drift(self, since: str | None = None, until: str | None = None) -> list[dict[str, Any]]:
-        """Per day (UTC) and source: images, the flagged share, the mix of majority labels and the median
-        distance to the nearest reference image; oldest day first."""
-        where = PlacementFilter(since=since, until=until)
-        clause, values = where.where(self.mark)
-        sql = "SELECT substr(time, 1, 10), source, flag, majority_label, nearest_distance FROM placements"
-        sql += f" WHERE {clause}" if clause else ""
-        cursor = self._read(sql, values)
-        groups: dict[tuple[str, str | None], dict[str, Any]] = {}
-        for day, source, flag, label, distance in cursor.fetchall():
-            group = groups.setdefault((day, source), {"images": 0, "flagged": 0, "labels": {}, "distances": []})
-            group["images"] += 1
-            group["flagged"] += flag != "in_distribution"
-            key = label if label is not None else "none"
-            group["labels"][key] = group["labels"].get(key, 0) + 1
-            if distance is not None:
-                group["distances"].append(distance)
+        """Per day (UTC) and source, from the day of `since` through the day of `until`: images, the flagged
+        share, the mix of majority labels and the median distance to the nearest reference image (from 5 %
+        bins: within 2.5 %); oldest day first. Read from the daily counts, so 30 days cost the same at any
+        number of rows."""
+        clauses, values = [], []
+        if since is not None:
+            clauses.append(f"day >= {self.mark}")
+            values.append(since[:10])
+        if until is not None:
+            clauses.append(f"day <= {self.mark}")
+            values.append(until[:10])
+        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+        counted = self._read(f"SELECT day, source, majority_label, flag, images FROM drift_counts{where}", values)
+        groups: dict[tuple[str, str], dict[str, Any]] = {}
+        for day, source, label, flag, images in counted.fetchall():
+            group = groups.setdefault((day, source), {"images": 0, "flagged": 0, "labels": {}, "bins": {}})
+            group["images"] += images
+            group["flagged"] += images if flag != "in_distribution" else 0
+            key = label or "none"
+            group["labels"][key] = group["labels"].get(key, 0) + images
+        binned = self._read(f"SELECT day, source, bin, images FROM drift_distances{where}", values)
+        for day, source, index, images in binned.fetchall():
+            if (day, source) in groups:
+                groups[(day, source)]["bins"][int(index)] = int(images)
         self._connection().commit()
         rows = []
-        for (day, source), group in sorted(groups.items(), key=lambda item: (item[0][0], item[0][1] or "")):
-            distances = sorted(group["distances"])
-            middle = len(distances) // 2
-            median = None
-            if distances:
-                median = distances[middle] if len(distances) % 2 else (distances[middle - 1] + distances[middle]) / 2
+        for (day, source), group in sorted(groups.items()):
+            images = int(group["images"])
             rows.append({
-                "day": day, "source": source, "images": group["images"], "flagged": group["flagged"],
-                "flagged_share": group["flagged"] / group["images"],
-                "labels": {label: count / group["images"] for label, count in sorted(group["labels"].items())},
-                "median_nearest_distance": median,
+                "day": day, "source": source or None, "images": images, "flagged": int(group["flagged"]),
+                "flagged_share": group["flagged"] / images,
+                "labels": {label: count / images for label, count in sorted(group["labels"].items())},
+                "median_nearest_distance": binned_median(group["bins"]),
             })  # fmt: skip
         return rows
 
