@@ -51,7 +51,11 @@ COPY serving/ serving/
 COPY training/ training/
 COPY tsimcne_map/ tsimcne_map/
 COPY tsimcne_cli/ tsimcne_cli/
-RUN pip install --no-cache-dir --no-deps .
+# /journal: where deploy/compose.yaml and the Kubernetes journal-sqlite component keep the SQLite journal
+# (TSIMCNE_JOURNAL=sqlite:////journal/journal.db on a volume); owned by the service's user, so that a new
+# Docker named volume mounted there is writable by it. Without a volume it stays on the read-only root.
+RUN pip install --no-cache-dir --no-deps . \
+    && install -d -o 10001 -g 10001 -m 0750 /journal
 COPY --from=bundle --chown=10001:10001 /out /models
 USER 10001
 EXPOSE 3000

@@ -9,6 +9,7 @@ missing the test is skipped, except under CI=true, where it fails.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -16,14 +17,14 @@ import signal
 import subprocess
 import time
 from collections import Counter
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import httpx
 import pytest
 import yaml
 
 from benchmarks.harness.servers import free_port, start_server
-from serving.settings import ENV_PREFIX, ServiceSettings
+from serving.settings import ENV_PREFIX, ServiceSettings, load_settings
 from tests.conftest import ROOT
 
 K8S = ROOT / "deploy" / "k8s"
@@ -35,7 +36,9 @@ RENDERINGS = {
     "cpu": ("overlays/cpu", []),
     "gpu": ("overlays/gpu", []),
     "lab-example": ("overlays/lab-example", []),
+    "single": ("overlays/single", []),
     "cpu+baked-bundle": ("overlays/cpu", ["baked-bundle"]),
+    "single+baked-bundle": ("overlays/single", ["baked-bundle", "ingress"]),
     "gpu+all-components": ("overlays/gpu", ["ingress", "servicemonitor", "baked-bundle"]),
 }
 
@@ -117,6 +120,15 @@ def test_optional_components_render_only_when_asked(rendered) -> None:
     baked = _one(_documents(rendered["cpu+baked-bundle"]), "Deployment")["spec"]["template"]["spec"]
     assert [v["name"] for v in baked["volumes"]] == ["tmp"]
     assert [m["mountPath"] for m in baked["containers"][0]["volumeMounts"]] == ["/tmp"]
+    # One replica with its SQLite journal: no autoscaler, the journal's claim beside the bundle's.
+    single = sorted([*common, "PersistentVolumeClaim", "PersistentVolumeClaim"])
+    assert kinds["single"] == [k for k in single if k != "HorizontalPodAutoscaler"]
+    assert kinds["single+baked-bundle"] == sorted(
+        [*(k for k in common if k != "HorizontalPodAutoscaler"), "PersistentVolumeClaim", "Ingress"]
+    )
+    baked = _one(_documents(rendered["single+baked-bundle"]), "Deployment")["spec"]["template"]["spec"]
+    assert [v["name"] for v in baked["volumes"]] == ["tmp", "journal"]  # the bundle's went, the journal's stayed
+    assert [m["mountPath"] for m in baked["containers"][0]["volumeMounts"]] == ["/tmp", "/journal"]
     for name, path in rendered.items():
         assert {doc["metadata"].get("namespace") for doc in _documents(path) if doc["kind"] != "Namespace"} == {
             "tsimcne"
@@ -128,7 +140,7 @@ def test_manifests_agree_with_the_image_and_the_service(rendered) -> None:
     port = int(re.search(r"BENTOML_PORT=(\d+)", dockerfile).group(1))
     assert re.search(r"^USER 10001$", dockerfile, flags=re.MULTILINE) and "BENTOML_HOME=/tmp/" in dockerfile
     settings = {ENV_PREFIX + name.upper() for name in ServiceSettings.model_fields}
-    for name in ("cpu", "gpu", "lab-example"):
+    for name in ("cpu", "gpu", "lab-example", "single"):
         docs = _documents(rendered[name])
         deployment = _one(docs, "Deployment")
         pod = deployment["spec"]["template"]["spec"]
@@ -144,9 +156,13 @@ def test_manifests_agree_with_the_image_and_the_service(rendered) -> None:
         assert mounts["/models"]["readOnly"] and "/tmp" in mounts  # the only writable place (BENTOML_HOME)
         assert {e["name"] for e in container["env"]} <= settings  # every variable is a setting the service knows
         assert container["resources"]["requests"]["memory"] == container["resources"]["limits"]["memory"]
-        hpa = _one(docs, "HorizontalPodAutoscaler")
-        assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
-        assert "replicas" not in deployment["spec"]  # the autoscaler owns them
+        if name == "single":  # one replica (the SQLite journal: test_the_journal_suits_the_replicas)
+            assert deployment["spec"]["replicas"] == 1
+            assert not [doc for doc in docs if doc["kind"] == "HorizontalPodAutoscaler"]
+        else:
+            hpa = _one(docs, "HorizontalPodAutoscaler")
+            assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+            assert "replicas" not in deployment["spec"]  # the autoscaler owns them
         service = _one(docs, "Service")
         labels = deployment["spec"]["template"]["metadata"]["labels"]
         assert all(labels.get(k) == v for k, v in service["spec"]["selector"].items())
@@ -173,6 +189,119 @@ def test_manifests_agree_with_the_image_and_the_service(rendered) -> None:
     assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
 
 
+def _most_replicas(docs: list[dict]) -> int:
+    """The most pods a rendering may run at once: the autoscaler's ceiling, else the Deployment's replicas."""
+    ceilings = [doc["spec"]["maxReplicas"] for doc in docs if doc["kind"] == "HorizontalPodAutoscaler"]
+    return max(ceilings) if ceilings else _one(docs, "Deployment")["spec"].get("replicas", 1)
+
+
+def test_the_journal_suits_the_replicas(rendered) -> None:
+    """Every rendering keeps a journal. SQLite only where one pod can ever open the file: one replica, no
+    autoscaler, Recreate rollouts, the file on a ReadWriteOnce claim of its own. Wherever more replicas may
+    run, PostgreSQL, its URL from a Secret the lab creates (none is shipped), with the egress it needs."""
+    kinds_of_journal = {}
+    for name, path in rendered.items():
+        docs = _documents(path)
+        deployment = _one(docs, "Deployment")
+        pod = deployment["spec"]["template"]["spec"]
+        [container] = pod["containers"]
+        [journal] = [e for e in container["env"] if e["name"] == "TSIMCNE_JOURNAL"]
+        assert not any(doc["kind"] == "Secret" for doc in docs), name  # no password in the manifests
+        if "value" in journal:
+            url = journal["value"]
+            assert load_settings(environ={"TSIMCNE_JOURNAL": url}).journal == url and url.startswith("sqlite:///")
+            kinds_of_journal[name] = "sqlite"
+            assert _most_replicas(docs) == 1, f"{name}: SQLite is for one replica"
+            assert not [doc for doc in docs if doc["kind"] == "HorizontalPodAutoscaler"], name
+            assert deployment["spec"]["strategy"] == {"type": "Recreate"}, name  # never two pods on the file
+            file = PurePosixPath(url.removeprefix("sqlite:///"))
+            assert file.is_absolute(), f"{name}: {url} (an absolute path needs four slashes)"
+            [mount] = [m for m in container["volumeMounts"] if file.parent == PurePosixPath(m["mountPath"])]
+            assert not mount.get("readOnly") and not file.is_relative_to("/tmp"), name
+            [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+            claim = volume["persistentVolumeClaim"]
+            assert not claim.get("readOnly") and claim["claimName"] != "tsimcne-bundle", name
+            [pvc] = [
+                d for d in docs if d["kind"] == "PersistentVolumeClaim" and d["metadata"]["name"] == claim["claimName"]
+            ]
+            assert pvc["spec"]["accessModes"] in (["ReadWriteOnce"], ["ReadWriteOncePod"]), name
+            assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsUser"]  # uid 10001 may write it
+        else:
+            kinds_of_journal[name] = "postgresql"
+            ref = journal["valueFrom"]["secretKeyRef"]
+            assert ref == {"name": "tsimcne-journal", "key": "url"}, name  # required: no silent journal-off
+            policy = _one(docs, "NetworkPolicy")
+            allowed = {(p["port"], p["protocol"]) for rule in policy["spec"]["egress"] for p in rule["ports"]}
+            assert allowed == {(53, "UDP"), (53, "TCP"), (5432, "TCP")}, name  # DNS and the database only
+    assert {name for name, kind in kinds_of_journal.items() if kind == "sqlite"} == {"single", "single+baked-bundle"}
+    for name in ("cpu", "gpu", "lab-example"):  # the autoscaled overlays
+        assert _most_replicas(_documents(rendered[name])) > 1 and kinds_of_journal[name] == "postgresql"
+
+
+def _volumes(service: dict) -> dict[str, str]:
+    """A compose service's short-syntax volumes: container path -> source (the source may hold ${...:?...})."""
+    found = {}
+    for volume in service.get("volumes", []):
+        source, target = re.fullmatch(r"(.+):(/[^:]*)(?::ro|:rw)?", volume).groups()
+        found[target] = source
+    return found
+
+
+def test_compose_keeps_the_journal_in_a_volume_and_offers_postgresql() -> None:
+    deploy = ROOT / "deploy"
+    compose = yaml.safe_load((deploy / "compose.yaml").read_text())
+    service = compose["services"]["tsimcne"]
+    default = re.fullmatch(r"\$\{TSIMCNE_JOURNAL:-(.+)\}", service["environment"]["TSIMCNE_JOURNAL"]).group(1)
+    sync = re.fullmatch(r"\$\{TSIMCNE_JOURNAL_SYNC:-(\w+)\}", service["environment"]["TSIMCNE_JOURNAL_SYNC"]).group(1)
+    assert load_settings(environ={"TSIMCNE_JOURNAL": default, "TSIMCNE_JOURNAL_SYNC": sync}).journal == default
+    file = PurePosixPath(default.removeprefix("sqlite:///"))
+    assert default.startswith("sqlite:///") and file.is_absolute()
+    volume = _volumes(service)[str(file.parent)]
+    assert volume in compose["volumes"], "the journal is in a named volume (kept across restarts)"
+    assert f"{file.parent}:ro" not in service["volumes"] and service["read_only"] is True
+    # A new named volume takes the owner of the image's folder: the service's user must own it.
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert re.search(rf"install -d -o 10001 -g 10001 (?:-m 07[57]0 )?{file.parent}\n", dockerfile)
+
+    postgres = compose["services"]["postgres"]
+    assert postgres["profiles"] == ["postgres"]  # only when asked for
+    assert "ports" not in postgres  # reached by the service only, on the compose network
+    password = re.fullmatch(r"\$\{(\w+):-\}", postgres["environment"]["POSTGRES_PASSWORD"])
+    assert password, "the password comes from the environment (or deploy/.env), never from the file"
+    assert str(volume) != _volumes(postgres)["/var/lib/postgresql/data"] in compose["volumes"]
+    override = yaml.safe_load((deploy / "compose.postgres.yaml").read_text())["services"]["tsimcne"]
+    url = override["environment"]["TSIMCNE_JOURNAL"]
+    user, db = postgres["environment"]["POSTGRES_USER"], postgres["environment"]["POSTGRES_DB"]
+    assert re.fullmatch(rf"postgresql://{user}:\$\{{{password.group(1)}:\?[^}}]+\}}@postgres:5432/{db}", url), url
+    assert load_settings(environ={"TSIMCNE_JOURNAL": f"postgresql://{user}:x@postgres:5432/{db}"})
+    assert override["depends_on"] == {"postgres": {"condition": "service_healthy"}} and "healthcheck" in postgres
+
+
+def test_docker_compose_accepts_both_journal_setups(tmp_path) -> None:
+    """`docker-compose config` (offline) on the SQLite default and on the PostgreSQL profile; the latter
+    refuses to run without a password."""
+    compose = shutil.which("docker-compose")
+    if compose is None:
+        pytest.skip("docker-compose not found (apt-get install docker-compose)")
+    deploy = ROOT / "deploy"
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "BUNDLE": str(tmp_path)}
+    sqlite = [compose, "-f", str(deploy / "compose.yaml"), "config"]
+    result = subprocess.run(sqlite, capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    assert services["tsimcne"]["environment"]["TSIMCNE_JOURNAL"] == "sqlite:////journal/journal.db"
+    assert services["postgres"]["profiles"] == ["postgres"]  # `config` lists it; `up` starts it only with the profile
+    postgres = [compose, "-f", str(deploy / "compose.yaml"), "-f", str(deploy / "compose.postgres.yaml")]
+    postgres += ["--profile", "postgres", "config"]
+    result = subprocess.run(postgres, capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode != 0 and "JOURNAL_DB_PASSWORD" in result.stderr
+    result = subprocess.run(postgres, capture_output=True, text=True, env={**env, "JOURNAL_DB_PASSWORD": "s3cret"})
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    assert services["postgres"]["environment"]["POSTGRES_PASSWORD"] == "s3cret"
+    assert services["tsimcne"]["environment"]["TSIMCNE_JOURNAL"] == "postgresql://tsimcne:s3cret@postgres:5432/tsimcne"
+
+
 def test_checkov_finds_no_failed_security_check(rendered, tmp_path) -> None:
     checkov = tool("checkov")
     files = [str(path) for path in rendered.values()]
@@ -196,6 +325,22 @@ def test_promtool_checks_the_config_and_unit_tests_the_alerts() -> None:
         result = run(promtool, *command, cwd=deploy)
         output = result.stdout + result.stderr
         assert result.returncode == 0 and "SUCCESS" in output, (command, output)
+
+
+def test_promtool_parses_every_dashboard_query(tmp_path) -> None:
+    """Each query of the generated dashboard is valid PromQL (as a recording rule for promtool)."""
+    promtool = tool("promtool")
+    panels = json.loads((ROOT / "deploy" / "grafana" / "tsimcne-dashboard.json").read_text())["panels"]
+    rules = [
+        {"record": f"dashboard:panel{p['id']}:{t['refId']}", "expr": t["expr"]} for p in panels for t in p["targets"]
+    ]
+    titles = " ".join(p["title"] for p in panels)
+    assert "Journal" in titles and "Drift" in titles
+    (tmp_path / "dashboard-rules.yml").write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    result = run(promtool, "check", "rules", str(tmp_path / "dashboard-rules.yml"))
+    assert result.returncode == 0 and f"SUCCESS: {len(rules)} rules found" in result.stdout, (
+        result.stdout + result.stderr
+    )
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ from pathlib import Path
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 # POST /embed is answered in front of BentoML's request middlewares and counts itself (serving/embed_route.py).
 EMBED_LATENCY = "sum by (le) (rate(tsimcne_embed_request_seconds_bucket[5m]))"
+JOURNAL_WRITE = "sum by (le) (rate(tsimcne_journal_write_seconds_bucket[5m]))"
 
 
 def panel(
@@ -124,6 +125,70 @@ PANELS = [
         32,
     ),
     panel("Bundle being served", [("tsimcne_bundle_info", "{{bundle}} {{provider}} {{sha256}}")], 12, 32, kind="table"),
+    # The journal (setting `journal`): empty when it is off.
+    panel(
+        "Journal: placed images committed per second",
+        [("sum(rate(tsimcne_journal_rows_total[5m]))", "rows/s")],
+        0,
+        40,
+        w=8,
+        unit="reqps",
+        description="Every placed image is committed before its request is answered; this follows images placed/s.",
+    ),
+    panel(
+        "Journal: write time per transaction (p50, p99)",
+        [
+            (f"histogram_quantile(0.5, {JOURNAL_WRITE})", "p50"),
+            (f"histogram_quantile(0.99, {JOURNAL_WRITE})", "p99"),
+        ],
+        8,
+        40,
+        w=8,
+        unit="s",
+        description="One transaction per model batch (group commit); /embed waits for it. A rising p99 means a "
+        "slow disk (SQLite, journal_sync=full) or a busy database (PostgreSQL).",
+    ),
+    panel(
+        "Journal: failed batches (answered 503)",
+        [("sum(increase(tsimcne_journal_failures_total[5m]))", "failed batches / 5 min")],
+        16,
+        40,
+        w=8,
+        description="Any is an outage of /embed (alert TsimcneJournalFailing): full disk, lost database, locks.",
+    ),
+    # Drift, from the journal (all replicas; every replica reports the same numbers, hence max).
+    panel(
+        "Drift: share flagged today, by source, against the calibrated rate",
+        [
+            ("max by (source) (tsimcne_drift_flagged_share)", "{{source}}"),
+            ("max(tsimcne_flag_target_rate)", "calibrated rate"),
+            ("3 * max(tsimcne_flag_target_rate)", "alert line (3x, with 200+ images)"),
+        ],
+        0,
+        48,
+        w=8,
+        unit="percentunit",
+        description="Images placed since 00:00 UTC that were flagged, per source (the client's instrument or "
+        "pipeline; none: not given). Far above the calibrated rate: the source drifted (alert "
+        "TsimcneFlagShareHigh); its flagged images are in the page's review queue, its days in GET /drift.",
+    ),
+    panel(
+        "Drift: images placed today, by source",
+        [("max by (source) (tsimcne_drift_images)", "{{source}}")],
+        8,
+        48,
+        w=8,
+        description="Since 00:00 UTC, from the journal: how much each share on the left rests on.",
+    ),
+    panel(
+        "Drift: median distance to the nearest reference image, by source",
+        [("max by (source) (tsimcne_drift_median_nearest_distance)", "{{source}}")],
+        16,
+        48,
+        w=8,
+        description="Today's images, per source: rising means they look less like the reference map (a new "
+        "stain, scanner or focus), often before the flagged share moves.",
+    ),
 ]
 
 DASHBOARD = {
