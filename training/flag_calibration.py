@@ -44,16 +44,19 @@ def calibrate_detector_and_index(
     k: int = DEFAULT_K,
     target_rate: float = 0.01,
     index_exact_limit: int | None = None,
+    pixels: PixelModel | None = None,
 ) -> tuple[CombinedCalibration, NeighbourIndex]:
     """The calibration stored in bundle.json: every scale and threshold the service needs, and the
     feature index (with its recall) that the feature distances were measured with and are served with;
     and that index itself, which export can save instead of building it again.
 
     The calibration images' features are raw (projected here with `space`); the reference's are already
-    projected (`space.project`), as an array or as rows read from a file on demand (export at 10^6)."""
+    projected (`space.project`), as an array or as rows read from a file on demand (export at 10^6).
+    pixels: the reference's pixel model when the caller has it but not the statistics it came from (a fold
+    pools the old model's moments with the folded images'); `reference_statistics` is then not read."""
     if not 0 < target_rate < 1:
         raise ValueError(f"target_rate must be between 0 and 1, got {target_rate}")
-    pixels = PixelModel.fit(reference_statistics)
+    pixels = pixels if pixels is not None else PixelModel.fit(reference_statistics)
     calibration_projected = space.project(calibration_features)
     index, index_record = plan_feature_index(
         reference_projected, calibration_projected, k, exact_limit=index_exact_limit

@@ -91,3 +91,52 @@ def prune(
     before = (datetime.now(UTC) - timedelta(days=older_than_days)).isoformat(timespec="microseconds")
     gone = open_journal(url).prune(before)
     typer.echo(f"deleted {gone:,} placements made before {before}")
+
+
+def _fold_errors(command: Any) -> Any:
+    """Bad input to `fold` (journal, bundle, data, out folder) as one `error:` line and exit code 2."""
+
+    @wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from tsimcne_core.bundle_format import BundleError
+        from tsimcne_core.errors import UserError
+        from tsimcne_core.images import ImageDecodeError
+
+        try:
+            return command(*args, **kwargs)
+        except (JournalError, UserError, BundleError, ImageDecodeError) as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+@journal_app.command()
+@_fold_errors
+def fold(
+    url: Url,
+    bundle: Annotated[Path, typer.Option(help="the bundle the journal's rows were placed with (only read)")],
+    out: Annotated[Path, typer.Option(help="the new bundle folder to create, e.g. models/NAME-2")],
+    calibration_data: Annotated[
+        str | None,
+        typer.Option(help="clean images of the collection never trained on nor folded, to calibrate the flag on"),
+    ] = None,
+    target_rate: Annotated[
+        float | None,
+        typer.Option(help="false-flag rate to calibrate to (default: the bundle's)", min=0.0001, max=0.5),
+    ] = None,
+) -> None:
+    """Write a new bundle whose reference map also holds the images reviewed as fine (or with a class name)."""
+    from training.fold import describe_skipped, fold_bundle
+
+    result = fold_bundle(url, bundle, out, calibration_data, target_rate)
+    typer.echo(
+        f"bundle written to {result.out}: {result.folded:,} journal images folded into the reference "
+        f"({result.reference_size:,} images now)"
+    )
+    if result.skipped:
+        typer.echo(f"left out: {describe_skipped(result.skipped)}")
+    calibration = result.manifest.calibration
+    interval = getattr(calibration, "false_flag_rate", None)
+    if calibration is not None and interval is not None:
+        typer.echo(interval.describe(calibration.target_false_flag_rate))
