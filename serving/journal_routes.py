@@ -26,6 +26,7 @@ from tsimcne_core.journal import (
     MAX_PAGE,
     MAX_TEXT,
     REVIEW_COLUMNS,
+    CursorGone,
     JournalError,
     PlacementFilter,
     SqlJournal,
@@ -130,12 +131,15 @@ def journal_router(
 
 
 def _use(journal: Callable[[], SqlJournal | None], read: Callable[[SqlJournal], Any]) -> Any:
-    """`read(journal)`, or the error answer: 404 saying how to turn the journal on, 503 naming it when it fails."""
+    """`read(journal)`, or the error answer: 404 saying how to turn the journal on, 400 for a cursor whose row was
+    pruned, 503 naming the journal when it fails."""
     store = journal()
     if store is None:
         return json_error(404, JOURNAL_OFF)
     try:
         return read(store)
+    except CursorGone as exc:
+        return json_error(400, str(exc))
     except JournalError as exc:
         return json_error(503, str(exc), headers={"Retry-After": "5"})
 

@@ -27,6 +27,7 @@ from tsimcne_core.journal import (
     MIGRATIONS,
     SCHEMA_VERSION,
     ClientMetadata,
+    CursorGone,
     JournalError,
     JournalRow,
     MetadataError,
@@ -162,8 +163,36 @@ def test_drift_counts_every_row_by_day_and_source_and_prune_keeps_them_true(jour
     }
     assert journal.prune("2026-11-02T12:00:00+00:00") == sum(r.time < "2026-11-02T12:00:00+00:00" for r in rows)
     kept = [r for r in rows if r.time >= "2026-11-02T12:00:00+00:00"]
+    with pytest.raises(CursorGone, match="after: placement 1 no longer exists"):
+        journal.placements(PlacementFilter(), after=1)
     for got, want in zip(found(), expected(kept), strict=True):
         assert got[:4] == want[:4] and got[4] == pytest.approx(want[4], rel=0.026, abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    "where",
+    [PlacementFilter(), PlacementFilter(flag="artefact"), PlacementFilter(source="a"), PlacementFilter(label="b"),
+     PlacementFilter(review="fine"), PlacementFilter(flagged=True), PlacementFilter(flagged=True, review="unreviewed"),
+     PlacementFilter(since="2026-01-01", flag="artefact"), PlacementFilter(since="2026-01-01"),
+     PlacementFilter(source="a", flag="artefact")],
+)  # fmt: skip
+def test_every_filtered_page_is_read_in_order_from_an_index(tmp_path: Path, where: PlacementFilter) -> None:
+    """No page sorts its matches or scans the table (what keeps a first page fast at 10^7 rows:
+    benchmarks/journal/scale.py): SQLite's plan for the page's query, with and without a cursor."""
+    journal = open_journal(f"sqlite:///{tmp_path / 'journal.db'}")
+    journal.write([_row("1.png")])
+    clause, values = where.where("?")
+    for keyset in ("", "(time, id) > (?, ?)"):
+        condition = " AND ".join(part for part in (clause, keyset) if part)
+        sql = f"SELECT * FROM placements {'WHERE ' + condition if condition else ''} ORDER BY time, id LIMIT 100"
+        arguments = [*values, *(["2026", 1] if keyset else [])]
+        plan = " | ".join(row[3] for row in _sql_plan(tmp_path / "journal.db", sql, arguments))
+        assert "INDEX placements_" in plan and "TEMP B-TREE" not in plan, plan
+
+
+def _sql_plan(path: Path, sql: str, arguments: list) -> list[tuple]:
+    with contextlib.closing(sqlite3.connect(path)) as connection:
+        return connection.execute(f"EXPLAIN QUERY PLAN {sql}", arguments).fetchall()
 
 
 def test_a_first_version_journal_is_migrated_keeping_its_rows(journal_url: str) -> None:
@@ -185,7 +214,9 @@ def test_a_first_version_journal_is_migrated_keeping_its_rows(journal_url: str) 
         _sql(journal_url, f"INSERT INTO placements ({names}) VALUES ({values}, NULL)")
     journal = open_journal(journal_url)
     assert journal.version() == SCHEMA_VERSION == 2
-    assert [row["filename"] for row in journal.placements(PlacementFilter())] == [f"{i}.png" for i in range(5)]
+    in_time_order = ["0.png", "2.png", "4.png", "1.png", "3.png"]  # by time, then id
+    assert [row["filename"] for row in journal.placements(PlacementFilter())] == in_time_order
+    assert [row["filename"] for row in journal.placements(PlacementFilter(), after=5)] == ["1.png", "3.png"]
     assert [(d["day"], d["images"]) for d in journal.drift()] == [("2026-10-01", 3), ("2026-10-02", 2)]
     journal.write([replace(_row("new.png"), original=b"\x89PNG original bytes")])
     assert journal.original(6) == ("new.png", b"\x89PNG original bytes") and journal.original(1) is None

@@ -139,8 +139,23 @@ MIGRATIONS: dict[int, tuple[str | Callable[[Any, str], None], ...]] = {
         "CREATE INDEX IF NOT EXISTS placements_label ON placements (majority_label, id)",
         "CREATE INDEX IF NOT EXISTS placements_review ON placements (review, id)",
     ),
-    2: (  # the uploaded file itself (setting journal_originals), and daily counts so /drift reads days, not rows
+    2: (  # the uploaded file itself (setting journal_originals), daily counts so /drift reads days, not rows,
+        # and pages in time order read straight from an index at any size: each filter's index ends in (time, id)
         "ALTER TABLE placements ADD COLUMN original {blob}",
+        *(f"DROP INDEX placements_{name}" for name in ("time", "flag", "source", "label", "review")),
+        "CREATE INDEX placements_time ON placements (time, id)",
+        *(
+            f"CREATE INDEX placements_{name} ON placements ({column}, time, id)"
+            for name, column in (
+                ("flag", "flag"),
+                ("source", "source"),
+                ("label", "majority_label"),
+                ("review", "review"),
+            )
+        ),
+        # the review queue and the page's flagged-only layer: a few % of the rows, so nearly free to keep
+        "CREATE INDEX placements_flagged ON placements (time, id) WHERE flag <> 'in_distribution'",
+        "CREATE INDEX placements_flagged_review ON placements (review, time, id) WHERE flag <> 'in_distribution'",
         """CREATE TABLE drift_counts (day TEXT NOT NULL, source TEXT NOT NULL, majority_label TEXT NOT NULL,
             flag TEXT NOT NULL, images BIGINT NOT NULL, PRIMARY KEY (day, source, majority_label, flag))""",
         """CREATE TABLE drift_distances (day TEXT NOT NULL, source TEXT NOT NULL, bin INTEGER NOT NULL,
@@ -154,6 +169,10 @@ SELECTED = ", ".join(("id", *COLUMNS, *REVIEW_COLUMNS))
 
 class JournalError(RuntimeError):
     """The journal could not be opened, read or written; the message names it."""
+
+
+class CursorGone(ValueError):
+    """A /placements cursor whose row is no longer in the journal."""
 
 
 class MetadataError(ValueError):
@@ -366,14 +385,21 @@ class SqlJournal:
             raise JournalError(f"journal {self.describe()}: the placements could not be written: {exc}") from exc
 
     def placements(self, where: PlacementFilter, after: int | None = None, limit: int = 100) -> list[dict[str, Any]]:
-        """Rows matching `where` with ids above `after`, oldest first, at most `limit` (<= MAX_PAGE)."""
+        """Rows matching `where`, oldest first (by time, then id), after the row with id `after` (the cursor), at
+        most `limit` (<= MAX_PAGE). Every filter has an index led by its column and then (time, id), so a page
+        is read in order from an index, at any size; CursorGone when the cursor's row was pruned meanwhile."""
         clause, values = where.where(self.mark)
         if after is not None:
-            clause = f"{clause} AND id > {self.mark}" if clause else f"id > {self.mark}"
-            values.append(after)
+            cursor = self._read(f"SELECT time FROM placements WHERE id = {self.mark}", [after]).fetchone()
+            if cursor is None:
+                self._connection().commit()
+                raise CursorGone(f"after: placement {after} no longer exists (pruned): start again without after")
+            keyset = f"(time, id) > ({self.mark}, {self.mark})"
+            clause = f"{clause} AND {keyset}" if clause else keyset
+            values += [cursor[0], after]
         sql = f"SELECT {SELECTED} FROM placements"
         sql += f" WHERE {clause}" if clause else ""
-        sql += f" ORDER BY id LIMIT {int(min(max(limit, 1), MAX_PAGE))}"
+        sql += f" ORDER BY time, id LIMIT {int(min(max(limit, 1), MAX_PAGE))}"
         return list(self._rows(sql, values))
 
     def placement(self, row_id: int) -> dict[str, Any] | None:
