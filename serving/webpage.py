@@ -3,7 +3,7 @@
 The page is plain HTML, CSS and JavaScript written for this project (serving/web/); it loads nothing
 from outside the service, so it works on a lab network with no internet. Page and assets hold no
 data and stay open when the service has a bearer token; the page asks for the token and sends it with
-every data request (GET /info, /map, /thumbnail, POST /embed), which stay protected.
+every data request (GET /info, /map, /thumbnail, the journal's routes, POST /embed), which stay protected.
 """
 
 from __future__ import annotations
@@ -24,7 +24,13 @@ from serving.http_errors import json_error
 
 WEB = resources.files("serving") / "web"
 SCRIPT = "text/javascript; charset=utf-8"
-ASSETS = {"map.js": SCRIPT, "map-data.js": SCRIPT, "map-render.js": SCRIPT, "map.css": "text/css; charset=utf-8"}
+ASSETS = {
+    "map.js": SCRIPT,
+    "map-data.js": SCRIPT,
+    "map-render.js": SCRIPT,
+    "map-journal.js": SCRIPT,
+    "map.css": "text/css; charset=utf-8",
+}
 # The page and its assets, which carry no data: part of serving/guards.py OPEN_PATHS.
 PAGE_PATHS = frozenset({"/", *(f"/ui/{name}" for name in ASSETS)})
 

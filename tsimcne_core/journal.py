@@ -35,6 +35,7 @@ MAX_TEXT = 200  # characters of source, sample_id and each tag
 MAX_TAGS = 20
 MAX_PAGE = 1000  # rows of one /placements page
 SYNC_MODES = ("normal", "full")
+WAL_PAGES = 10_000  # SQLite: the WAL's size at which a commit checkpoints it itself (see SqliteJournal)
 
 COLUMNS = (
     "time", "request_id", "bundle_sha256", "filename", "image_sha256", "x", "y", "flag", "score", "evidence",
@@ -356,6 +357,9 @@ class SqlJournal:
         except Exception:
             self._local.connection = None
 
+    def checkpoint(self) -> None:
+        """Housekeeping the database needs from time to time (SQLite: the WAL checkpoint); none here."""
+
     def version(self) -> int:
         cursor = self._connection().cursor()
         cursor.execute("SELECT version FROM journal_schema")
@@ -569,7 +573,19 @@ class SqliteJournal(SqlJournal):
         # worker being killed, but not a power cut in the next moments; FULL also waits for the disk (fsync) on
         # every commit: measured, 1-image /embed -22 % with NORMAL, -42 % with FULL (benchmarks/README.md).
         connection.execute(f"PRAGMA synchronous={self.sync.upper()}")
+        # Copying the WAL back into the database (a checkpoint, with an fsync) is left to `checkpoint`, which
+        # the service calls from a thread of its own every second, not to the commit that crosses SQLite's
+        # 1,000 pages (4 MB): that commit would hold its model batch, and the requests in it, for the fsync.
+        # 10,000 pages (40 MB) keeps the WAL bounded should nobody call it.
+        connection.execute(f"PRAGMA wal_autocheckpoint={WAL_PAGES}")
         return connection
+
+    def checkpoint(self) -> None:
+        """Copy committed pages from the WAL into the database without waiting for readers or writers."""
+        try:
+            self._connection().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except sqlite3.Error as exc:
+            raise JournalError(f"journal {self.describe()}: checkpoint failed: {exc}") from exc
 
     def _lock_schema(self, cursor: Any) -> None:
         cursor.execute("BEGIN IMMEDIATE")  # the database's one writer lock, until the migration commits

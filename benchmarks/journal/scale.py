@@ -127,6 +127,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--bundle", type=Path, default=BUNDLE)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--make-only", action="store_true", help="generate the journal, time nothing")
     args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     end = datetime(2026, 12, 1, tzinfo=UTC)
@@ -144,8 +145,12 @@ def main() -> None:
         if fresh or journal.stats()["rows"] != args.rows:
             print(f"generating {args.rows:,} rows in {journal.describe()} ...")
             made = generate(journal, args.rows, end)
+        if args.backend == "sqlite":
+            journal._connection().execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the size is the database's alone
         size = _size(journal, url)
         print(f"{args.rows:,} rows, {size / 1e9:.2f} GB: {size / args.rows:,.0f} bytes a row")
+        if args.make_only:
+            return
         with tempfile.TemporaryDirectory() as home:
             server = start_server(
                 Path(home), {"bundle": str(args.bundle), "journal": url}, home=Path(home), ready_timeout=600

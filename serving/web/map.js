@@ -4,11 +4,13 @@
 // points are drawn with WebGL where a graphics card does the work, else by the canvas 2-D renderer
 // (map-render.js), darker where points overplot; hover and drawing go through a grid built once
 // (map-data.js). Hover rings and placed markers are drawn on a second canvas above the points, so
-// they never cost a redraw of the points.
+// they never cost a redraw of the points. The service's journal (its placements, the review queue and
+// the flagged share per day) is map-journal.js.
 
 import {
   buildIndex, countBySlot, countInside, idOf, MapFormatError, nearest, readMap, UNLABELLED as NO_LABEL,
 } from "./map-data.js";
+import { Journal } from "./map-journal.js";
 import { CanvasRenderer, WebGLRenderer, hexToRgb } from "./map-render.js";
 
 const PALETTE = [
@@ -226,15 +228,23 @@ function resize() {
   scheduleDraw();
 }
 
+function centreOn(x, y) {
+  state.view.cx = x;
+  state.view.cy = y;
+  scheduleDraw();
+}
+
 function fitView() {
   const { bounds } = state.points.map;
   const margin = 24 * render.dpr;
   const spanX = bounds.maxX - bounds.minX || 1;
   const spanY = bounds.maxY - bounds.minY || 1;
-  const scale = Math.min((render.width - 2 * margin) / spanX, (render.height - 2 * margin) / spanY);
+  // The journal layer's controls sit along the bottom: the fitted map stays above them.
+  const reserve = Math.min(($("journal-layer").offsetHeight || 0) * render.dpr, render.height / 4);
+  const scale = Math.min((render.width - 2 * margin) / spanX, (render.height - 2 * margin - reserve) / spanY);
   state.view = {
     cx: (bounds.minX + bounds.maxX) / 2,
-    cy: (bounds.minY + bounds.maxY) / 2,
+    cy: (bounds.minY + bounds.maxY) / 2 - reserve / 2 / Math.max(scale, 1e-6),
     scale: Math.max(scale, 1e-6),
     fitScale: Math.max(scale, 1e-6),
   };
@@ -311,6 +321,7 @@ function drawnPoints() {
 function drawOverlay() {
   const dpr = render.dpr;
   overlay.clearRect(0, 0, render.width, render.height);
+  journal.draw(overlay, toScreen, dpr, render.width, render.height);
   if (state.hover >= 0 && state.points) {
     const { map } = state.points;
     const [sx, sy] = toScreen(map.xs[state.hover], map.ys[state.hover]);
@@ -717,6 +728,7 @@ async function placeFiles(fileList) {
   const allPlaced = placed === results.length;
   const newest = [...results].reverse().find((r) => r.placed);
   if (newest) highlight(newest);
+  if (placed) journal.refresh(); // they are in the journal now (when it is on)
   if (allPlaced) setStatus("ok", `Placed ${placed} image(s) on the map.`);
   else if (!$("status").classList.contains("error")) {
     setStatus("warn", `Placed ${placed} of ${results.length} image(s); see the panel for the others.`);
@@ -831,9 +843,15 @@ function showMap() {
   setStatus("ok", `Map loaded: ${map.count.toLocaleString("en")} reference images. Drop images on it to place them.`);
 }
 
+// The journal's layer, review queue and chart; it borrows the page's service calls and view.
+const journal = new Journal({
+  call, readError, thumbnailUrl, centreOn, redraw: () => scheduleDraw(false), info: () => state.info,
+});
+
 async function start() {
   installMapInteraction();
   installUpload();
+  journal.install();
   chooseRenderer();
   resize();
   setStatus("info", "Connecting to the service…");
@@ -841,6 +859,7 @@ async function start() {
     await waitUntilReady();
     try {
       await withToken(loadMap);
+      journal.refresh();
       break;
     } catch (error) {
       setStatus("error", `Could not load the map: ${error.message}`);
@@ -864,6 +883,7 @@ window.tsimcneMap = {
     return [sx / render.dpr, sy / render.dpr];
   },
   markers: () => state.results.map((r) => ({ n: r.n, name: r.name, flag: r.flag })),
+  journal: () => journal.testView(toScreen, render.dpr),
   zoomAt: (factor, cssX, cssY) => zoomAt(factor, cssX * render.dpr, cssY * render.dpr),
   panBy: (dx, dy) => panBy(dx * render.dpr, dy * render.dpr),
   draw,
