@@ -23,6 +23,7 @@ const FLAG_COLOURS = { in_distribution: "#2e8540", out_of_distribution: "#c2185b
 const FLAG_TEXT = { in_distribution: "in distribution", out_of_distribution: "out of distribution", artefact: "artefact" };
 const TOKEN_KEY = "tsimcne-token";
 const HOVER_RADIUS = 7; // CSS pixels
+const JOURNAL_CONTROLS = 56; // CSS pixels at the map's bottom taken by the journal layer's controls
 const THUMBNAIL_CACHE = 600;
 // ?renderer=webgl|canvas|auto (default auto: WebGL unless it is missing or a software emulation).
 const RENDERER_CHOICE = new URLSearchParams(location.search).get("renderer") || "auto";
@@ -239,8 +240,9 @@ function fitView() {
   const margin = 24 * render.dpr;
   const spanX = bounds.maxX - bounds.minX || 1;
   const spanY = bounds.maxY - bounds.minY || 1;
-  // The journal layer's controls sit along the bottom: the fitted map stays above them.
-  const reserve = Math.min(($("journal-layer").offsetHeight || 0) * render.dpr, render.height / 4);
+  // The journal layer's controls (two lines) sit along the bottom: the fitted map stays above them. A fixed
+  // height, not theirs, so that Fit always gives the same view whatever their note says.
+  const reserve = Math.min(JOURNAL_CONTROLS * render.dpr, render.height / 4);
   const scale = Math.min((render.width - 2 * margin) / spanX, (render.height - 2 * margin - reserve) / spanY);
   state.view = {
     cx: (bounds.minX + bounds.maxX) / 2,
