@@ -28,8 +28,10 @@ from tsimcne_core.journal import (
     REVIEW_COLUMNS,
     CursorGone,
     JournalError,
+    MetadataError,
     PlacementFilter,
     SqlJournal,
+    utc_time,
 )
 
 JOURNAL_OFF = "the journal is off: start the service with journal=sqlite:///PATH (or postgresql://...)"
@@ -67,6 +69,10 @@ def journal_router(
         format: Literal["json", "csv", "parquet"] = Query("json"),
     ) -> Response:
         """Placed images, oldest first, a page at a time (`next` is the cursor of the following page)."""
+        try:
+            since, until = utc_time("since", since), utc_time("until", until)
+        except MetadataError as exc:
+            return json_error(400, str(exc))
         where = PlacementFilter(since, until, flag.value if flag else None, label, source, review, flagged)
         rows = _use(journal, lambda store: store.placements(where, after, limit))
         if isinstance(rows, Response):
@@ -122,7 +128,11 @@ def journal_router(
     ) -> Response:
         """Per day and source: images, the flagged share, the label mix (beside the reference map's) and the
         median distance to the nearest reference image."""
-        days = _use(journal, lambda store: store.drift(since, until))
+        try:
+            first, last = utc_time("since", since), utc_time("until", until)
+        except MetadataError as exc:
+            return json_error(400, str(exc))
+        days = _use(journal, lambda store: store.drift(first, last))
         if isinstance(days, Response):
             return days
         return JSONResponse({"reference_labels": reference_labels(), "days": days})

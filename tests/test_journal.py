@@ -34,6 +34,7 @@ from tsimcne_core.journal import (
     PlacementFilter,
     now,
     open_journal,
+    utc_time,
 )
 
 SQL_LOOKING = "scope-2'; DROP TABLE placements; --"
@@ -163,6 +164,10 @@ def test_drift_counts_every_row_by_day_and_source_and_prune_keeps_them_true(jour
     }
     assert journal.prune("2026-11-02T12:00:00+00:00") == sum(r.time < "2026-11-02T12:00:00+00:00" for r in rows)
     kept = [r for r in rows if r.time >= "2026-11-02T12:00:00+00:00"]
+    assert utc_time("since", "2026-11-02T01:00:00Z") == utc_time("since", "2026-11-02T03:00:00+02:00")
+    assert utc_time("until", "2026-11-02") == "2026-11-02T00:00:00.000000+00:00"
+    with pytest.raises(MetadataError, match="since: 'yesterday' is not an ISO 8601 time"):
+        utc_time("since", "yesterday")
     with pytest.raises(CursorGone, match="after: placement 1 no longer exists"):
         journal.placements(PlacementFilter(), after=1)
     for got, want in zip(found(), expected(kept), strict=True):
@@ -379,6 +384,10 @@ def test_review_needs_the_token_and_drift_sums_each_day(service_bundle, tmp_path
             assert too_big.json()["error"].startswith(
                 "big.png: 0.1 MiB; the journal keeps uploaded files up to 0.05 MiB"
             )
+            bad_time = client.get("/placements", params={"since": "yesterday"}, headers=bearer)
+            assert bad_time.status_code == 400 and "since: 'yesterday' is not an ISO 8601 time" in bad_time.text
+            in_utc = client.get("/placements", params={"since": "2000-01-01T00:00:00Z", "limit": 1}, headers=bearer)
+            assert in_utc.json()["placements"][0]["id"] == first["id"]
             kept = client.get(f"/placements/{first['id']}/original", headers=bearer)
             assert kept.status_code == 200 and kept.content == cells[0].read_bytes()
             assert cells[0].name in kept.headers["content-disposition"]

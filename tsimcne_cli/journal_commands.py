@@ -12,7 +12,16 @@ from typing import Annotated, Any
 
 import typer
 
-from tsimcne_core.journal import COLUMNS, MAX_PAGE, REVIEW_COLUMNS, JournalError, PlacementFilter, open_journal
+from tsimcne_core.journal import (
+    COLUMNS,
+    MAX_PAGE,
+    REVIEW_COLUMNS,
+    JournalError,
+    MetadataError,
+    PlacementFilter,
+    open_journal,
+    utc_time,
+)
 
 journal_app = typer.Typer(help="Read, export and prune a service's journal of placed images.", no_args_is_help=True)
 Url = Annotated[str, typer.Argument(help="the journal: sqlite:///PATH or postgresql://USER:PASSWORD@HOST/DB")]
@@ -55,6 +64,11 @@ def export(
         typer.echo(f"error: {out}: the output must end in .csv or .jsonl", err=True)
         raise typer.Exit(2)
     journal = open_journal(url)
+    try:
+        since, until = utc_time("--since", since), utc_time("--until", until)
+    except MetadataError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     where = PlacementFilter(since, until, flag, None, source, review)
     names = ("id", *COLUMNS, *REVIEW_COLUMNS)
     scratch = out.with_name(out.name + ".partial")

@@ -296,6 +296,22 @@ def now() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
+def utc_time(name: str, text: str | None) -> str | None:
+    """A time a client gave (ISO 8601: a day, or a time with `Z`, an offset or none, read as UTC) in the form
+    the journal stores, so that comparing the text compares the times; MetadataError naming `name` otherwise."""
+    if text is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise MetadataError(
+            name, f"{text!r} is not an ISO 8601 time, e.g. 2026-12-01 or 2026-12-01T08:00:00Z"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).isoformat(timespec="microseconds")
+
+
 class SqlJournal:
     """The journal on a DB-API connection (one per thread); SQLite and PostgreSQL differ only in `_connect`,
     the parameter mark and the id column."""
