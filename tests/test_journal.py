@@ -166,6 +166,7 @@ def test_drift_counts_every_row_by_day_and_source_and_prune_keeps_them_true(jour
     kept = [r for r in rows if r.time >= "2026-11-02T12:00:00+00:00"]
     assert utc_time("since", "2026-11-02T01:00:00Z") == utc_time("since", "2026-11-02T03:00:00+02:00")
     assert utc_time("until", "2026-11-02") == "2026-11-02T00:00:00.000000+00:00"
+    assert utc_time("since", "2026-11-02T03:00:00 02:00") == utc_time("since", "2026-11-02T01:00Z")  # '+' unencoded
     with pytest.raises(MetadataError, match="since: 'yesterday' is not an ISO 8601 time"):
         utc_time("since", "yesterday")
     with pytest.raises(CursorGone, match="after: placement 1 no longer exists"):
@@ -179,7 +180,8 @@ def test_drift_counts_every_row_by_day_and_source_and_prune_keeps_them_true(jour
     [PlacementFilter(), PlacementFilter(flag="artefact"), PlacementFilter(source="a"), PlacementFilter(label="b"),
      PlacementFilter(review="fine"), PlacementFilter(flagged=True), PlacementFilter(flagged=True, review="unreviewed"),
      PlacementFilter(since="2026-01-01", flag="artefact"), PlacementFilter(since="2026-01-01"),
-     PlacementFilter(source="a", flag="artefact")],
+     PlacementFilter(source="a", flag="artefact"), PlacementFilter(flag="in_distribution"),
+     PlacementFilter(review="unreviewed"), PlacementFilter(flagged=False)],
 )  # fmt: skip
 def test_every_filtered_page_is_read_in_order_from_an_index(tmp_path: Path, where: PlacementFilter) -> None:
     """No page sorts its matches or scans the table (what keeps a first page fast at 10^7 rows:
