@@ -13,8 +13,8 @@ BentoML's app unchanged. What a request costs here, each thing done once:
 - the model run, the placement of the whole batch and each request's answer serialised (orjson, from the
   typed records, no re-validation) in the worker's one model thread (serving/batching.py,
   tsimcne_core/placing.py), shared by every request of a batch;
-- with a journal, the batch's rows committed in one transaction in the model thread before any of its
-  requests is answered (tsimcne_core/journal.py);
+- with a journal, the batch's rows committed by the worker's journal thread, several batches a transaction,
+  before any of its requests is answered (serving/journal_writer.py);
 - request metrics: a count and a latency per request, the placement metrics once per model run.
 The same answers (`EmbedHandler.answer`) serve the API method BentoML declares for /embed (its OpenAPI
 schema, in-process calls), so both paths place and refuse alike.
@@ -40,6 +40,7 @@ from serving import metrics
 from serving.batching import MicroBatcher
 from serving.guards import token_problem
 from serving.http_errors import error_body
+from serving.journal_writer import JournalWriter
 from serving.settings import ServiceSettings
 from serving.upload_body import BodyLimits, ClientGone, Refusal, Upload, read_uploads
 from serving.upload_decoding import DeadlineExceeded, RequestTooLarge, UploadDecoder, check_request_pixels
@@ -68,6 +69,7 @@ class _Job:
     batch: np.ndarray
     names: list[str]
     request: _RequestRecord | None = None  # what the journal keeps of the request (None: no journal)
+    kept: asyncio.Future | None = None  # settled once the journal has committed the request's rows
 
 
 @dataclass(slots=True)
@@ -89,6 +91,8 @@ class EmbedHandler:
         self.settings = settings
         self.bundle_sha256 = bundle_sha256
         self.journal = journal
+        self.writer = JournalWriter(journal) if journal is not None else None
+        self._loop: asyncio.AbstractEventLoop | None = None  # the worker's event loop, where requests wait
         self.scale = float(placer.manifest.preprocessing.divide_by)
         prep = placer.manifest.preprocessing
         self.decoder = UploadDecoder(
@@ -156,9 +160,13 @@ class EmbedHandler:
             if settings.journal_originals:
                 originals = [bytes(upload.data) for upload in uploads]
             job.request = _RequestRecord(request_id, metadata or ClientMetadata(), digests, originals)
+            self._loop = asyncio.get_running_loop()
+            job.kept = self._loop.create_future()
         try:
             async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
-                body = await self.batcher.run(job, len(job.names))  # with a journal: its rows are committed
+                body = await self.batcher.run(job, len(job.names))
+                if job.kept is not None:  # answered once the journal has committed the request's rows
+                    await job.kept
         except TimeoutError:
             raise _over_budget(settings, "the time budget ran out while the images waited for the model") from None
         except JournalError as exc:
@@ -168,9 +176,7 @@ class EmbedHandler:
 
     def _place(self, jobs: Sequence[_Job]) -> list[bytes]:
         """In the model thread: one model run and placement for all `jobs`, then each job's answer; with a
-        journal, the batch's rows in one transaction first (JournalError fails every job of the batch: none is
-        answered as placed without its rows). Writing here, not in a thread of its own, measured cheaper: a
-        hand-over to a writer thread cost more under the GIL than the insert (benchmarks/README.md, 16)."""
+        journal, the batch's rows handed to its writer (each job's `kept` settles once they are committed)."""
         batch = jobs[0].batch if len(jobs) == 1 else np.concatenate([job.batch for job in jobs])
         names = jobs[0].names if len(jobs) == 1 else [name for job in jobs for name in job.names]
         timings: dict[str, float] = {}
@@ -181,19 +187,18 @@ class EmbedHandler:
             stop = start + len(job.names)
             answers.append(self._head + orjson.dumps(placed[start:stop]) + b"}")
             start = stop
-        if self.journal is not None:  # committed before any of these requests is answered
-            started = time.perf_counter()
-            try:
-                self.journal.write_values(journal_values(jobs, placed, batch, self.bundle_sha256, self.scale))
-            except JournalError:
-                metrics.JOURNAL_FAILURES.inc()
-                raise
-            metrics.JOURNAL_WRITE_SECONDS.observe(time.perf_counter() - started)
-            metrics.JOURNAL_ROWS.inc(len(placed))
+        if self.writer is not None:  # built and committed in the journal's thread, several batches a transaction
+            self.writer.submit(
+                lambda: journal_values(jobs, placed, batch, self.bundle_sha256, self.scale),
+                [job.kept for job in jobs],
+                self._loop,
+            )
         return answers
 
     async def close(self) -> None:
         await self.batcher.close()
+        if self.writer is not None:
+            await asyncio.to_thread(self.writer.close)
 
 
 def journal_values(

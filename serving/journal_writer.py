@@ -1,0 +1,95 @@
+"""The journal's writer thread: group commit, so keeping every placed image costs the model little.
+
+The model thread hands each placed batch's rows over (a function that builds them) and goes on with the
+next batch; this thread commits everything handed over since its last commit in one transaction. A request
+is answered only once its rows are committed (its asyncio future is settled from here, once a commit, with
+one call into the event loop), so a 2xx still means they are kept. Measured against writing in the model
+thread (benchmarks/README.md, section 16): the same on SQLite, and far better on PostgreSQL, whose commit
+(a network round trip and the server's fsync) would otherwise hold the model for every batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+from serving import metrics
+from tsimcne_core.journal import JournalError, SqlJournal
+
+RowMaker = Callable[[], Sequence[tuple]]  # builds a batch's rows (tsimcne_core.journal.ROW_COLUMNS values)
+
+
+class JournalWriter:
+    """One thread per worker. `submit(make_rows, waiters, loop)`: `waiters` (asyncio futures of `loop`) get
+    None once those rows are committed, or the JournalError that failed their transaction (none of its rows
+    is kept then)."""
+
+    def __init__(self, journal: SqlJournal) -> None:
+        self.journal = journal
+        self._queue: queue.SimpleQueue[tuple[RowMaker, list[asyncio.Future], asyncio.AbstractEventLoop] | None]
+        self._queue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="journal", daemon=True)
+        self._thread.start()
+
+    def submit(self, make_rows: RowMaker, waiters: list[asyncio.Future], loop: asyncio.AbstractEventLoop) -> None:
+        self._queue.put((make_rows, waiters, loop))
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            pending = [item]
+            while True:  # everything handed over meanwhile goes into the same transaction
+                try:
+                    following = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if following is None:
+                    self._commit(pending)
+                    return
+                pending.append(following)
+            self._commit(pending)
+
+    def _commit(self, pending: list[tuple[RowMaker, list[asyncio.Future], asyncio.AbstractEventLoop]]) -> None:
+        rows: list[tuple] = []
+        settled: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future, BaseException | None]]] = {}
+        built = []
+        for make_rows, waiters, loop in pending:
+            try:
+                rows += make_rows()
+                built.append((waiters, loop))
+            except Exception as exc:  # a fault of ours building one batch's rows fails that batch alone
+                settled.setdefault(loop, []).extend((waiter, exc) for waiter in waiters)
+        failure: JournalError | None = None
+        if built:
+            started = time.perf_counter()
+            try:
+                self.journal.write_values(rows)
+                metrics.JOURNAL_WRITE_SECONDS.observe(time.perf_counter() - started)
+                metrics.JOURNAL_ROWS.inc(len(rows))
+            except JournalError as exc:
+                metrics.JOURNAL_FAILURES.inc(len(built))
+                failure = exc
+        for waiters, loop in built:
+            settled.setdefault(loop, []).extend((waiter, failure) for waiter in waiters)
+        for loop, outcomes in settled.items():
+            loop.call_soon_threadsafe(_settle, outcomes)
+
+
+def _settle(outcomes: list[tuple[asyncio.Future, BaseException | None]]) -> None:
+    """In the event loop: each request learns its rows' fate (a request that gave up meanwhile is skipped)."""
+    for waiter, failure in outcomes:
+        if waiter.done():
+            continue
+        if failure is None:
+            waiter.set_result(None)
+        else:
+            waiter.set_exception(failure)
