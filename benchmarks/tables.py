@@ -18,11 +18,12 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from benchmarks.journal.scale import report_table as journal_scale_table
 from benchmarks.results import RESULTS
 from benchmarks.serve.hot_path import report_table
 
 README = Path(__file__).resolve().parent / "README.md"
-RENDERERS: dict[str, Callable[[dict], str]] = {"serve-hot-path": report_table}
+RENDERERS: dict[str, Callable[[dict], str]] = {"serve-hot-path": report_table, "journal-scale": journal_scale_table}
 BLOCK = re.compile(r"(<!-- results: (?P<file>[\w.-]+) -->\n)(?P<body>.*?)(\n<!-- /results -->)", re.S)
 
 

@@ -41,8 +41,9 @@ class Postgres:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def start_postgres() -> Postgres:
-    """A new cluster on a free loopback port; RuntimeError saying how to install PostgreSQL when it is missing."""
+def start_postgres(settings: dict[str, str] | None = None) -> Postgres:
+    """A new cluster on a free loopback port, with server `settings` (e.g. shared_buffers) beside the defaults;
+    RuntimeError saying how to install PostgreSQL when it is missing."""
     programs = postgres_bin()
     if programs is None:
         raise RuntimeError("PostgreSQL not found: apt-get install postgresql (scripts/test does it as root)")
@@ -60,6 +61,7 @@ def start_postgres() -> Postgres:
 
     run(str(programs / "initdb"), "-D", str(folder / "data"), "--auth=trust", "-U", "postgres", "--no-sync")
     options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1"
+    options += "".join(f" -c {name}={value}" for name, value in (settings or {}).items())
     run(
         str(programs / "pg_ctl"),
         "-D",

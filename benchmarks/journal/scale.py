@@ -36,6 +36,7 @@ SOURCES = ["scope-1"] * 10 + ["scope-2"] * 5 + ["scope-3"] * 3 + ["scope-4", "sc
 RARE_SOURCE = "scope-rare"  # one row in 50,000
 LABELS = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet"]
 CHUNK = 20_000
+POSTGRES_SETTINGS = {"shared_buffers": "4GB", "max_wal_size": "8GB", "checkpoint_timeout": "15min"}
 DAYS = 30
 
 
@@ -95,7 +96,7 @@ QUERIES = {
 
 def time_queries(url: str, rows: int, end: datetime, repeat: int) -> list[dict]:
     values = {
-        "last_day": (end - timedelta(days=1)).isoformat(),
+        "last_day": (end - timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "month_ago": (end - timedelta(days=DAYS)).date().isoformat(),
         "middle": rows // 2,
     }
@@ -137,7 +138,8 @@ def main() -> None:
         url = f"sqlite:///{path}"
         fresh = not path.exists()
     else:
-        postgres = start_postgres()
+        # a server sized for a 40 GB table on this machine (the defaults' 128 MB of buffers are a laptop's)
+        postgres = start_postgres(POSTGRES_SETTINGS)
         url, fresh = postgres.url, True
     try:
         journal = open_journal(url)
@@ -163,11 +165,31 @@ def main() -> None:
         if postgres is not None:
             postgres.stop()
     payload = {
+        "postgres_settings": POSTGRES_SETTINGS if args.backend == "postgresql" else None,
         "backend": args.backend, "rows": args.rows, "days": DAYS, "database_bytes": size,
-        "bytes_per_row": size / args.rows, "generation_seconds": made, "queries": queries,
+        "bytes_per_row": size / args.rows, "generation_seconds": made, "repeat": args.repeat, "queries": queries,
     }  # fmt: skip
     out = args.out or WORK / f"journal-scale-{args.backend}-{args.rows}.json"
     print(f"wrote {record(payload, out, packages=('bentoml', 'psycopg'))}")
+
+
+def report_table(report: dict) -> str:
+    """The result as benchmarks/README.md shows it (benchmarks/tables.py draws it from the file)."""
+    machine = report["machine"]
+    lines = [
+        f"Measured {report['started']} - {report['finished']} on {machine['cpu']}, {machine['usable_cores']} usable "
+        f"cores, {machine['memory_gib']} GiB; `{report['command']}`; {report['backend']}, {report['rows']:,} rows "
+        f"over {report['days']} days, {report['database_bytes'] / 1e9:.1f} GB: **{report['bytes_per_row']:,.0f} "
+        f"bytes a row**; each query {report.get('repeat', 10)} times after a warm-up, from the client.",
+        "",
+        "| query | rows answered | median ms | worst ms |",
+        "|---|---|---|---|",
+    ]
+    for query in report["queries"]:
+        lines.append(
+            f"| {query['query']} | {query['rows_answered']:,} | {query['median_ms']:.1f} | {query['max_ms']:.1f} |"
+        )
+    return "\n".join(lines)
 
 
 def _size(journal: SqlJournal, url: str) -> int:

@@ -1,0 +1,78 @@
+"""Where a journal commit's time goes (SQLite, issue 26): taking the write lock, the multi-row INSERT, the
+daily counts, the commit (the WAL write) and the checkpoint (copying the WAL into the database, with its
+fsync), per model batch of `--batch` rows like the service's, timed in one process.
+
+    .venv/bin/python -m benchmarks.journal.write_cost            # batches of 1, 4 and 16 rows
+
+Rows as the service writes them for a 28 px bundle (tsimcne_core/journal.py `write_values`); a checkpoint
+every 50 batches (about what the service's one-second checkpoint sees at 2,000 rows/s). Run it alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import numpy as np
+
+from tsimcne_core import journal as journal_module
+from tsimcne_core.journal import ROW_COLUMNS, drift_counts, insert_rows, now, open_journal
+
+NEIGHBOURS = '[{"id":"pbc/lymphocyte/LY_123456.jpg","index":12345,"label":"lymphocyte","distance":0.12345678901}]'
+
+
+def row(index: int, image: bytes) -> tuple:
+    flag = "artefact" if index % 50 == 0 else "in_distribution"
+    return (
+        now(), "0123456789abcdef0123456789abcdef", "a" * 64, f"cell-{index}.png", "b" * 64, 1.0, 2.0, flag, 0.3,
+        '{"features":0.2,"pixels":0.1,"position":0.3}', "lymphocyte", 0.8, NEIGHBOURS * 5, None, f"scope-{index % 5}",
+        None, "[]", 0.1, image, 28, 28, None,
+    )  # fmt: skip
+
+
+def measure(batch: int, batches: int, checkpoint_every: int = 50) -> dict[str, float]:
+    """Microseconds a row for each step, over `batches` commits after 300 to warm up."""
+    image = np.random.default_rng(0).integers(0, 256, 28 * 28 * 3, dtype=np.uint8).tobytes()
+    with tempfile.TemporaryDirectory() as folder:
+        journal = open_journal(f"sqlite:///{folder}/journal.db")
+        connection = journal._connection()
+        rows = [row(i, image) for i in range(batch)]
+        for _ in range(300):
+            journal.write_values(rows)
+        steps = dict.fromkeys(("lock", "insert", "counts", "commit", "checkpoint"), 0.0)
+        for number in range(batches):
+            marks = [time.perf_counter()]
+            journal._begin_write(connection)
+            marks.append(time.perf_counter())
+            cursor = connection.cursor()
+            insert_rows(cursor, "?", "placements", ROW_COLUMNS, rows)
+            marks.append(time.perf_counter())
+            counted = drift_counts((v[0], v[14], v[10], v[7], v[17]) for v in rows)
+            journal_module._upsert_counts(cursor, "?", *counted)
+            marks.append(time.perf_counter())
+            connection.commit()
+            marks.append(time.perf_counter())
+            if number % checkpoint_every == 0:
+                journal.checkpoint()
+            marks.append(time.perf_counter())
+            for name, start, stop in zip(steps, marks[:-1], marks[1:], strict=True):
+                steps[name] += stop - start
+        journal.close()
+    return {name: 1e6 * seconds / (batches * batch) for name, seconds in steps.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", type=int, default=2000)
+    args = parser.parse_args()
+    print("| rows a commit | lock | insert | counts | commit | checkpoint | all, µs a row |")
+    print("|---|---|---|---|---|---|---|")
+    for batch in (1, 4, 16):
+        cost = measure(batch, max(args.batches // batch, 100))
+        cells = " | ".join(f"{value:.1f}" for value in cost.values())
+        print(f"| {batch} | {cells} | **{sum(cost.values()):.1f}** |")
+
+
+if __name__ == "__main__":
+    main()
