@@ -44,8 +44,9 @@ from serving.journal_writer import JournalWriter
 from serving.settings import ServiceSettings
 from serving.upload_body import BodyLimits, ClientGone, Refusal, Upload, read_uploads
 from serving.upload_decoding import DeadlineExceeded, RequestTooLarge, UploadDecoder, check_request_pixels
-from tsimcne_core.journal import ClientMetadata, JournalError, MetadataError, SqlJournal
+from tsimcne_core.journal import JournalError, SqlJournal
 from tsimcne_core.journal import now as journal_now
+from tsimcne_core.journal_input import ClientMetadata, MetadataError
 from tsimcne_core.placing import Placer
 
 ROUTE = "/embed"

@@ -22,17 +22,14 @@ from tsimcne_core.flag import Flag
 from tsimcne_core.journal import (
     COLUMNS,
     JSON_COLUMNS,
-    MAX_NOTE,
     MAX_PAGE,
-    MAX_TEXT,
     REVIEW_COLUMNS,
     CursorGone,
     JournalError,
-    MetadataError,
     PlacementFilter,
     SqlJournal,
-    utc_time,
 )
+from tsimcne_core.journal_input import MAX_NOTE, MAX_TEXT, MetadataError, utc_time
 
 JOURNAL_OFF = "the journal is off: start the service with journal=sqlite:///PATH (or postgresql://...)"
 

@@ -26,16 +26,14 @@ from benchmarks.harness.servers import start_server
 from tsimcne_core.journal import (
     MIGRATIONS,
     SCHEMA_VERSION,
-    ClientMetadata,
     CursorGone,
     JournalError,
     JournalRow,
-    MetadataError,
     PlacementFilter,
     now,
     open_journal,
-    utc_time,
 )
+from tsimcne_core.journal_input import ClientMetadata, MetadataError, utc_time
 
 SQL_LOOKING = "scope-2'; DROP TABLE placements; --"
 BACKENDS = ["sqlite", "postgresql"]

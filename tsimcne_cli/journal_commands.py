@@ -17,11 +17,10 @@ from tsimcne_core.journal import (
     MAX_PAGE,
     REVIEW_COLUMNS,
     JournalError,
-    MetadataError,
     PlacementFilter,
     open_journal,
-    utc_time,
 )
+from tsimcne_core.journal_input import MetadataError, utc_time
 
 journal_app = typer.Typer(help="Read, export and prune a service's journal of placed images.", no_args_is_help=True)
 Url = Annotated[str, typer.Argument(help="the journal: sqlite:///PATH or postgresql://USER:PASSWORD@HOST/DB")]

@@ -7,8 +7,8 @@ committed before their requests are answered, so a 2xx means they are kept; a jo
 written fails the request (the service answers 503 naming it), never a 200 without its rows.
 
 The uploaded file itself is kept too when the service is told to (setting journal_originals). Each write also
-adds to daily counts per source (images by label and flag, a histogram of the distance to the nearest
-reference image), so /drift reads days, not rows, at any size.
+adds to the daily counts (tsimcne_core/journal_drift.py), so /drift reads days, not rows, at any size; what
+clients send is checked in tsimcne_core/journal_input.py.
 
 `sqlite:///PATH` is the embedded default (WAL; synchronous per the journal_sync setting: a committed row
 survives the process being killed; several worker processes share the file); `postgresql://...` is for
@@ -19,11 +19,10 @@ when a journal is opened (MIGRATIONS: every journal, new or old, goes through th
 from __future__ import annotations
 
 import json
-import math
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-MAX_TEXT = 200  # characters of source, sample_id and each tag
-MAX_TAGS = 20
+from tsimcne_core.journal_drift import binned_median, drift_counts, upsert_counts
+
 MAX_PAGE = 1000  # rows of one /placements page
 SYNC_MODES = ("normal", "full")
 LOCK_WAIT_S = 30.0  # SQLite: how long a write waits for another worker's lock before it fails
@@ -45,41 +44,10 @@ COLUMNS = (
 )  # fmt: skip
 ROW_COLUMNS = (*COLUMNS, "image", "image_height", "image_width", "original")  # what a new row is written with
 REVIEW_COLUMNS = ("review", "reviewer", "review_note", "reviewed_at")
-MAX_NOTE = 2000  # characters of a review's note
 JSON_COLUMNS = ("evidence", "neighbours", "tags")
-DISTANCE_BIN = 1.05  # drift's distance histogram: bins 5 % wide, so its median is within 2.5 % of the true one
-ZERO_BIN = -(10**6)  # the bin of a distance of 0 (an image the map already holds)
 FLAGGED = "flag <> 'in_distribution'"
 REVIEWED = "review <> 'unreviewed'"
 VERSION_TABLE = "CREATE TABLE IF NOT EXISTS journal_schema (version INTEGER NOT NULL)"
-
-
-def distance_bin(distance: float) -> int:
-    """The drift histogram's bin of a distance to the nearest reference image."""
-    return ZERO_BIN if distance <= 0 else math.floor(math.log(distance) / math.log(DISTANCE_BIN))
-
-
-def bin_centre(index: int) -> float:
-    return 0.0 if index == ZERO_BIN else DISTANCE_BIN ** (index + 0.5)
-
-
-Counts = dict[tuple[str, str, str, str], int]  # (day, source, majority label, flag) -> images
-Bins = dict[tuple[str, str, int], int]  # (day, source, distance bin) -> images
-
-
-def drift_counts(rows: Iterable[tuple[str, str | None, str | None, str, float | None]]) -> tuple[Counts, Bins]:
-    """The daily counts of rows given as (time, source, majority label, flag, nearest distance); a missing
-    source or label counts as ''."""
-    counts: Counts = {}
-    bins: Bins = {}
-    for time_text, source, label, flag, distance in rows:
-        day, source = time_text[:10], source or ""
-        key = (day, source, label or "", flag)
-        counts[key] = counts.get(key, 0) + 1
-        if distance is not None:
-            where = (day, source, distance_bin(float(distance)))
-            bins[where] = bins.get(where, 0) + 1
-    return counts, bins
 
 
 def insert_rows(
@@ -94,42 +62,11 @@ def insert_rows(
         cursor.execute(sql, [value for row in chunk for value in row])
 
 
-def _upsert_counts(cursor: Any, mark: str, counts: Counts, bins: Bins) -> None:
-    """Add to the daily counts, in key order (transactions of several replicas lock the same rows in the same
-    order: no deadlock)."""
-    if counts:
-        keys = ("day", "source", "majority_label", "flag")
-        rows = [(*key, count) for key, count in sorted(counts.items())]
-        tail = f" ON CONFLICT ({', '.join(keys)}) DO UPDATE SET images = drift_counts.images + excluded.images"
-        insert_rows(cursor, mark, "drift_counts", (*keys, "images"), rows, tail)
-    if bins:
-        rows = [(*key, count) for key, count in sorted(bins.items())]
-        tail = " ON CONFLICT (day, source, bin) DO UPDATE SET images = drift_distances.images + excluded.images"
-        insert_rows(cursor, mark, "drift_distances", ("day", "source", "bin", "images"), rows, tail)
-
-
-def binned_median(bins: Mapping[int, int]) -> float | None:
-    """The median of a distance histogram from its bins' centres (within 2.5 % of the true median): with an
-    even count split between two bins, the mean of their centres, as the median of the values would be."""
-    total = sum(bins.values())
-    if not total:
-        return None
-    ordered = sorted(bins)
-    seen = 0
-    for position, index in enumerate(ordered):
-        seen += bins[index]
-        if seen * 2 == total:
-            return (bin_centre(index) + bin_centre(ordered[position + 1])) / 2
-        if seen * 2 > total:
-            return bin_centre(index)
-    return None  # not reached
-
-
 def _backfill_drift(cursor: Any, mark: str) -> None:
     """Version 2's daily counts for the rows a version-1 journal already holds."""
     cursor.execute("SELECT time, source, majority_label, flag, nearest_distance FROM placements")
     counts, bins = drift_counts(cursor.fetchall())
-    _upsert_counts(cursor, mark, counts, bins)
+    upsert_counts(cursor, mark, counts, bins, insert_rows)
 
 
 # MIGRATIONS[n] takes a journal from version n - 1 to n (1 creates it); a step is an SQL statement ({id_type} and
@@ -182,55 +119,6 @@ class JournalError(RuntimeError):
 
 class CursorGone(ValueError):
     """A /placements cursor whose row is no longer in the journal."""
-
-
-class MetadataError(ValueError):
-    """Client metadata that is refused: `field` names it, `too_large` tells 413 from 400."""
-
-    def __init__(self, field_name: str, message: str, too_large: bool = False) -> None:
-        super().__init__(f"{field_name}: {message}")
-        self.field = field_name
-        self.too_large = too_large
-
-
-@dataclass(frozen=True, slots=True)
-class ClientMetadata:
-    """What a client may send with its images (query parameters of POST /embed)."""
-
-    source: str | None = None  # the instrument or pipeline
-    sample_id: str | None = None
-    tags: tuple[str, ...] = ()
-
-    @classmethod
-    def parse(cls, values: Mapping[str, Sequence[str]]) -> ClientMetadata:
-        """From parsed query parameters; refuses repeated or unknown-shaped values naming the field."""
-        source = _one_text(values, "source")
-        sample_id = _one_text(values, "sample_id")
-        tags: list[str] = []
-        for value in values.get("tags", ()):
-            tags += [tag.strip() for tag in value.split(",") if tag.strip()]
-        if len(tags) > MAX_TAGS:
-            raise MetadataError("tags", f"{len(tags)} tags; at most {MAX_TAGS}", too_large=True)
-        for tag in tags:
-            _check_text("tags", tag)
-        return cls(source, sample_id, tuple(tags))
-
-
-def _one_text(values: Mapping[str, Sequence[str]], name: str) -> str | None:
-    given = values.get(name, ())
-    if len(given) > 1:
-        raise MetadataError(name, "given more than once")
-    if not given or given[0] == "":
-        return None
-    _check_text(name, given[0])
-    return given[0]
-
-
-def _check_text(name: str, text: str) -> None:
-    if len(text) > MAX_TEXT:
-        raise MetadataError(name, f"{len(text)} characters; at most {MAX_TEXT}", too_large=True)
-    if any(ord(char) < 32 or ord(char) == 127 for char in text):
-        raise MetadataError(name, "control characters are not allowed")
 
 
 @dataclass(slots=True)
@@ -307,24 +195,6 @@ class PlacementFilter:
 
 def now() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds")
-
-
-def utc_time(name: str, text: str | None) -> str | None:
-    """A time a client gave (ISO 8601: a day, or a time with `Z`, an offset or none, read as UTC) in the form
-    the journal stores, so that comparing the text compares the times; MetadataError naming `name` otherwise."""
-    if text is None:
-        return None
-    if len(text) > 6 and text[-6] == " " and text[-3] == ":":  # "+01:00" sent unencoded: '+' arrives as ' '
-        text = text[:-6] + "+" + text[-5:]
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise MetadataError(
-            name, f"{text!r} is not an ISO 8601 time, e.g. 2026-12-01 or 2026-12-01T08:00:00Z"
-        ) from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).isoformat(timespec="microseconds")
 
 
 class SqlJournal:
@@ -414,7 +284,9 @@ class SqlJournal:
             self._begin_write(connection)
             cursor = connection.cursor()
             insert_rows(cursor, self.mark, "placements", ROW_COLUMNS, values)
-            _upsert_counts(cursor, self.mark, *drift_counts((v[0], v[14], v[10], v[7], v[17]) for v in values))
+            upsert_counts(
+                cursor, self.mark, *drift_counts((v[0], v[14], v[10], v[7], v[17]) for v in values), insert_rows
+            )
             connection.commit()
             return len(values)
         except Exception as exc:
@@ -503,7 +375,7 @@ class SqlJournal:
                 f"WHERE time >= {mark} AND time < {mark}",
                 [before, day + "\uffff"],
             )
-            _upsert_counts(cursor, mark, *drift_counts(cursor.fetchall()))
+            upsert_counts(cursor, mark, *drift_counts(cursor.fetchall()), insert_rows)
             connection.commit()
             return gone
         except Exception as exc:

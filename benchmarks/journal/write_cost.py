@@ -16,8 +16,8 @@ import time
 
 import numpy as np
 
-from tsimcne_core import journal as journal_module
-from tsimcne_core.journal import ROW_COLUMNS, drift_counts, insert_rows, now, open_journal
+from tsimcne_core.journal import ROW_COLUMNS, insert_rows, now, open_journal
+from tsimcne_core.journal_drift import drift_counts, upsert_counts
 
 NEIGHBOURS = '[{"id":"pbc/lymphocyte/LY_123456.jpg","index":12345,"label":"lymphocyte","distance":0.12345678901}]'
 
@@ -49,7 +49,7 @@ def measure(batch: int, batches: int, checkpoint_every: int = 50) -> dict[str, f
             insert_rows(cursor, "?", "placements", ROW_COLUMNS, rows)
             marks.append(time.perf_counter())
             counted = drift_counts((v[0], v[14], v[10], v[7], v[17]) for v in rows)
-            journal_module._upsert_counts(cursor, "?", *counted)
+            upsert_counts(cursor, "?", *counted, insert_rows)
             marks.append(time.perf_counter())
             connection.commit()
             marks.append(time.perf_counter())
