@@ -58,7 +58,9 @@ def journal_router(
         until: str | None = Query(None, description="before this time (ISO 8601, UTC)"),
         flag: Flag | None = Query(None),  # noqa: B008
         label: str | None = Query(None, description="majority label among the neighbours"),
-        source: str | None = Query(None, description="the client's source (instrument or pipeline)"),
+        source: str | None = Query(
+            None, description="the client's source (instrument or pipeline); empty: images sent without one"
+        ),
         review: str | None = Query(None, description="review state: unreviewed, fine, artefact or a label"),
         flagged: bool | None = Query(None, description="true: flagged images only (either kind); false: unflagged"),
         after: int | None = Query(None, ge=0, description="the cursor: the `next` of the previous page"),

@@ -151,6 +151,10 @@ def test_drift_counts_every_row_by_day_and_source_and_prune_keeps_them_true(jour
 
     for got, want in zip(found(), expected(rows), strict=True):
         assert got[:4] == want[:4] and got[4] == pytest.approx(want[4], rel=0.026, abs=1e-9)
+    sourceless = journal.placements(PlacementFilter(source=""), limit=1000)
+    assert [r["filename"] for r in sourceless] == [
+        r.filename for r in sorted(rows, key=lambda r: r.time) if r.source is None
+    ]
     assert [d["day"] for d in journal.drift(since="2026-11-02", until="2026-11-02T23:00:00+00:00")] == [
         "2026-11-02"
     ] * 2
@@ -160,7 +164,8 @@ def test_drift_counts_every_row_by_day_and_source_and_prune_keeps_them_true(jour
         "neutrophil",
         "none",
     }
-    assert journal.prune("2026-11-02T12:00:00+00:00") == sum(r.time < "2026-11-02T12:00:00+00:00" for r in rows)
+    pruned = journal.prune("2026-11-02T12:00:00+00:00", chunk=7)  # several transactions of 7 rows
+    assert pruned == sum(r.time < "2026-11-02T12:00:00+00:00" for r in rows)
     kept = [r for r in rows if r.time >= "2026-11-02T12:00:00+00:00"]
     assert utc_time("since", "2026-11-02T01:00:00Z") == utc_time("since", "2026-11-02T03:00:00+02:00")
     assert utc_time("until", "2026-11-02") == "2026-11-02T00:00:00.000000+00:00"
@@ -179,7 +184,7 @@ def test_drift_counts_every_row_by_day_and_source_and_prune_keeps_them_true(jour
      PlacementFilter(review="fine"), PlacementFilter(flagged=True), PlacementFilter(flagged=True, review="unreviewed"),
      PlacementFilter(since="2026-01-01", flag="artefact"), PlacementFilter(since="2026-01-01"),
      PlacementFilter(source="a", flag="artefact"), PlacementFilter(flag="in_distribution"),
-     PlacementFilter(review="unreviewed"), PlacementFilter(flagged=False)],
+     PlacementFilter(review="unreviewed"), PlacementFilter(flagged=False), PlacementFilter(source="")],
 )  # fmt: skip
 def test_every_filtered_page_is_read_in_order_from_an_index(tmp_path: Path, where: PlacementFilter) -> None:
     """No page sorts its matches or scans the table (what keeps a first page fast at 10^7 rows:

@@ -61,7 +61,7 @@ def _dated(server: Server, row: dict, when: str) -> JournalRow:
 
 
 def fill_journal(server: Server, url: str, data: Path, per_class: int = 1, days: int = 3) -> list[dict]:
-    """Place training images of every class (sources scope-a and scope-b) and three images no cell looks
+    """Place training images of every class (sources scope-a, scope-b or none) and three images no cell looks
     like (blank, noise, black: flagged), shuffled, through POST /embed; then write copies of the first
     two thirds into the journal dated back by whole days (as if placed then), as the service writes rows.
     Returns GET /placements' rows."""
@@ -75,11 +75,12 @@ def fill_journal(server: Server, url: str, data: Path, per_class: int = 1, days:
     uploads = [(name, _png(pixels), "scope-a", None) for name, pixels in odd.items()]
     for k, folder in enumerate(sorted(p for p in data.iterdir() if p.is_dir())):
         for j, path in enumerate(sorted(folder.glob("*.png"))[:per_class]):
-            uploads.append((path.name, path.read_bytes(), "scope-a" if (k + j) % 2 else "scope-b", f"S{k}-{j}"))
+            source = None if k % 3 == 2 else ("scope-a" if (k + j) % 2 else "scope-b")  # some sent without one
+            uploads.append((path.name, path.read_bytes(), source, f"S{k}-{j}"))
     with server.client() as client:
         for n in rng.permutation(len(uploads)):
             name, content, source, sample = uploads[n]
-            params = {"source": source} | ({"sample_id": sample} if sample else {})
+            params = ({"source": source} if source else {}) | ({"sample_id": sample} if sample else {})
             reply = client.post("/embed", params=params, files=[("images", (name, content))])
             assert reply.status_code == 200, reply.text
         rows = client.get("/placements", params={"limit": 1000}).json()["placements"]
@@ -214,7 +215,13 @@ def test_source_time_and_flagged_filters_change_what_is_drawn(browser, journal_s
     _open(browser, journal_server)
     _choose(browser, "journal-range", "")
     sources = browser.execute_script("return [...document.getElementById('journal-source').options].map(o => o.value)")
-    assert sources == ["", "scope-a", "scope-b"]
+    assert sources == ["", "\u0000none", "scope-a", "scope-b"]  # "(no source)" second
+    Select(browser.find_element(By.ID, "journal-source")).select_by_visible_text("(no source)")
+    wait_for(browser, "!window.tsimcneMap.journal().loading", what="the journal layer again")
+    sourceless = _rows(journal_server, source="")
+    assert sourceless and all(row["source"] is None for row in sourceless)
+    wait_for(browser, f"window.tsimcneMap.journal().markers.length === {len(sourceless)}", what="no source")
+    assert _drawn_ids(browser) == sorted(row["id"] for row in sourceless)
     _choose(browser, "journal-source", "scope-b")
     scope_b = _rows(journal_server, source="scope-b")
     assert 0 < len(scope_b) < len(_rows(journal_server))

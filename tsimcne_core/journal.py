@@ -33,6 +33,7 @@ import numpy as np
 from tsimcne_core.journal_drift import binned_median, drift_counts, upsert_counts
 
 MAX_PAGE = 1000  # rows of one /placements page
+PRUNE_CHUNK = 5000  # rows deleted a transaction when pruning
 SYNC_MODES = ("normal", "full")
 LOCK_WAIT_S = 30.0  # SQLite: how long a write waits for another worker's lock before it fails
 WAL_PAGES = 10_000  # SQLite: the WAL's size at which a commit checkpoints it itself (see SqliteJournal)
@@ -164,7 +165,8 @@ class JournalRow:
 
 @dataclass(frozen=True, slots=True)
 class PlacementFilter:
-    """What GET /placements selects: a time range (ISO 8601, UTC), flag, majority label, source, review, flagged."""
+    """What GET /placements selects: a time range (ISO 8601, UTC), flag, majority label, source ('' for rows
+    sent without one), review, flagged."""
 
     since: str | None = None
     until: str | None = None
@@ -182,7 +184,9 @@ class PlacementFilter:
             ("time", ">=", self.since), ("time", "<", self.until), ("flag", "=", self.flag),
             ("majority_label", "=", self.label), ("source", "=", self.source), ("review", "=", self.review),
         ):  # fmt: skip
-            if value is not None:
+            if value == "" and column == "source":  # rows whose client sent no source
+                clauses.append("source IS NULL")
+            elif value is not None:
                 clauses.append(f"{column} {operator} {mark}")
                 values.append(value)
         # the partial indexes' conditions, implied by these filters, said so the query planners use them
@@ -357,17 +361,27 @@ class SqlJournal:
         self._change(sql, [verdict, reviewer, note, now(), row_id])
         return self.placement(row_id)
 
-    def prune(self, before: str) -> int:
-        """Delete the placements made before `before` (ISO 8601) and their daily counts; how many went. The
-        day `before` falls in is counted again from the rows it keeps."""
+    def prune(self, before: str, chunk: int = PRUNE_CHUNK) -> int:
+        """Delete the placements made before `before` (ISO 8601) and their daily counts; how many went. Rows
+        go `chunk` a transaction, oldest first, so the service's own writes wait for one short transaction at
+        a time, not for the whole deletion (a day of a busy journal is 10^5 rows and more); the day `before`
+        falls in is then counted again from the rows it keeps."""
+        mark = self.mark
+        gone = 0
+        while True:
+            deleted = self._change(
+                f"DELETE FROM placements WHERE id IN (SELECT id FROM placements WHERE time < {mark} "
+                f"ORDER BY time, id LIMIT {int(chunk)})",
+                [before],
+            )
+            gone += deleted
+            if deleted < chunk:
+                break
         connection = self._connection()
         day = before[:10]
-        mark = self.mark
         try:
             self._begin_write(connection)
             cursor = connection.cursor()
-            cursor.execute(f"DELETE FROM placements WHERE time < {mark}", [before])
-            gone = int(cursor.rowcount)
             for table in ("drift_counts", "drift_distances"):
                 cursor.execute(f"DELETE FROM {table} WHERE day <= {mark}", [day])
             cursor.execute(

@@ -4,6 +4,7 @@
 // Everything comes from the service's journal, so it is the same after a reload or on another computer;
 // a service started without a journal answers 404, and the page then says so in place of the layer.
 
+const NO_SOURCE = "\u0000none"; // the source select's value for images sent without a source
 const SETTINGS = new URLSearchParams(location.search);
 // Placements per request (at most 1000, GET /placements' limit; ?journal_page=N for tests).
 const PAGE = Math.min(1000, Number(SETTINGS.get("journal_page")) || 1000);
@@ -120,7 +121,8 @@ export class Journal {
     const query = new URLSearchParams({ limit: String(PAGE) });
     const hours = $("journal-range").value;
     if (hours) query.set("since", isoHoursAgo(Number(hours)));
-    if ($("journal-source").value) query.set("source", $("journal-source").value);
+    const source = $("journal-source").value;
+    if (source) query.set("source", source === NO_SOURCE ? "" : source); // source= (empty): sent without one
     if ($("journal-flagged").checked) query.set("flagged", "true");
     return query;
   }
@@ -156,7 +158,7 @@ export class Journal {
         }
         const page = await response.json();
         for (const row of page.placements) {
-          if (row.source) this.sources.add(row.source);
+          this.sources.add(row.source || NO_SOURCE);
           // Positions on another bundle's map mean nothing on this one.
           if (row.bundle_sha256 !== bundle) otherBundle++;
           else rows.push(this.keep(row));
@@ -211,7 +213,7 @@ export class Journal {
     const known = new Set([...select.options].map((o) => o.value));
     for (const source of [...this.sources].sort()) {
       if (known.has(source)) continue;
-      const option = element("option", "", source);
+      const option = element("option", "", source === NO_SOURCE ? "(no source)" : source);
       option.value = source;
       select.append(option);
     }
@@ -453,7 +455,7 @@ export class Journal {
         return;
       }
       const body = await response.json();
-      for (const entry of body.days) if (entry.source) this.sources.add(entry.source);
+      for (const entry of body.days) this.sources.add(entry.source || NO_SOURCE);
       this.fillSources();
       const target = this.host.info().calibration?.target_false_flag_rate ?? null;
       this.chart = { days: sharePerDay(body.days), target };
