@@ -13,8 +13,9 @@ BentoML's app unchanged. What a request costs here, each thing done once:
 - the model run, the placement of the whole batch and each request's answer serialised (orjson, from the
   typed records, no re-validation) in the worker's one model thread (serving/batching.py,
   tsimcne_core/placing.py), shared by every request of a batch;
-- with a journal, the batch's rows committed by the worker's journal thread, several batches a transaction,
-  before any of its requests is answered (serving/journal_writer.py);
+- with a journal, the batch's rows committed before any of its requests is answered: in the model thread
+  (SQLite) or by the worker's journal thread, several batches a transaction (PostgreSQL:
+  serving/journal_writer.py);
 - request metrics: a count and a latency per request, the placement metrics once per model run.
 The same answers (`EmbedHandler.answer`) serve the API method BentoML declares for /embed (its OpenAPI
 schema, in-process calls), so both paths place and refuse alike.
@@ -92,7 +93,11 @@ class EmbedHandler:
         self.settings = settings
         self.bundle_sha256 = bundle_sha256
         self.journal = journal
-        self.writer = JournalWriter(journal) if journal is not None else None
+        # SQLite commits in microseconds on the same machine: written in the model thread (a hand-over to a
+        # writer thread measured 4 % of /embed's throughput); PostgreSQL's commit is a round trip and a
+        # server's fsync away, which would hold the model every batch: a writer thread, several batches a
+        # transaction (benchmarks/README.md, section 16).
+        self.writer = JournalWriter(journal) if journal is not None and not journal.commits_locally else None
         self._loop: asyncio.AbstractEventLoop | None = None  # the worker's event loop, where requests wait
         self.scale = float(placer.manifest.preprocessing.divide_by)
         prep = placer.manifest.preprocessing
@@ -161,8 +166,9 @@ class EmbedHandler:
             if settings.journal_originals:
                 originals = [bytes(upload.data) for upload in uploads]
             job.request = _RequestRecord(request_id, metadata or ClientMetadata(), digests, originals)
-            self._loop = asyncio.get_running_loop()
-            job.kept = self._loop.create_future()
+            if self.writer is not None:
+                self._loop = asyncio.get_running_loop()
+                job.kept = self._loop.create_future()
         try:
             async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
                 body = await self.batcher.run(job, len(job.names))
@@ -177,7 +183,8 @@ class EmbedHandler:
 
     def _place(self, jobs: Sequence[_Job]) -> list[bytes]:
         """In the model thread: one model run and placement for all `jobs`, then each job's answer; with a
-        journal, the batch's rows handed to its writer (each job's `kept` settles once they are committed)."""
+        journal, the batch's rows committed here (SQLite: JournalError fails the whole batch, none answered as
+        placed) or handed to the writer thread (each job's `kept` settles once they are committed)."""
         batch = jobs[0].batch if len(jobs) == 1 else np.concatenate([job.batch for job in jobs])
         names = jobs[0].names if len(jobs) == 1 else [name for job in jobs for name in job.names]
         timings: dict[str, float] = {}
@@ -188,7 +195,16 @@ class EmbedHandler:
             stop = start + len(job.names)
             answers.append(self._head + orjson.dumps(placed[start:stop]) + b"}")
             start = stop
-        if self.writer is not None:  # built and committed in the journal's thread, several batches a transaction
+        if self.journal is not None and self.writer is None:  # committed here before any job is answered
+            started = time.perf_counter()
+            try:
+                self.journal.write_values(journal_values(jobs, placed, batch, self.bundle_sha256, self.scale))
+            except JournalError:
+                metrics.JOURNAL_FAILURES.inc()
+                raise
+            metrics.JOURNAL_WRITE_SECONDS.observe(time.perf_counter() - started)
+            metrics.JOURNAL_ROWS.inc(len(placed))
+        elif self.writer is not None:  # built and committed in the journal's thread, several batches a transaction
             self.writer.submit(
                 lambda: journal_values(jobs, placed, batch, self.bundle_sha256, self.scale),
                 [job.kept for job in jobs],

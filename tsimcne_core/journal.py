@@ -208,6 +208,7 @@ class SqlJournal:
     mark = "?"
     id_type = "INTEGER PRIMARY KEY AUTOINCREMENT"
     blob = "BLOB"
+    commits_locally = True  # a commit is a file write on this machine, not a round trip to a server
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -531,6 +532,7 @@ class SqliteJournal(SqlJournal):
 
 
 class PostgresJournal(SqlJournal):
+    commits_locally = False
     mark = "%s"
     id_type = "BIGSERIAL PRIMARY KEY"
     blob = "BYTEA"
