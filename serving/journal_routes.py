@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from collections.abc import Callable
 from typing import Any, Literal
 from urllib.parse import quote
@@ -20,14 +19,13 @@ from starlette.responses import JSONResponse, Response
 from serving.http_errors import json_error
 from tsimcne_core.flag import Flag
 from tsimcne_core.journal import (
-    COLUMNS,
-    JSON_COLUMNS,
     MAX_PAGE,
-    REVIEW_COLUMNS,
+    READ_COLUMNS,
     CursorGone,
     JournalError,
     PlacementFilter,
     SqlJournal,
+    flat_values,
 )
 from tsimcne_core.journal_input import MAX_NOTE, MAX_TEXT, MetadataError, utc_time
 
@@ -169,8 +167,8 @@ def _parquet(rows: list[dict]) -> bytes:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    names = ("id", *COLUMNS, *REVIEW_COLUMNS)
-    columns = {name: [json.dumps(row[name]) if name in JSON_COLUMNS else row[name] for row in rows] for name in names}
+    flat = [flat_values(row) for row in rows]
+    columns = {name: [values[i] for values in flat] for i, name in enumerate(READ_COLUMNS)}
     out = io.BytesIO()
     pq.write_table(pa.table(columns), out)
     return out.getvalue()
@@ -179,8 +177,6 @@ def _parquet(rows: list[dict]) -> bytes:
 def _csv(rows: list[dict]) -> str:
     out = io.StringIO()
     writer = csv.writer(out)
-    names = ("id", *COLUMNS, *REVIEW_COLUMNS)
-    writer.writerow(names)
-    for row in rows:
-        writer.writerow([json.dumps(row[n]) if isinstance(row[n], list | dict) else row[n] for n in names])
+    writer.writerow(READ_COLUMNS)
+    writer.writerows(flat_values(row) for row in rows)
     return out.getvalue()

@@ -12,14 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from tsimcne_core.journal import (
-    COLUMNS,
-    MAX_PAGE,
-    REVIEW_COLUMNS,
-    JournalError,
-    PlacementFilter,
-    open_journal,
-)
+from tsimcne_core.journal import MAX_PAGE, READ_COLUMNS, JournalError, PlacementFilter, flat_values, open_journal
 from tsimcne_core.journal_input import MetadataError, utc_time
 
 journal_app = typer.Typer(help="Read, export and prune a service's journal of placed images.", no_args_is_help=True)
@@ -69,18 +62,17 @@ def export(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     where = PlacementFilter(since, until, flag, None, source, review)
-    names = ("id", *COLUMNS, *REVIEW_COLUMNS)
     scratch = out.with_name(out.name + ".partial")
     count, after = 0, None
     with scratch.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle) if out.suffix == ".csv" else None
         if writer is not None:
-            writer.writerow(names)
+            writer.writerow(READ_COLUMNS)
         while True:
             rows = journal.placements(where, after, MAX_PAGE)
             for row in rows:
                 if writer is not None:
-                    writer.writerow([json.dumps(row[n]) if isinstance(row[n], list | dict) else row[n] for n in names])
+                    writer.writerow(flat_values(row))
                 else:
                     handle.write(json.dumps(row) + "\n")
             count += len(rows)

@@ -23,6 +23,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from tsimcne_core.journal_drift import binned_median, drift_counts, upsert_counts
+from tsimcne_core.journal_drift import COUNTED_COLUMNS, binned_median, drift_counts, upsert_counts
 
 MAX_PAGE = 1000  # rows of one /placements page
 PRUNE_CHUNK = 5000  # rows deleted a transaction when pruning
@@ -44,6 +45,7 @@ COLUMNS = (
     "nearest_distance",
 )  # fmt: skip
 ROW_COLUMNS = (*COLUMNS, "image", "image_height", "image_width", "original")  # what a new row is written with
+COUNTED_AT = tuple(ROW_COLUMNS.index(name) for name in COUNTED_COLUMNS)  # where a row's values hold them
 REVIEW_COLUMNS = ("review", "reviewer", "review_note", "reviewed_at")
 JSON_COLUMNS = ("evidence", "neighbours", "tags")
 FLAGGED = "flag <> 'in_distribution'"
@@ -65,7 +67,7 @@ def insert_rows(
 
 def _backfill_drift(cursor: Any, mark: str) -> None:
     """Version 2's daily counts for the rows a version-1 journal already holds."""
-    cursor.execute("SELECT time, source, majority_label, flag, nearest_distance FROM placements")
+    cursor.execute(f"SELECT {', '.join(COUNTED_COLUMNS)} FROM placements")
     counts, bins = drift_counts(cursor.fetchall())
     upsert_counts(cursor, mark, counts, bins, insert_rows)
 
@@ -111,7 +113,14 @@ MIGRATIONS: dict[int, tuple[str | Callable[[Any, str], None], ...]] = {
     ),
 }
 SCHEMA_VERSION = max(MIGRATIONS)
-SELECTED = ", ".join(("id", *COLUMNS, *REVIEW_COLUMNS))
+READ_COLUMNS = ("id", *COLUMNS, *REVIEW_COLUMNS)  # what a placement read back holds, in this order
+SELECTED = ", ".join(READ_COLUMNS)
+
+
+def flat_values(row: dict[str, Any]) -> list[Any]:
+    """A placement read back as flat values in READ_COLUMNS order, its JSON columns (evidence, neighbours,
+    tags) as JSON text: one row of a CSV or Parquet export."""
+    return [json.dumps(row[name]) if name in JSON_COLUMNS else row[name] for name in READ_COLUMNS]
 
 
 class JournalError(RuntimeError):
@@ -284,19 +293,24 @@ class SqlJournal:
         them directly, which costs a third)."""
         if not values:
             return 0
+        with self._transaction("the placements could not be written") as cursor:
+            insert_rows(cursor, self.mark, "placements", ROW_COLUMNS, values)
+            counted = ([row[at] for at in COUNTED_AT] for row in values)
+            upsert_counts(cursor, self.mark, *drift_counts(counted), insert_rows)
+        return len(values)
+
+    @contextmanager
+    def _transaction(self, failure: str) -> Iterator[Any]:
+        """A write transaction's cursor, committed at the end; on any fault rolled back and JournalError
+        raised, naming the journal and `failure` (nothing of the transaction is kept)."""
         connection = self._connection()
         try:
             self._begin_write(connection)
-            cursor = connection.cursor()
-            insert_rows(cursor, self.mark, "placements", ROW_COLUMNS, values)
-            upsert_counts(
-                cursor, self.mark, *drift_counts((v[0], v[14], v[10], v[7], v[17]) for v in values), insert_rows
-            )
+            yield connection.cursor()
             connection.commit()
-            return len(values)
         except Exception as exc:
             self._recover(connection)
-            raise JournalError(f"journal {self.describe()}: the placements could not be written: {exc}") from exc
+            raise JournalError(f"journal {self.describe()}: {failure}: {exc}") from exc
 
     def placements(self, where: PlacementFilter, after: int | None = None, limit: int = 100) -> list[dict[str, Any]]:
         """Rows matching `where`, oldest first (by time, then id), after the row with id `after` (the cursor), at
@@ -347,9 +361,8 @@ class SqlJournal:
 
     def _rows(self, sql: str, values: list[Any]) -> Iterator[dict[str, Any]]:
         cursor = self._read(sql, values)
-        names = ("id", *COLUMNS, *REVIEW_COLUMNS)
         for found in cursor.fetchall():
-            row = dict(zip(names, found, strict=True))
+            row = dict(zip(READ_COLUMNS, found, strict=True))
             for column in JSON_COLUMNS:
                 row[column] = json.loads(row[column])
             yield row
@@ -378,36 +391,21 @@ class SqlJournal:
             gone += deleted
             if deleted < chunk:
                 break
-        connection = self._connection()
         day = before[:10]
-        try:
-            self._begin_write(connection)
-            cursor = connection.cursor()
+        with self._transaction("cannot be written") as cursor:
             for table in ("drift_counts", "drift_distances"):
                 cursor.execute(f"DELETE FROM {table} WHERE day <= {mark}", [day])
             cursor.execute(
-                "SELECT time, source, majority_label, flag, nearest_distance FROM placements "
-                f"WHERE time >= {mark} AND time < {mark}",
+                f"SELECT {', '.join(COUNTED_COLUMNS)} FROM placements WHERE time >= {mark} AND time < {mark}",
                 [before, day + "\uffff"],
             )
             upsert_counts(cursor, mark, *drift_counts(cursor.fetchall()), insert_rows)
-            connection.commit()
-            return gone
-        except Exception as exc:
-            self._recover(connection)
-            raise JournalError(f"journal {self.describe()}: cannot be written: {exc}") from exc
+        return gone
 
     def _change(self, sql: str, values: list[Any]) -> int:
-        connection = self._connection()
-        try:
-            self._begin_write(connection)
-            cursor = connection.cursor()
+        with self._transaction("cannot be written") as cursor:
             cursor.execute(sql, values)
-            connection.commit()
-            return int(cursor.rowcount)
-        except Exception as exc:
-            self._recover(connection)
-            raise JournalError(f"journal {self.describe()}: cannot be written: {exc}") from exc
+        return int(cursor.rowcount)
 
     def drift(self, since: str | None = None, until: str | None = None) -> list[dict[str, Any]]:
         """Per day (UTC) and source, from the day of `since` through the day of `until`: images, the flagged
@@ -482,18 +480,10 @@ class SqliteJournal(SqlJournal):
         connection = sqlite3.connect(self.path, timeout=LOCK_WAIT_S, check_same_thread=False)
         # WAL: readers do not block the writer, workers share the file. Switching to it needs the database to
         # itself, and SQLite answers "locked" at once (no busy wait) while another worker is migrating.
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                connection.execute("PRAGMA journal_mode=WAL")
-                break
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        _while_locked(lambda: connection.execute("PRAGMA journal_mode=WAL"), pause=0.05)
         # NORMAL (the default): a commit is in the WAL file before the request is answered, so it survives the
         # worker being killed, but not a power cut in the next moments; FULL also waits for the disk (fsync) on
-        # every commit: measured, 1-image /embed -22 % with NORMAL, -42 % with FULL (benchmarks/README.md).
+        # every commit (what each costs /embed: benchmarks/README.md, section 16).
         connection.execute(f"PRAGMA synchronous={self.sync.upper()}")
         # Copying the WAL back into the database (a checkpoint, with an fsync) is left to `checkpoint`, which
         # the service calls from a thread of its own every second, not to the commit that crosses SQLite's
@@ -508,15 +498,7 @@ class SqliteJournal(SqlJournal):
         workers then stood idle 5 % of the time under load, waiting for each other."""
         connection.execute("PRAGMA busy_timeout=0")
         try:
-            deadline = time.monotonic() + LOCK_WAIT_S
-            while True:
-                try:
-                    connection.execute("BEGIN IMMEDIATE")
-                    return
-                except sqlite3.OperationalError as exc:
-                    if "locked" not in str(exc) or time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.0001)
+            _while_locked(lambda: connection.execute("BEGIN IMMEDIATE"), pause=0.0001)
         finally:
             connection.execute(f"PRAGMA busy_timeout={int(LOCK_WAIT_S * 1000)}")
 
@@ -529,6 +511,20 @@ class SqliteJournal(SqlJournal):
 
     def _lock_schema(self, cursor: Any) -> None:
         cursor.execute("BEGIN IMMEDIATE")  # the database's one writer lock, until the migration commits
+
+
+def _while_locked(statement: Callable[[], Any], pause: float) -> None:
+    """Run `statement`, again every `pause` seconds while SQLite answers that the database is locked (another
+    worker holds it), for at most LOCK_WAIT_S."""
+    deadline = time.monotonic() + LOCK_WAIT_S
+    while True:
+        try:
+            statement()
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(pause)
 
 
 class PostgresJournal(SqlJournal):

@@ -14,6 +14,8 @@ from typing import Any
 DISTANCE_BIN = 1.05  # drift's distance histogram: bins 5 % wide, so its median is within 2.5 % of the true one
 ZERO_BIN = -(10**6)  # the bin of a distance of 0 (an image the map already holds)
 
+# What the counts are made from, a row's columns in this order (drift_counts' input; the SQL that reads them).
+COUNTED_COLUMNS = ("time", "source", "majority_label", "flag", "nearest_distance")
 Inserter = Callable[..., None]  # (cursor, mark, table, columns, rows, tail): a multi-row INSERT
 
 
@@ -31,8 +33,8 @@ Bins = dict[tuple[str, str, int], int]  # (day, source, distance bin) -> images
 
 
 def drift_counts(rows: Iterable[tuple[str, str | None, str | None, str, float | None]]) -> tuple[Counts, Bins]:
-    """The daily counts of rows given as (time, source, majority label, flag, nearest distance); a missing
-    source or label counts as ''."""
+    """The daily counts of rows given as their COUNTED_COLUMNS (time, source, majority label, flag, nearest
+    distance); a missing source or label counts as ''."""
     counts: Counts = {}
     bins: Bins = {}
     for time_text, source, label, flag, distance in rows:

@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from tsimcne_core.journal import ROW_COLUMNS, insert_rows, now, open_journal
+from tsimcne_core.journal import COUNTED_AT, ROW_COLUMNS, insert_rows, now, open_journal
 from tsimcne_core.journal_drift import drift_counts, upsert_counts
 
 NEIGHBOURS = '[{"id":"pbc/lymphocyte/LY_123456.jpg","index":12345,"label":"lymphocyte","distance":0.12345678901}]'
@@ -48,7 +48,7 @@ def measure(batch: int, batches: int, checkpoint_every: int = 50) -> dict[str, f
             cursor = connection.cursor()
             insert_rows(cursor, "?", "placements", ROW_COLUMNS, rows)
             marks.append(time.perf_counter())
-            counted = drift_counts((v[0], v[14], v[10], v[7], v[17]) for v in rows)
+            counted = drift_counts([row[at] for at in COUNTED_AT] for row in rows)
             upsert_counts(cursor, "?", *counted, insert_rows)
             marks.append(time.perf_counter())
             connection.commit()
