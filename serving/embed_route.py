@@ -41,7 +41,7 @@ from serving import metrics
 from serving.batching import MicroBatcher
 from serving.guards import token_problem
 from serving.http_errors import error_body
-from serving.journal_writer import JournalWriter
+from serving.journal_writer import JournalWriter, commit_rows
 from serving.settings import ServiceSettings
 from serving.upload_body import BodyLimits, ClientGone, Refusal, Upload, read_uploads
 from serving.upload_decoding import DeadlineExceeded, RequestTooLarge, UploadDecoder, check_request_pixels
@@ -98,7 +98,6 @@ class EmbedHandler:
         # server's fsync away, which would hold the model every batch: a writer thread, several batches a
         # transaction (benchmarks/README.md, section 16).
         self.writer = JournalWriter(journal) if journal is not None and not journal.commits_locally else None
-        self._loop: asyncio.AbstractEventLoop | None = None  # the worker's event loop, where requests wait
         self.scale = float(placer.manifest.preprocessing.divide_by)
         prep = placer.manifest.preprocessing
         self.decoder = UploadDecoder(
@@ -167,8 +166,7 @@ class EmbedHandler:
                 originals = [bytes(upload.data) for upload in uploads]
             job.request = _RequestRecord(request_id, metadata or ClientMetadata(), digests, originals)
             if self.writer is not None:
-                self._loop = asyncio.get_running_loop()
-                job.kept = self._loop.create_future()
+                job.kept = asyncio.get_running_loop().create_future()
         try:
             async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
                 body = await self.batcher.run(job, len(job.names))
@@ -196,19 +194,10 @@ class EmbedHandler:
             answers.append(self._head + orjson.dumps(placed[start:stop]) + b"}")
             start = stop
         if self.journal is not None and self.writer is None:  # committed here before any job is answered
-            started = time.perf_counter()
-            try:
-                self.journal.write_values(journal_values(jobs, placed, batch, self.bundle_sha256, self.scale))
-            except JournalError:
-                metrics.JOURNAL_FAILURES.inc()
-                raise
-            metrics.JOURNAL_WRITE_SECONDS.observe(time.perf_counter() - started)
-            metrics.JOURNAL_ROWS.inc(len(placed))
+            commit_rows(self.journal, journal_values(jobs, placed, batch, self.bundle_sha256, self.scale))
         elif self.writer is not None:  # built and committed in the journal's thread, several batches a transaction
             self.writer.submit(
-                lambda: journal_values(jobs, placed, batch, self.bundle_sha256, self.scale),
-                [job.kept for job in jobs],
-                self._loop,
+                lambda: journal_values(jobs, placed, batch, self.bundle_sha256, self.scale), [job.kept for job in jobs]
             )
         return answers
 

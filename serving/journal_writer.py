@@ -23,20 +23,31 @@ from tsimcne_core.journal import JournalError, SqlJournal
 RowMaker = Callable[[], Sequence[tuple]]  # builds a batch's rows (tsimcne_core.journal.ROW_COLUMNS values)
 
 
+def commit_rows(journal: SqlJournal, rows: Sequence[tuple], batches: int = 1) -> None:
+    """`rows` in one transaction, counted in the journal's metrics (rows, seconds); a JournalError is counted
+    as `batches` failed model batches and raised again."""
+    started = time.perf_counter()
+    try:
+        journal.write_values(rows)
+    except JournalError:
+        metrics.JOURNAL_FAILURES.inc(batches)
+        raise
+    metrics.JOURNAL_WRITE_SECONDS.observe(time.perf_counter() - started)
+    metrics.JOURNAL_ROWS.inc(len(rows))
+
+
 class JournalWriter:
-    """One thread per worker. `submit(make_rows, waiters, loop)`: `waiters` (asyncio futures of `loop`) get
-    None once those rows are committed, or the JournalError that failed their transaction (none of its rows
-    is kept then)."""
+    """One thread per worker. `submit(make_rows, waiters)`: the asyncio futures `waiters` get None once those
+    rows are committed, or the JournalError that failed their transaction (none of its rows is kept then)."""
 
     def __init__(self, journal: SqlJournal) -> None:
         self.journal = journal
-        self._queue: queue.SimpleQueue[tuple[RowMaker, list[asyncio.Future], asyncio.AbstractEventLoop] | None]
-        self._queue = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[RowMaker, list[asyncio.Future]] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="journal", daemon=True)
         self._thread.start()
 
-    def submit(self, make_rows: RowMaker, waiters: list[asyncio.Future], loop: asyncio.AbstractEventLoop) -> None:
-        self._queue.put((make_rows, waiters, loop))
+    def submit(self, make_rows: RowMaker, waiters: list[asyncio.Future]) -> None:
+        self._queue.put((make_rows, waiters))
 
     def close(self) -> None:
         self._queue.put(None)
@@ -59,30 +70,30 @@ class JournalWriter:
                 pending.append(following)
             self._commit(pending)
 
-    def _commit(self, pending: list[tuple[RowMaker, list[asyncio.Future], asyncio.AbstractEventLoop]]) -> None:
+    def _commit(self, pending: list[tuple[RowMaker, list[asyncio.Future]]]) -> None:
         rows: list[tuple] = []
-        settled: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future, BaseException | None]]] = {}
-        built = []
-        for make_rows, waiters, loop in pending:
+        outcomes: list[tuple[asyncio.Future, BaseException | None]] = []
+        built: list[asyncio.Future] = []
+        batches = 0
+        for make_rows, waiters in pending:
             try:
                 rows += make_rows()
-                built.append((waiters, loop))
+                built += waiters
+                batches += 1
             except Exception as exc:  # a fault of ours building one batch's rows fails that batch alone
-                settled.setdefault(loop, []).extend((waiter, exc) for waiter in waiters)
+                outcomes += [(waiter, exc) for waiter in waiters]
         failure: JournalError | None = None
         if built:
-            started = time.perf_counter()
             try:
-                self.journal.write_values(rows)
-                metrics.JOURNAL_WRITE_SECONDS.observe(time.perf_counter() - started)
-                metrics.JOURNAL_ROWS.inc(len(rows))
+                commit_rows(self.journal, rows, batches)
             except JournalError as exc:
-                metrics.JOURNAL_FAILURES.inc(len(built))
                 failure = exc
-        for waiters, loop in built:
-            settled.setdefault(loop, []).extend((waiter, failure) for waiter in waiters)
-        for loop, outcomes in settled.items():
-            loop.call_soon_threadsafe(_settle, outcomes)
+        outcomes += [(waiter, failure) for waiter in built]
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future, BaseException | None]]] = {}
+        for waiter, outcome in outcomes:  # one call into each event loop a commit
+            by_loop.setdefault(waiter.get_loop(), []).append((waiter, outcome))
+        for loop, settled in by_loop.items():
+            loop.call_soon_threadsafe(_settle, settled)
 
 
 def _settle(outcomes: list[tuple[asyncio.Future, BaseException | None]]) -> None:
