@@ -29,6 +29,7 @@ ASSETS = {
     "map-data.js": SCRIPT,
     "map-render.js": SCRIPT,
     "map-journal.js": SCRIPT,
+    "map-cards.js": SCRIPT,
     "map.css": "text/css; charset=utf-8",
 }
 # The page and its assets, which carry no data: part of serving/guards.py OPEN_PATHS.

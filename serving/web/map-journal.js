@@ -4,6 +4,8 @@
 // Everything comes from the service's journal, so it is the same after a reload or on another computer;
 // a service started without a journal answers 404, and the page then says so in place of the layer.
 
+import { element, neighbourStrip, placementFacts } from "./map-cards.js";
+
 const NO_SOURCE = "\u0000none"; // the source select's value for images sent without a source
 const SETTINGS = new URLSearchParams(location.search);
 // Placements per request (at most 1000, GET /placements' limit; ?journal_page=N for tests).
@@ -15,17 +17,6 @@ const CAP = Number(SETTINGS.get("journal_cap")) || 20_000;
 const JOURNAL_COLOURS = { in_distribution: "#34495e", out_of_distribution: "#c2185b", artefact: "#e07000" };
 
 const $ = (id) => document.getElementById(id);
-
-function element(tag, className, text) {
-  const node = document.createElement(tag);
-  if (className) node.className = className;
-  if (text !== undefined) node.textContent = text;
-  return node;
-}
-
-function fmt(value, digits = 2) {
-  return value === null || value === undefined ? "–" : Number(value).toFixed(digits);
-}
 
 // ISO 8601 as the journal writes it (+00:00, not Z): it compares times as text.
 function isoHoursAgo(hours) {
@@ -345,29 +336,11 @@ export class Journal {
         .filter(Boolean).join(" · ")),
     );
     head.append(image, title);
-    const facts = element("dl", "facts");
-    const add = (term, value) => facts.append(element("dt", "", term), element("dd", "", value));
-    add("score", `${fmt(row.score)} (above 1 = flagged)`);
-    const evidence = Object.entries(row.evidence || {}).map(([k, v]) => `${k} ${fmt(v)}`).join(" · ");
-    if (evidence) add("evidence", evidence);
-    if (row.majority_label) add("nearest label", `${row.majority_label} (${Math.round(row.majority_share * 100)} %)`);
-    if (row.duplicate_of) add("duplicate of", row.duplicate_of);
+    const facts = placementFacts(row);
     item.append(head, facts);
     const sameMap = row.bundle_sha256 === this.host.info().bundle_sha256;
     if (sameMap) {
-      const neighbours = element("div", "neighbours");
-      for (const neighbour of row.neighbours) {
-        const figure = element("figure", "neighbour");
-        const thumbnail = element("img");
-        thumbnail.alt = neighbour.id;
-        thumbnail.title = `${neighbour.id} (${neighbour.label ?? "unlabelled"}), distance ${fmt(neighbour.distance, 3)}`;
-        this.host.thumbnailUrl(neighbour.index).then((url) => {
-          if (url) thumbnail.src = url;
-        });
-        const caption = element("figcaption", "", `d ${fmt(neighbour.distance)}`);
-        figure.append(thumbnail, element("figcaption", "", neighbour.label ?? "–"), caption);
-        neighbours.append(figure);
-      }
+      const neighbours = neighbourStrip(row.neighbours, (index) => this.host.thumbnailUrl(index));
       item.append(neighbours);
     } else {
       item.append(element("div", "queued-meta", "placed on another bundle's map: its neighbours are not on this one"));

@@ -10,6 +10,7 @@
 import {
   buildIndex, countBySlot, countInside, idOf, MapFormatError, nearest, readMap, UNLABELLED as NO_LABEL,
 } from "./map-data.js";
+import { addFact, element, fmt, neighbourStrip, placementFacts } from "./map-cards.js";
 import { Journal } from "./map-journal.js";
 import { CanvasRenderer, WebGLRenderer, hexToRgb } from "./map-render.js";
 
@@ -550,13 +551,6 @@ function buildLegend() {
 
 // ---- placing new images ----------------------------------------------------------------------------
 
-function element(tag, className, text) {
-  const node = document.createElement(tag);
-  if (className) node.className = className;
-  if (text !== undefined) node.textContent = text;
-  return node;
-}
-
 function addCard(file) {
   $("panel-empty").hidden = true;
   const result = { n: ++state.uploads, name: file.name, file, flag: null };
@@ -592,36 +586,15 @@ function failAll(results, message) {
   return false;
 }
 
-function fmt(value, digits = 2) {
-  return value === null || value === undefined ? "–" : Number(value).toFixed(digits);
-}
-
 function complete(result, placed) {
   Object.assign(result, { x: placed.x, y: placed.y, flag: placed.flag, placed });
   const card = result.card;
   card.className = `result ${placed.flag}`;
   card.querySelector(".badge").textContent = FLAG_TEXT[placed.flag] || placed.flag;
-  const facts = element("dl", "facts");
-  const add = (term, value) => facts.append(element("dt", "", term), element("dd", "", value));
-  add("score", `${fmt(placed.score)} (above 1 = flagged)`);
-  const evidence = Object.entries(placed.evidence || {}).map(([k, v]) => `${k} ${fmt(v)}`).join(" · ");
-  if (evidence) add("evidence", evidence);
-  if (placed.majority_label) add("nearest label", `${placed.majority_label} (${Math.round(placed.majority_share * 100)} %)`);
-  if (placed.duplicate_of) add("duplicate of", placed.duplicate_of);
-  add("position", `${fmt(placed.x)}, ${fmt(placed.y)}`);
+  const facts = placementFacts(placed);
+  addFact(facts, "position", `${fmt(placed.x)}, ${fmt(placed.y)}`);
   card.append(facts);
-  const neighbours = element("div", "neighbours");
-  for (const neighbour of placed.neighbours) {
-    const figure = element("figure", "neighbour");
-    const image = element("img");
-    image.alt = neighbour.id;
-    image.title = `${neighbour.id} (${neighbour.label ?? "unlabelled"}), distance ${fmt(neighbour.distance, 3)}`;
-    thumbnailUrl(neighbour.index).then((url) => {
-      if (url) image.src = url;
-    });
-    figure.append(image, element("figcaption", "", neighbour.label ?? "–"), element("figcaption", "", `d ${fmt(neighbour.distance)}`));
-    neighbours.append(figure);
-  }
+  const neighbours = neighbourStrip(placed.neighbours, thumbnailUrl);
   card.append(neighbours);
   card.addEventListener("mouseenter", () => highlight(result));
   card.addEventListener("click", () => {
