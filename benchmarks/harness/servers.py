@@ -63,6 +63,16 @@ class Server:
                 self.process.wait()
         return self.process.returncode
 
+    def stop_and_check_log(self) -> None:
+        """Stop, then fail when the log shows a traceback or a 500: every request the server saw was answered
+        without a fault of ours (what a test's server fixture checks when its tests are done)."""
+        self.stop()
+        log = self.log_text()
+        if "Traceback" in log:
+            raise AssertionError(f"the server logged a traceback:\n{log[-4000:]}")
+        if "status=500" in log:
+            raise AssertionError("the server answered 500 (status=500 in its log)")
+
 
 def server_env(home: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TSIMCNE_")}
