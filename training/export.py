@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import platform
 import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -39,11 +38,10 @@ from training.data import ImageDataset
 from training.datasets import load_dataset
 from training.embedding import embed_images, iter_embeddings
 from training.flag_calibration import calibrate_detector_and_index
+from training.index_building import write_serving_arrays
 from training.plot import plot_map
 from training.runs import dataset_for_state, final_checkpoint_path, model_from_state
 from tsimcne_core.bundle_format import (
-    COORDS_FILE,
-    FEATURE_INDEX_FILE,
     FEATURES_FILE,
     MANIFEST,
     MAP_FILE,
@@ -58,9 +56,10 @@ from tsimcne_core.bundle_format import (
 from tsimcne_core.calibration import CombinedCalibration
 from tsimcne_core.errors import UserError
 from tsimcne_core.feature_index import feature_index
+from tsimcne_core.files import staging_folder
 from tsimcne_core.flag_evidence import FeatureSpace, channel_statistics
 from tsimcne_core.images import resize_rgb
-from tsimcne_core.neighbours import FaissIndex, NeighbourIndex
+from tsimcne_core.neighbours import NeighbourIndex
 from tsimcne_core.preprocess import to_model_input
 from tsimcne_core.versions import package_version
 
@@ -238,18 +237,6 @@ def _write_projected(raw: FileRows, space: FeatureSpace, features_file: Path, bl
     return FileRows(np.load(features_file, mmap_mode="r"))
 
 
-def _write_serving_arrays(coords: np.ndarray, index: NeighbourIndex, staging: Path) -> list[str]:
-    """The reference coordinates as a plain .npy file and the FAISS feature index (when export used
-    FAISS), which serving memory-maps beside the projected features (written while embedding) so that
-    its workers share one copy (tsimcne_core/reference.py); the names of the serving files."""
-    np.save(staging / COORDS_FILE, np.ascontiguousarray(coords, dtype=np.float32), allow_pickle=False)
-    written = [COORDS_FILE, FEATURES_FILE]
-    if isinstance(index, FaissIndex):
-        index.save(staging / FEATURE_INDEX_FILE)
-        written.append(FEATURE_INDEX_FILE)
-    return written
-
-
 def export_bundle(
     run_dir: Path,
     out: Path,
@@ -281,7 +268,7 @@ def export_bundle(
         divide_by=PIXEL_DIVISOR,
     )
     what = "training" if reference is None else "reference"
-    staging = _staging_folder(out)
+    staging = staging_folder(out)
     try:
         raw_file = staging / RAW_FEATURES_FILE  # scratch: removed before the bundle is complete
         coords, raw = _embed_reference(model, dataset.images, raw_file)
@@ -292,7 +279,7 @@ def export_bundle(
         )
         del raw
         raw_file.unlink()
-        serving_arrays = _write_serving_arrays(coords, index, staging)
+        serving_arrays = write_serving_arrays(coords, index, staging)
         del index  # its copy of the vectors is saved; the rest of the export streams from the files
         # The ONNX export after the index is gone: torch.onnx keeps ~250 MB it does not give back.
         parity = _write_model(model, dataset, prep, staging)
@@ -353,16 +340,6 @@ def _check_artefact_labels(artefact_labels: list[str], class_names: list[str]) -
         raise UserError(
             f"--artefact-label {', '.join(unknown)}: not a class of this run (classes: {', '.join(class_names)})"
         )
-
-
-def _staging_folder(out: Path) -> Path:
-    """A temporary folder beside `out`, renamed into place when the bundle is complete."""
-    parent = out.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
-    except OSError as exc:
-        raise UserError(f"{parent}: cannot write there ({exc.strerror or exc})") from exc
 
 
 def _write_model(model: torch.nn.Module, dataset, prep: Preprocessing, staging: Path) -> dict:

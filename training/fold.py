@@ -22,7 +22,6 @@ bundle is only read.
 from __future__ import annotations
 
 import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -32,10 +31,9 @@ from typing import Any
 import numpy as np
 
 from training.flag_calibration import calibrate_detector_and_index
+from training.index_building import write_serving_arrays
 from training.plot import plot_map
 from tsimcne_core.bundle_format import (
-    COORDS_FILE,
-    FEATURE_INDEX_FILE,
     FEATURES_FILE,
     MANIFEST,
     MAP_FILE,
@@ -48,10 +46,10 @@ from tsimcne_core.bundle_format import (
 )
 from tsimcne_core.calibration import CombinedCalibration
 from tsimcne_core.errors import UserError
+from tsimcne_core.files import staging_folder
 from tsimcne_core.flag_evidence import FeatureSpace, PixelModel, channel_statistics
 from tsimcne_core.images import resize_rgb
 from tsimcne_core.journal import MAX_PAGE, PlacementFilter, SqlJournal, open_journal
-from tsimcne_core.neighbours import FaissIndex
 from tsimcne_core.preprocess import stack_fitted
 from tsimcne_core.session import ModelSession
 
@@ -74,6 +72,7 @@ class FoldedImages:
     image_sha256: list[str] = field(default_factory=list)
     images: list[np.ndarray] = field(default_factory=list)
     features: np.ndarray | None = None  # raw backbone features, (N, F)
+    statistics: np.ndarray | None = None  # channel statistics of the model input (the pixel evidence), (N, S)
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> rows
 
     def skip(self, reason: str, rows: int = 1) -> None:
@@ -122,7 +121,7 @@ def fold_bundle(
     held = _calibration_images(calibration_data, manifest, model)
     rate = target_rate or manifest.calibration.target_false_flag_rate  # type: ignore[union-attr]
     record = _fold_record(journal, bundle, manifest, folded, out)
-    staging = _staging_folder(out)
+    staging = staging_folder(out)
     try:
         new_manifest = _write_bundle(bundle, manifest, folded, held, rate, record, staging)
         staging.chmod(0o755)
@@ -209,7 +208,8 @@ def _add_batch(
         images.append(image)
     if not kept:
         return
-    coords, features = model.run(["coords", "features"], stack_fitted(images, prep))
+    batch = stack_fitted(images, prep)
+    coords, features = model.run(["coords", "features"], batch)
     recorded = np.array([[row["x"], row["y"]] for row in kept], dtype=np.float64)
     allowed = PLACEMENT_TOLERANCE * np.maximum(1.0, np.abs(recorded))
     same = (np.abs(coords[:, :2].astype(np.float64) - recorded) <= allowed).all(axis=1)
@@ -224,8 +224,9 @@ def _add_batch(
             folded.ids.append(f"journal:{row['id']}:{row['filename']}")
             folded.image_sha256.append(str(row["image_sha256"]))
             folded.images.append(image)
-    chosen = features[same]
+    chosen, statistics = features[same], channel_statistics(batch[same])
     folded.features = chosen if folded.features is None else np.concatenate([folded.features, chosen])
+    folded.statistics = statistics if folded.statistics is None else np.concatenate([folded.statistics, statistics])
 
 
 @dataclass
@@ -305,17 +306,6 @@ def grown_pixel_model(old: CombinedCalibration, old_images: int, statistics: np.
     return PixelModel((n_a * mean_a + n_b * mean_b) / (n_a + n_b), np.linalg.pinv(covariance))
 
 
-def _folded_statistics(folded: FoldedImages, manifest: BundleManifest) -> np.ndarray:
-    """Channel statistics of the folded images' model input, a batch at a time."""
-    prep = manifest.preprocessing
-    return np.concatenate(
-        [
-            channel_statistics(stack_fitted(np.asarray(folded.images[start : start + BATCH]), prep))
-            for start in range(0, len(folded), BATCH)
-        ]
-    )
-
-
 def _thumbnails(images: list[np.ndarray], size: tuple[int, int]) -> np.ndarray:
     """The folded images at the old reference's thumbnail size (as export makes them: area resize)."""
     return np.stack([image if image.shape[:2] == size else resize_rgb(image, size, "area") for image in images])
@@ -356,19 +346,15 @@ def _write_bundle(
     assert isinstance(old_calibration, CombinedCalibration)
     projected = old.space.project(folded.features)
     arrays = _grown_reference(old, folded, projected)
-    pixels = grown_pixel_model(old_calibration, len(old), _folded_statistics(folded, manifest))
+    pixels = grown_pixel_model(old_calibration, len(old), folded.statistics)
     calibration, index = calibrate_detector_and_index(
         held.features, held.statistics, held.coords, arrays["features"], held.statistics[:0], arrays["coords"],
         source=f"held-out images never trained on: {held.source}; reference grown by `tsimcne journal fold`",
         space=old.space, k=old_calibration.k, target_rate=target_rate, pixels=pixels,
     )  # fmt: skip
     shutil.copyfile(bundle / MODEL_FILE, staging / MODEL_FILE)
-    np.save(staging / COORDS_FILE, np.ascontiguousarray(arrays["coords"], dtype=np.float32), allow_pickle=False)
     np.save(staging / FEATURES_FILE, np.ascontiguousarray(arrays["features"], dtype=np.float32), allow_pickle=False)
-    written = [MODEL_FILE, REFERENCE_FILE, MAP_FILE, COORDS_FILE, FEATURES_FILE]
-    if isinstance(index, FaissIndex):
-        index.save(staging / FEATURE_INDEX_FILE)
-        written.append(FEATURE_INDEX_FILE)
+    written = [MODEL_FILE, REFERENCE_FILE, MAP_FILE, *write_serving_arrays(arrays["coords"], index, staging)]
     with open(staging / REFERENCE_FILE, "wb") as handle:
         np.savez_compressed(handle, **arrays)
     labels = arrays.get("labels")
@@ -407,15 +393,6 @@ def _fold_record(
         "last_row": max(folded.row_ids),
         "skipped": dict(folded.skipped),
     }
-
-
-def _staging_folder(out: Path) -> Path:
-    """A temporary folder beside `out`, renamed into place when the bundle is complete."""
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    except OSError as exc:
-        raise UserError(f"{out.parent}: cannot write there ({exc.strerror or exc})") from exc
 
 
 def describe_skipped(skipped: dict[str, int]) -> str:

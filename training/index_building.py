@@ -1,18 +1,21 @@
 """Building the feature index at export: exact up to what fits, else IVF with nprobe raised until its recall
-against exact search reaches the target on the calibration queries. Serving only opens what this built
-(tsimcne_core/feature_index.py)."""
+against exact search reaches the target on the calibration queries, and writing it with the coordinates for
+serving (export and `tsimcne journal fold`). Serving only opens what this built (tsimcne_core/feature_index.py)."""
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from tsimcne_core.bundle_format import COORDS_FILE, FEATURE_INDEX_FILE, FEATURES_FILE
 from tsimcne_core.calibration import (
     FeatureIndex,
 )
 from tsimcne_core.neighbours import (
+    FaissIndex,
     NeighbourIndex,
     as_rows,
     blocks,
@@ -99,3 +102,15 @@ def recall_against(index: NeighbourIndex, truth: np.ndarray, queries: np.ndarray
 def recall_at_k(index: NeighbourIndex, exact: NeighbourIndex, queries: np.ndarray, k: int, chunk: int = 64) -> float:
     """recall_against the true neighbours that `exact` finds."""
     return recall_against(index, true_neighbours(exact, queries, k, chunk), queries, k, chunk)
+
+
+def write_serving_arrays(coords: np.ndarray, index: NeighbourIndex, staging: Path) -> list[str]:
+    """The reference coordinates as a plain .npy file and the FAISS feature index (when export used
+    FAISS), which serving memory-maps beside the projected features (written while embedding) so that
+    its workers share one copy (tsimcne_core/reference.py); the names of the serving files."""
+    np.save(staging / COORDS_FILE, np.ascontiguousarray(coords, dtype=np.float32), allow_pickle=False)
+    written = [COORDS_FILE, FEATURES_FILE]
+    if isinstance(index, FaissIndex):
+        index.save(staging / FEATURE_INDEX_FILE)
+        written.append(FEATURE_INDEX_FILE)
+    return written

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tsimcne_core.errors import UserError
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -54,3 +56,14 @@ def atomic_savez(path: Path, arrays: dict[str, Any], compressed: bool = False) -
             save(handle, **arrays)
 
     atomic_write(path, write)
+
+
+def staging_folder(out: Path) -> Path:
+    """A temporary folder beside `out` (a bundle being written), renamed into place when it is complete;
+    UserError naming the folder when it cannot be made."""
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
+    except OSError as exc:
+        raise UserError(f"{parent}: cannot write there ({exc.strerror or exc})") from exc
