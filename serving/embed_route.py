@@ -13,9 +13,9 @@ BentoML's app unchanged. What a request costs here, each thing done once:
 - the model run, the placement of the whole batch and each request's answer serialised (orjson, from the
   typed records, no re-validation) in the worker's one model thread (serving/batching.py,
   tsimcne_core/placing.py), shared by every request of a batch;
-- with a journal, the batch's rows committed before any of its requests is answered: in the model thread
-  (SQLite) or by the worker's journal thread, several batches a transaction (PostgreSQL:
-  serving/journal_writer.py);
+- with a journal, the batch's rows kept before any of its requests is answered: appended to the spool in
+  the model thread (SQLite: tsimcne_core/journal_spool.py) or committed by the worker's journal thread,
+  several batches a transaction (PostgreSQL: serving/journal_writer.py);
 - request metrics: a count and a latency per request, the placement metrics once per model run.
 The same answers (`EmbedHandler.answer`) serve the API method BentoML declares for /embed (its OpenAPI
 schema, in-process calls), so both paths place and refuse alike.
@@ -41,7 +41,7 @@ from serving import metrics
 from serving.batching import MicroBatcher
 from serving.guards import token_problem
 from serving.http_errors import error_body
-from serving.journal_writer import JournalWriter, commit_rows
+from serving.journal_writer import JournalWriter, keep_rows
 from serving.settings import ServiceSettings
 from serving.upload_body import BodyLimits, ClientGone, Refusal, Upload, read_uploads
 from serving.upload_decoding import DeadlineExceeded, RequestTooLarge, UploadDecoder, check_request_pixels
@@ -51,6 +51,7 @@ from tsimcne_core.journal_input import ClientMetadata, MetadataError
 from tsimcne_core.placing import Placer
 
 ROUTE = "/embed"
+NO_METADATA = ClientMetadata()  # what a request sent without any (frozen: shared by all of them)
 UPLOAD_FIELD = "images"
 # A request whose images declare at most this many pixels together is decoded on the event loop: a thread hop
 # costs more than decoding a few small images (measured: benchmarks/README.md, "/embed against its floors").
@@ -70,6 +71,7 @@ class Answer:
 class _Job:
     batch: np.ndarray
     names: list[str]
+    pixels: np.ndarray | None = None  # the batch as uint8 (N, H, W, 3): the images the journal keeps
     request: _RequestRecord | None = None  # what the journal keeps of the request (None: no journal)
     kept: asyncio.Future | None = None  # settled once the journal has committed the request's rows
 
@@ -79,7 +81,7 @@ class _RequestRecord:
     request_id: str
     metadata: ClientMetadata
     digests: list[str]  # sha256 of each uploaded file's bytes
-    originals: list[bytes | None]  # the files themselves, when the journal keeps them (journal_originals)
+    originals: list[bytes] | None  # the files themselves, when the journal keeps them (journal_originals)
 
 
 class EmbedHandler:
@@ -93,12 +95,11 @@ class EmbedHandler:
         self.settings = settings
         self.bundle_sha256 = bundle_sha256
         self.journal = journal
-        # SQLite commits in microseconds on the same machine: written in the model thread (a hand-over to a
-        # writer thread measured 4 % of /embed's throughput); PostgreSQL's commit is a round trip and a
-        # server's fsync away, which would hold the model every batch: a writer thread, several batches a
-        # transaction (benchmarks/README.md, section 16).
+        # SQLite: each batch appended to the journal's spool in the model thread (one write call; the upkeep
+        # thread takes it into the database once a second); PostgreSQL's commit is a round trip and a server's
+        # fsync away, which would hold the model every batch: a writer thread, several batches a transaction
+        # (benchmarks/README.md, section 16).
         self.writer = JournalWriter(journal) if journal is not None and not journal.commits_locally else None
-        self.scale = float(placer.manifest.preprocessing.divide_by)
         prep = placer.manifest.preprocessing
         self.decoder = UploadDecoder(
             prep,
@@ -157,14 +158,12 @@ class EmbedHandler:
             listed = ", ".join(p["file"] for p in problems)
             message = f"{len(problems)} of {len(uploads)} uploads are not usable images: {listed}"
             raise Refusal(422, "bad_image", message, problems)
-        job = _Job(decoded.batch, [upload.name for upload in uploads])
+        job = _Job(decoded.batch, [upload.name for upload in uploads], decoded.pixels)
         if self.journal is not None:
             request_id = request_id or uuid.uuid4().hex
             digests = [hashlib.sha256(upload.data).hexdigest() for upload in uploads]
-            originals: list[bytes | None] = [None] * len(uploads)
-            if settings.journal_originals:
-                originals = [bytes(upload.data) for upload in uploads]
-            job.request = _RequestRecord(request_id, metadata or ClientMetadata(), digests, originals)
+            originals = [bytes(upload.data) for upload in uploads] if settings.journal_originals else None
+            job.request = _RequestRecord(request_id, metadata or NO_METADATA, digests, originals)
             if self.writer is not None:
                 job.kept = asyncio.get_running_loop().create_future()
         try:
@@ -181,7 +180,7 @@ class EmbedHandler:
 
     def _place(self, jobs: Sequence[_Job]) -> list[bytes]:
         """In the model thread: one model run and placement for all `jobs`, then each job's answer; with a
-        journal, the batch's rows committed here (SQLite: JournalError fails the whole batch, none answered as
+        journal, the batch's rows kept here (SQLite's spool: JournalError fails the whole batch, none answered as
         placed) or handed to the writer thread (each job's `kept` settles once they are committed)."""
         batch = jobs[0].batch if len(jobs) == 1 else np.concatenate([job.batch for job in jobs])
         names = jobs[0].names if len(jobs) == 1 else [name for job in jobs for name in job.names]
@@ -193,12 +192,10 @@ class EmbedHandler:
             stop = start + len(job.names)
             answers.append(self._head + orjson.dumps(placed[start:stop]) + b"}")
             start = stop
-        if self.journal is not None and self.writer is None:  # committed here before any job is answered
-            commit_rows(self.journal, journal_values(jobs, placed, batch, self.bundle_sha256, self.scale))
+        if self.journal is not None and self.writer is None:  # kept here (spooled) before any job is answered
+            keep_rows(self.journal, journal_values(jobs, placed, self.bundle_sha256))
         elif self.writer is not None:  # built and committed in the journal's thread, several batches a transaction
-            self.writer.submit(
-                lambda: journal_values(jobs, placed, batch, self.bundle_sha256, self.scale), [job.kept for job in jobs]
-            )
+            self.writer.submit(lambda: journal_values(jobs, placed, self.bundle_sha256), [job.kept for job in jobs])
         return answers
 
     async def close(self) -> None:
@@ -207,29 +204,28 @@ class EmbedHandler:
             await asyncio.to_thread(self.writer.close)
 
 
-def journal_values(
-    jobs: Sequence[_Job], placed: Sequence[Any], batch: np.ndarray, bundle_sha256: str, scale: float
-) -> list[tuple]:
+def journal_values(jobs: Sequence[_Job], placed: Sequence[Any], bundle_sha256: str) -> list[tuple]:
     """The journal's rows of a placed batch, as column values (tsimcne_core.journal.ROW_COLUMNS): each record
-    with its request, metadata, file digest and the image at model size (the model input scaled back to
-    uint8, once a batch). Built straight into tuples with orjson: JournalRow objects and json cost 3x more."""
+    with its request, metadata, file digest and the image at model size (the decoder's uint8 pixels). Built
+    straight into tuples with orjson (the records are dataclasses): JournalRow objects and json cost 3x more."""
     time_now = journal_now()
-    images = np.clip(np.rint(batch.transpose(0, 2, 3, 1) * scale), 0, 255).astype(np.uint8)
-    height, width = int(images.shape[1]), int(images.shape[2])
-    requests = [job.request for job in jobs for _ in job.names]
-    digests = [digest for job in jobs for digest in job.request.digests]  # every job has one with a journal
-    originals = [original for job in jobs for original in job.request.originals]
+    records = iter(placed)
     values = []
-    for record, pixels, request, digest, original in zip(placed, images, requests, digests, originals, strict=True):
+    for job in jobs:
+        request, pixels = job.request, job.pixels  # every job has both with a journal
         metadata = request.metadata
-        neighbours = [(n.id, n.index, n.label, n.distance) for n in record.neighbours]
-        values.append((
-            time_now, request.request_id, bundle_sha256, record.filename, digest, record.x, record.y, record.flag,
-            record.score, orjson.dumps(record.evidence).decode(), record.majority_label, record.majority_share,
-            orjson.dumps([{"id": i, "index": x, "label": lab, "distance": d} for i, x, lab, d in neighbours]).decode(),
-            record.duplicate_of, metadata.source, metadata.sample_id, orjson.dumps(metadata.tags).decode(),
-            neighbours[0][3] if neighbours else None, pixels.tobytes(), height, width, original,
-        ))  # fmt: skip
+        tags = orjson.dumps(metadata.tags).decode() if metadata.tags else "[]"
+        originals = request.originals or [None] * len(request.digests)
+        height, width = int(pixels.shape[1]), int(pixels.shape[2])
+        for image, digest, original in zip(pixels, request.digests, originals, strict=True):
+            record = next(records)
+            neighbours = record.neighbours
+            values.append((
+                time_now, request.request_id, bundle_sha256, record.filename, digest, record.x, record.y, record.flag,
+                record.score, orjson.dumps(record.evidence).decode(), record.majority_label, record.majority_share,
+                orjson.dumps(neighbours).decode(), record.duplicate_of, metadata.source, metadata.sample_id, tags,
+                neighbours[0].distance if neighbours else None, image.tobytes(), height, width, original,
+            ))  # fmt: skip
     return values
 
 

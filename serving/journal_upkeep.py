@@ -1,8 +1,9 @@
-"""The journal's upkeep in each worker: the SQLite checkpoint, today's drift as Prometheus gauges, and pruning
-by age, off the request path.
+"""The journal's upkeep in each worker: SQLite's spool taken in and its WAL checkpointed, today's drift as
+Prometheus gauges, and pruning by age, off the request path.
 
-A thread of its own (its own database connection) wakes every second: it checkpoints an SQLite journal's WAL
-(so no commit in the model thread waits for that fsync), every `refresh_s` reads today's daily counts (a
+A thread of its own (its own database connection) wakes every second: it takes what the workers spooled into
+an SQLite journal's database in one transaction and checkpoints its WAL (tsimcne_core/journal.py
+`SqliteJournal.maintain`), every `refresh_s` reads today's daily counts (a
 few rows, whatever the journal's size) into the drift gauges, and, in the worker told to prune, deletes
 placements older than the retention setting once an hour. Every replica reads the same journal, so the
 gauges agree across workers and replicas (Prometheus takes the most recent or the max).
@@ -46,7 +47,7 @@ class JournalUpkeep:
         refreshed = -math.inf
         while True:
             try:
-                self.journal.checkpoint()
+                self.journal.maintain()
                 if time.monotonic() - refreshed >= self.refresh_s:
                     self.refresh_gauges()
                     refreshed = time.monotonic()

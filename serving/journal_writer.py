@@ -5,8 +5,8 @@ next batch; this thread commits everything handed over since its last commit in 
 is answered only once its rows are committed (its asyncio future is settled from here, once a commit, with
 one call into the event loop), so a 2xx still means they are kept. Used for PostgreSQL, whose commit (a
 network round trip and the server's fsync) would otherwise hold the model for every batch; an SQLite journal
-is written in the model thread, where this hand-over measured 4 % of /embed's throughput for nothing
-(benchmarks/README.md, section 16).
+appends each batch to its spool in the model thread (one write call: tsimcne_core/journal_spool.py), where
+this hand-over would cost more than the append (benchmarks/README.md, section 16).
 """
 
 from __future__ import annotations
@@ -23,12 +23,13 @@ from tsimcne_core.journal import JournalError, SqlJournal
 RowMaker = Callable[[], Sequence[tuple]]  # builds a batch's rows (tsimcne_core.journal.ROW_COLUMNS values)
 
 
-def commit_rows(journal: SqlJournal, rows: Sequence[tuple], batches: int = 1) -> None:
-    """`rows` in one transaction, counted in the journal's metrics (rows, seconds); a JournalError is counted
-    as `batches` failed model batches and raised again."""
+def keep_rows(journal: SqlJournal, rows: Sequence[tuple], batches: int = 1) -> None:
+    """`rows` kept durably (`SqlJournal.keep`: SQLite's spool, or a PostgreSQL transaction), counted in the
+    journal's metrics (rows, seconds); a JournalError is counted as `batches` failed model batches and raised
+    again."""
     started = time.perf_counter()
     try:
-        journal.write_values(rows)
+        journal.keep(rows)
     except JournalError:
         metrics.JOURNAL_FAILURES.inc(batches)
         raise
@@ -85,7 +86,7 @@ class JournalWriter:
         failure: JournalError | None = None
         if built:
             try:
-                commit_rows(self.journal, rows, batches)
+                keep_rows(self.journal, rows, batches)
             except JournalError as exc:
                 failure = exc
         outcomes += [(waiter, failure) for waiter in built]

@@ -50,6 +50,7 @@ class DeadlineExceeded(Exception):
 class DecodedUploads:
     batch: np.ndarray | None  # float32 (N, 3, H, W), the readable images in upload order; None when there are problems
     problems: list[dict[str, str]] = field(default_factory=list)  # {"file", "error", "reason"} per unusable file
+    pixels: np.ndarray | None = None  # the same images as uint8 (N, H, W, 3), what the journal keeps of them
 
 
 def check_request_pixels(uploads: Sequence[Upload], max_request_pixels: int) -> None:
@@ -184,7 +185,8 @@ class UploadDecoder:
             del decoded  # the full-size pixels go now, before the next image is decoded
         if problems or any(upload.problem is not None for upload in uploads):
             return DecodedUploads(None, _problems(uploads, problems))
-        return DecodedUploads(stack_fitted(fitted, self.prep))
+        pixels = np.stack(fitted)
+        return DecodedUploads(stack_fitted(pixels, self.prep), pixels=pixels)
 
 
 def _problems(uploads: Sequence[Upload], found: dict[int, ImageDecodeError]) -> list[dict[str, str]]:

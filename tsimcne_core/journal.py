@@ -18,7 +18,9 @@ when a journal is opened (MIGRATIONS: every journal, new or old, goes through th
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -32,12 +34,14 @@ from typing import Any
 import numpy as np
 
 from tsimcne_core.journal_drift import COUNTED_COLUMNS, binned_median, drift_counts, upsert_counts
+from tsimcne_core.journal_spool import SpoolError, SpoolWriter, finished, read_segment, segments, spool_folder
 
 MAX_PAGE = 1000  # rows of one /placements page
 PRUNE_CHUNK = 5000  # rows deleted a transaction when pruning
 SYNC_MODES = ("normal", "full")
 LOCK_WAIT_S = 30.0  # SQLite: how long a write waits for another worker's lock before it fails
-WAL_PAGES = 10_000  # SQLite: the WAL's size at which a commit checkpoints it itself (see SqliteJournal)
+WAL_PAGES = 2_500  # SQLite: the WAL's size in pages at which a commit checkpoints it itself (see SqliteJournal)
+PAGE_BYTES = 16_384  # SQLite: the page size of a new journal
 
 COLUMNS = (
     "time", "request_id", "bundle_sha256", "filename", "image_sha256", "x", "y", "flag", "score", "evidence",
@@ -110,6 +114,9 @@ MIGRATIONS: dict[int, tuple[str | Callable[[Any, str], None], ...]] = {
         """CREATE TABLE drift_distances (day TEXT NOT NULL, source TEXT NOT NULL, bin INTEGER NOT NULL,
             images BIGINT NOT NULL, PRIMARY KEY (day, source, bin))""",
         _backfill_drift,
+    ),
+    3: (  # how far each spool segment has been taken into the database (SQLite: tsimcne_core/journal_spool.py)
+        "CREATE TABLE journal_spool (segment TEXT PRIMARY KEY, read_to BIGINT NOT NULL)",
     ),
 }
 SCHEMA_VERSION = max(MIGRATIONS)
@@ -275,8 +282,17 @@ class SqlJournal:
     def _begin_write(self, connection: Any) -> None:
         """Start a write transaction (PostgreSQL starts one with the first statement)."""
 
-    def checkpoint(self) -> None:
-        """Housekeeping the database needs from time to time (SQLite: the WAL checkpoint); none here."""
+    def maintain(self) -> None:
+        """Housekeeping the service's upkeep thread does every second (SQLite: take the spool in, checkpoint
+        the WAL); none here."""
+
+    def keep(self, values: Sequence[tuple]) -> None:
+        """The service's write of a placed batch (ROW_COLUMNS values): kept durably when this returns, or
+        JournalError. Here a transaction of its own (`write_values`); SQLite appends to its spool."""
+        self.write_values(values)
+
+    def _catch_up(self) -> None:
+        """Before a read or a change: make every kept row visible (SQLite: take the spool in)."""
 
     def version(self) -> int:
         cursor = self._connection().cursor()
@@ -294,10 +310,14 @@ class SqlJournal:
         if not values:
             return 0
         with self._transaction("the placements could not be written") as cursor:
-            insert_rows(cursor, self.mark, "placements", ROW_COLUMNS, values)
-            counted = ([row[at] for at in COUNTED_AT] for row in values)
-            upsert_counts(cursor, self.mark, *drift_counts(counted), insert_rows)
+            self._insert(cursor, values)
         return len(values)
+
+    def _insert(self, cursor: Any, values: Sequence[tuple]) -> None:
+        """Rows and their daily counts, in the caller's transaction."""
+        insert_rows(cursor, self.mark, "placements", ROW_COLUMNS, values)
+        counted = ([row[at] for at in COUNTED_AT] for row in values)
+        upsert_counts(cursor, self.mark, *drift_counts(counted), insert_rows)
 
     @contextmanager
     def _transaction(self, failure: str) -> Iterator[Any]:
@@ -350,6 +370,7 @@ class SqlJournal:
         return (found[0], bytes(found[1])) if found and found[1] is not None else None
 
     def _read(self, sql: str, values: list[Any]) -> Any:
+        self._catch_up()
         connection = self._connection()
         try:
             cursor = connection.cursor()
@@ -403,6 +424,7 @@ class SqlJournal:
         return gone
 
     def _change(self, sql: str, values: list[Any]) -> int:
+        self._catch_up()
         with self._transaction("cannot be written") as cursor:
             cursor.execute(sql, values)
         return int(cursor.rowcount)
@@ -461,6 +483,9 @@ class SqlJournal:
         }  # fmt: skip
 
     def close(self) -> None:
+        self._close_connection()
+
+    def _close_connection(self) -> None:
         connection = getattr(self._local, "connection", None)
         if connection is not None:
             connection.close()
@@ -473,34 +498,105 @@ class SqliteJournal(SqlJournal):
             raise JournalError(f"journal {url}: sync {sync!r}: give one of {', '.join(SYNC_MODES)}")
         self.path = Path(url.removeprefix("sqlite:///"))
         self.sync = sync
+        self.spool_folder = spool_folder(self.path)
+        self._writer: SpoolWriter | None = None
+        self._writer_made = threading.Lock()
+        self._taking = threading.Lock()
+        self._taken_sizes: dict[str, int] | None = None  # the spool's segment sizes when this process last took it
+        self._failing: str | None = None  # why the last take failed: new writes are refused until one succeeds
         super().__init__(url)
+        self.take_spool()  # what an earlier run spooled and had not taken in yet (it was killed, say)
+
+    def keep(self, values: Sequence[tuple]) -> None:
+        """Append the batch to this process's spool segment (one write; fsynced with sync=full): durable when
+        this returns, taken into the database within a second or before the next read (`take_spool`).
+        JournalError while the database does not take what is spooled (a 2xx is then no longer given)."""
+        if not values:
+            return
+        if self._failing is not None:
+            raise JournalError(f"journal {self.describe()}: the placements could not be written: {self._failing}")
+        writer = self._writer
+        if writer is None or writer.pid != os.getpid():  # made in the process that writes (after a fork)
+            with self._writer_made:
+                writer = self._writer
+                if writer is None or writer.pid != os.getpid():
+                    writer = self._writer = SpoolWriter(self.spool_folder, fsync=self.sync == "full")
+        try:
+            writer.append(values)
+        except SpoolError as exc:
+            raise JournalError(f"journal {self.describe()}: the placements could not be written: {exc}") from exc
+
+    def take_spool(self) -> int:
+        """Take every whole frame spooled by any process into the database, in one transaction with each
+        segment's new offset (so a frame is taken exactly once, whichever process takes it); delete the
+        segments taken to their end whose writer is done with them. How many rows came in."""
+        with self._taking:
+            sizes = segments(self.spool_folder)
+            let_go = any(finished(self.spool_folder / name, size) for name, size in sizes.items())
+            if sizes == self._taken_sizes and not let_go:
+                return 0  # nothing new since this process last took it, and no writer has let go of a segment
+            try:
+                with self._transaction("the spooled placements could not be taken in") as cursor:
+                    # Listed again under the write lock: a segment with an offset row that is not listed now
+                    # has been deleted (no take can commit meanwhile), so its row may go; listed before the
+                    # lock, a segment taken in and created meanwhile would lose its row and be taken twice.
+                    sizes = segments(self.spool_folder)
+                    cursor.execute("SELECT segment, read_to FROM journal_spool")
+                    offsets = dict(cursor.fetchall())
+                    taken = [read_segment(self.spool_folder, name, offsets.get(name, 0)) for name in sorted(sizes)]
+                    rows = [row for segment in taken for row in segment.rows]
+                    if rows:
+                        self._insert(cursor, rows)
+                    moved = [(s.name, s.offset) for s in taken if s.offset != offsets.get(s.name, 0)]
+                    if moved:
+                        tail = " ON CONFLICT (segment) DO UPDATE SET read_to = excluded.read_to"
+                        insert_rows(cursor, self.mark, "journal_spool", ("segment", "read_to"), moved, tail)
+                    for name in offsets.keys() - sizes.keys():  # deleted after an earlier take
+                        cursor.execute("DELETE FROM journal_spool WHERE segment = ?", [name])
+            except JournalError as exc:
+                self._failing = str(exc).removeprefix(f"journal {self.describe()}: ")
+                raise
+            self._failing = None
+            for segment in taken:
+                if finished(segment.path, segment.offset):
+                    segment.path.unlink(missing_ok=True)  # its offset row goes with the next take
+            self._taken_sizes = segments(self.spool_folder)
+            return len(rows)
+
+    def _catch_up(self) -> None:
+        self.take_spool()
+
+    def maintain(self) -> None:
+        """Take the spool in, then copy committed pages from the WAL into the database."""
+        self.take_spool()
+        self.checkpoint()
 
     def _connect(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         connection = sqlite3.connect(self.path, timeout=LOCK_WAIT_S, check_same_thread=False)
+        # A row (the image at model size and its record: ~3.5 kB for 28 px) fills most of a 4 kB page: 16 kB
+        # pages cut SQLite's work a row by a third (benchmarks/README.md, section 16). Takes effect only in a new,
+        # empty database; an existing one keeps its page size.
+        connection.execute(f"PRAGMA page_size={PAGE_BYTES}")
         # WAL: readers do not block the writer, workers share the file. Switching to it needs the database to
         # itself, and SQLite answers "locked" at once (no busy wait) while another worker is migrating.
         _while_locked(lambda: connection.execute("PRAGMA journal_mode=WAL"), pause=0.05)
-        # NORMAL (the default): a commit is in the WAL file before the request is answered, so it survives the
-        # worker being killed, but not a power cut in the next moments; FULL also waits for the disk (fsync) on
-        # every commit (what each costs /embed: benchmarks/README.md, section 16).
+        # NORMAL (the default): a commit (and a spooled batch) is in the file before the request is answered, so
+        # it survives the worker being killed, but not a power cut in the next moments; FULL also waits for the
+        # disk (fsync) on every commit and every spooled batch (what each costs /embed: benchmarks/README.md,
+        # section 16).
         connection.execute(f"PRAGMA synchronous={self.sync.upper()}")
-        # Copying the WAL back into the database (a checkpoint, with an fsync) is left to `checkpoint`, which
-        # the service calls from a thread of its own every second, not to the commit that crosses SQLite's
-        # 1,000 pages (4 MB): that commit would hold its model batch, and the requests in it, for the fsync.
-        # 10,000 pages (40 MB) keeps the WAL bounded should nobody call it.
+        # Copying the WAL back into the database (a checkpoint, with an fsync) is left to `maintain`, which the
+        # service calls from a thread of its own every second, not to the commit that crosses SQLite's 1,000
+        # pages; WAL_PAGES (40 MB) keeps the WAL bounded should nobody call it.
         connection.execute(f"PRAGMA wal_autocheckpoint={WAL_PAGES}")
         return connection
 
     def _begin_write(self, connection: sqlite3.Connection) -> None:
-        """Take the database's one write lock, asking again every 0.1 ms while another worker holds it (for a
-        commit of ~0.1 ms). SQLite's own busy wait sleeps 1 ms and more between tries: measured, the service's
-        workers then stood idle 5 % of the time under load, waiting for each other."""
-        connection.execute("PRAGMA busy_timeout=0")
-        try:
-            _while_locked(lambda: connection.execute("BEGIN IMMEDIATE"), pause=0.0001)
-        finally:
-            connection.execute(f"PRAGMA busy_timeout={int(LOCK_WAIT_S * 1000)}")
+        """Take the database's one write lock, waiting (SQLite's busy wait, up to LOCK_WAIT_S) while another
+        process holds it. Nothing on a request's path waits here: /embed's batches go to the spool, and the
+        takes, reviews and prunes that write can wait their turn."""
+        connection.execute("BEGIN IMMEDIATE")
 
     def checkpoint(self) -> None:
         """Copy committed pages from the WAL into the database without waiting for readers or writers."""
@@ -511,6 +607,15 @@ class SqliteJournal(SqlJournal):
 
     def _lock_schema(self, cursor: Any) -> None:
         cursor.execute("BEGIN IMMEDIATE")  # the database's one writer lock, until the migration commits
+
+    def close(self) -> None:
+        """Stop spooling and take in what this process spooled (a service shutting down leaves none behind)."""
+        writer, self._writer = self._writer, None
+        if writer is not None and writer.pid == os.getpid():
+            writer.close()
+            with contextlib.suppress(JournalError):  # else kept in the spool: the next process takes it in
+                self.take_spool()
+        self._close_connection()
 
 
 def _while_locked(statement: Callable[[], Any], pause: float) -> None:
@@ -535,6 +640,15 @@ class PostgresJournal(SqlJournal):
 
     def _lock_schema(self, cursor: Any) -> None:
         cursor.execute("SELECT pg_advisory_xact_lock(2026120326)")  # released when the migration commits
+
+    def _insert(self, cursor: Any, values: Sequence[tuple]) -> None:
+        """The rows by COPY (less of the service's CPU than a multi-row INSERT's parameters: 50 against 61 µs a
+        row in transactions of 8), their daily counts by INSERT ... ON CONFLICT, in the caller's transaction."""
+        with cursor.copy(f"COPY placements ({', '.join(ROW_COLUMNS)}) FROM STDIN") as copy:
+            for row in values:
+                copy.write_row(row)
+        counted = ([row[at] for at in COUNTED_AT] for row in values)
+        upsert_counts(cursor, self.mark, *drift_counts(counted), insert_rows)
 
     def describe(self) -> str:
         """The URL without its password."""

@@ -127,16 +127,16 @@ PANELS = [
     panel("Bundle being served", [("tsimcne_bundle_info", "{{bundle}} {{provider}} {{sha256}}")], 12, 32, kind="table"),
     # The journal (setting `journal`): empty when it is off.
     panel(
-        "Journal: placed images committed per second",
+        "Journal: placed images kept per second",
         [("sum(rate(tsimcne_journal_rows_total[5m]))", "rows/s")],
         0,
         40,
         w=8,
         unit="reqps",
-        description="Every placed image is committed before its request is answered; this follows images placed/s.",
+        description="Every placed image is kept before its request is answered; this follows images placed/s.",
     ),
     panel(
-        "Journal: write time per transaction (p50, p99)",
+        "Journal: time to keep a model batch (p50, p99)",
         [
             (f"histogram_quantile(0.5, {JOURNAL_WRITE})", "p50"),
             (f"histogram_quantile(0.99, {JOURNAL_WRITE})", "p99"),
@@ -145,8 +145,9 @@ PANELS = [
         40,
         w=8,
         unit="s",
-        description="One transaction per model batch (group commit); /embed waits for it. A rising p99 means a "
-        "slow disk (SQLite, journal_sync=full) or a busy database (PostgreSQL).",
+        description="What /embed waits for: SQLite's append to the spool (taken into the database once a second), "
+        "PostgreSQL's transaction (group commit). A rising p99 means a slow disk (SQLite, journal_sync=full) or a "
+        "busy database (PostgreSQL).",
     ),
     panel(
         "Journal: failed batches (answered 503)",

@@ -1,0 +1,177 @@
+"""The SQLite journal's spool: placed rows appended to a file beside the database, taken into it in bulk.
+
+Why: an SQLite commit per model batch (a few rows) cost /embed 16-19 % of its throughput on 2 cores, most of it
+SQLite's fixed work per transaction and the workers waiting for each other's write lock (benchmarks/README.md,
+section 16). Appending a batch to a file is one write() call; the database then takes everything spooled in
+one transaction about once a second (`SpoolReader`, called by the service's upkeep thread and before every
+read, so a read sees every acknowledged row).
+
+What a 2xx keeps: a batch is answered once its frame is written to the spool, on the same volume as the
+database; like a WAL commit with synchronous=NORMAL it survives the worker being killed, and with
+journal_sync=full each append is also fsynced. A frame is taken into the database exactly once: the offset
+each segment has been read up to is stored in the same transaction as its rows (table journal_spool).
+
+Files: `<folder>/<writer>.<sequence>.spool`, one writer per process (its name: pid, start time, random), a new
+segment every SEGMENT_BYTES. A writer holds a shared flock on its open segment; a segment read to its end whose
+flock can be taken exclusively is finished (rotated away from, or its process is gone) and is deleted.
+Frames: magic, payload length, then the batch's rows pickled (values of str, int, float, bytes and None only;
+unpickled with no globals allowed, so a spool file cannot run code).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import io
+import os
+import pickle
+import secrets
+import struct
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+MAGIC = b"TSJ1"
+FRAME_HEAD = struct.Struct("<4sI")  # magic, payload bytes
+SEGMENT_BYTES = 16 * 1024 * 1024  # a writer starts a new segment beyond this
+SUFFIX = ".spool"
+
+
+class SpoolError(OSError):
+    """A batch could not be appended to the spool (nothing of it is kept)."""
+
+
+def spool_folder(database: Path) -> Path:
+    """Where a journal database's spool lives: beside it, on the same volume."""
+    return database.with_name(database.name + ".spool")
+
+
+class SpoolWriter:
+    """Appends batches of rows for one process; thread-safe. Made again after a fork (`for_process`)."""
+
+    def __init__(self, folder: Path, fsync: bool = False) -> None:
+        self.folder = folder
+        self.fsync = fsync
+        self.pid = os.getpid()
+        self.name = f"{self.pid}-{time.time_ns()}-{secrets.token_hex(4)}"
+        self._lock = threading.Lock()
+        self._sequence = 0
+        self._fd = -1
+        self._size = 0
+        folder.mkdir(parents=True, exist_ok=True)
+        self._open_segment()
+
+    def _open_segment(self) -> None:
+        path = self.folder / f"{self.name}.{self._sequence:08d}{SUFFIX}"
+        making = path.with_name(path.name + ".new")  # no reader lists it before it is locked
+        fd = os.open(making, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_SH)  # "still being written": a reader deletes only segments it can lock
+        os.replace(making, path)
+        previous, self._fd, self._size = self._fd, fd, 0
+        if previous >= 0:
+            os.close(previous)  # its flock goes with it: the reader may delete it once it has read it all
+
+    def append(self, rows: Sequence[tuple]) -> None:
+        """One frame holding `rows`, on disk (in the page cache; fsynced with fsync=True) when this returns.
+        SpoolError when it cannot be written; a partly written frame is cut off again."""
+        payload = pickle.dumps(rows, protocol=pickle.HIGHEST_PROTOCOL)
+        frame = FRAME_HEAD.pack(MAGIC, len(payload)) + payload
+        with self._lock:
+            try:
+                written = 0
+                while written < len(frame):
+                    written += os.write(self._fd, frame[written:] if written else frame)
+                if self.fsync:
+                    os.fsync(self._fd)
+            except OSError as exc:
+                with contextlib.suppress(OSError):  # no half frame stays in front of the next one
+                    os.ftruncate(self._fd, self._size)
+                raise SpoolError(exc.errno, f"spool {self.folder}: {exc.strerror or exc}") from exc
+            self._size += len(frame)
+            if self._size >= SEGMENT_BYTES:
+                self._sequence += 1
+                self._open_segment()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+
+
+class _RowsOnly(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> None:  # type: ignore[override]
+        raise pickle.UnpicklingError(f"spool frames hold plain values only, not {module}.{name}")
+
+
+@dataclass(slots=True)
+class SegmentRead:
+    name: str
+    path: Path
+    offset: int  # read up to here: the end of its last whole frame
+    rows: list[tuple]
+
+
+def segments(folder: Path) -> dict[str, int]:
+    """The spool's segment files and their sizes (none when the folder does not exist)."""
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return {}
+    found = {}
+    for entry in entries:
+        if entry.name.endswith(SUFFIX):
+            try:
+                found[entry.name] = entry.stat().st_size
+            except FileNotFoundError:  # deleted meanwhile by another process's reader
+                continue
+    return found
+
+
+def read_segment(folder: Path, name: str, offset: int) -> SegmentRead:
+    """The whole frames of a segment from `offset` on (a frame still being written is left for next time).
+    ValueError naming the file for a frame that is not one."""
+    path = folder / name
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(offset)
+            data = handle.read()
+    except FileNotFoundError:  # taken to its end and deleted by another process meanwhile
+        return SegmentRead(name, path, offset, [])
+    rows: list[tuple] = []
+    at = 0
+    while len(data) - at >= FRAME_HEAD.size:
+        magic, length = FRAME_HEAD.unpack_from(data, at)
+        if magic != MAGIC:
+            raise ValueError(f"{path}: no spool frame at byte {offset + at}")
+        end = at + FRAME_HEAD.size + length
+        if end > len(data):
+            break
+        rows += _RowsOnly(io.BytesIO(data[at + FRAME_HEAD.size : end])).load()
+        at = end
+    return SegmentRead(name, path, offset + at, rows)
+
+
+def finished(path: Path, offset: int) -> bool:
+    """Whether nothing more can come into the segment: no writer holds it open any more (it rotated away from
+    it, or its process is gone) and it was read to its end (`offset`). Bytes after the last whole frame of a
+    segment no writer holds are a frame its process died writing (never acknowledged): it is finished too."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return False
+    try:
+        tail = os.pread(fd, FRAME_HEAD.size, offset)
+        if len(tail) < FRAME_HEAD.size:
+            return True  # read to its end, or a frame cut off within its head
+        _, length = FRAME_HEAD.unpack(tail)
+        return os.fstat(fd).st_size < offset + FRAME_HEAD.size + length  # a whole frame not read yet: not done
+    finally:
+        os.close(fd)
