@@ -1,8 +1,12 @@
-"""Where a journal commit's time goes (SQLite, issue 26): taking the write lock, the multi-row INSERT, the
-daily counts, the commit (the WAL write) and the checkpoint (copying the WAL into the database, with its
-fsync), per model batch of `--batch` rows like the service's, timed in one process.
+"""Where a journal write's time goes (SQLite, issue 26), timed in one process.
 
-    .venv/bin/python -m benchmarks.journal.write_cost            # batches of 1, 4 and 16 rows
+First a transaction per model batch (what the service did before the spool): taking the write lock, the
+multi-row INSERT, the daily counts, the commit (the WAL write) and the checkpoint (copying the WAL into the
+database, with its fsync), per batch of 1, 4 and 16 rows. Then the spool (what it does now): appending a
+batch of 4 to the spool (the request's share), and taking a second's worth of batches into the database in
+one transaction, with the checkpoint after it (the upkeep thread's share).
+
+    .venv/bin/python -m benchmarks.journal.write_cost
 
 Rows as the service writes them for a 28 px bundle (tsimcne_core/journal.py `write_values`); a checkpoint
 every 50 batches (about what the service's one-second checkpoint sees at 2,000 rows/s). Run it alone.
@@ -62,6 +66,30 @@ def measure(batch: int, batches: int, checkpoint_every: int = 50) -> dict[str, f
     return {name: 1e6 * seconds / (batches * batch) for name, seconds in steps.items()}
 
 
+def measure_spool(batches: int = 500, batch: int = 4) -> dict[str, float]:
+    """Microseconds a row: appending `batches` batches of `batch` rows to the spool, taking them all in (one
+    transaction), and the checkpoint after it; the best of 5 rounds after one to warm up."""
+    image = np.random.default_rng(0).integers(0, 256, 28 * 28 * 3, dtype=np.uint8).tobytes()
+    rows = [row(i, image) for i in range(batch)]
+    best = {"append": float("inf"), "take": float("inf"), "checkpoint": float("inf")}
+    with tempfile.TemporaryDirectory() as folder:
+        journal = open_journal(f"sqlite:///{folder}/journal.db")
+        for round_ in range(6):
+            marks = [time.perf_counter()]
+            for _ in range(batches):
+                journal.keep(rows)
+            marks.append(time.perf_counter())
+            journal.take_spool()
+            marks.append(time.perf_counter())
+            journal.checkpoint()
+            marks.append(time.perf_counter())
+            if round_:
+                for name, start, stop in zip(best, marks[:-1], marks[1:], strict=True):
+                    best[name] = min(best[name], 1e6 * (stop - start) / (batches * batch))
+        journal.close()
+    return best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", type=int, default=2000)
@@ -72,6 +100,10 @@ def main() -> None:
         cost = measure(batch, max(args.batches // batch, 100))
         cells = " | ".join(f"{value:.1f}" for value in cost.values())
         print(f"| {batch} | {cells} | **{sum(cost.values()):.1f}** |")
+    spool = measure_spool()
+    print("\n| spool: append (batches of 4) | take (2,000 rows a transaction) | checkpoint | all, µs a row |")
+    print("|---|---|---|---|")
+    print(" | ".join(["", *(f"{value:.1f}" for value in spool.values()), f"**{sum(spool.values()):.1f}** |"]).strip())
 
 
 if __name__ == "__main__":
