@@ -27,6 +27,7 @@ import asyncio
 import hashlib
 import logging
 import random
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -74,6 +75,7 @@ class _Job:
     pixels: np.ndarray | None = None  # the batch as uint8 (N, H, W, 3): the images the journal keeps
     request: _RequestRecord | None = None  # what the journal keeps of the request (None: no journal)
     kept: asyncio.Future | None = None  # settled once the journal has committed the request's rows
+    handed: bool = False  # its rows handed to the journal's writer (or the job given up): it joins no more
 
 
 @dataclass(slots=True)
@@ -99,7 +101,12 @@ class EmbedHandler:
         # thread takes it into the database once a second); PostgreSQL's commit is a round trip and a server's
         # fsync away, which would hold the model every batch: a writer thread, several batches a transaction
         # (benchmarks/README.md, section 16).
-        self.writer = JournalWriter(journal) if journal is not None and not journal.commits_locally else None
+        # PostgreSQL: requests queued for the model whose rows the writer has not been handed yet; while there
+        # are any, the writer waits a little for them to share its transaction (serving/journal_writer.py)
+        self._joining = 0
+        self._joining_lock = threading.Lock()
+        gathers = journal is not None and not journal.commits_locally
+        self.writer = JournalWriter(journal, lambda: self._joining) if gathers else None
         prep = placer.manifest.preprocessing
         self.decoder = UploadDecoder(
             prep,
@@ -166,6 +173,8 @@ class EmbedHandler:
             job.request = _RequestRecord(request_id, metadata or NO_METADATA, digests, originals)
             if self.writer is not None:
                 job.kept = asyncio.get_running_loop().create_future()
+                with self._joining_lock:
+                    self._joining += 1
         try:
             async with asyncio.timeout(max(deadline - time.monotonic(), 0.0)):
                 body = await self.batcher.run(job, len(job.names))
@@ -176,6 +185,9 @@ class EmbedHandler:
         except JournalError as exc:
             message = f"{exc}; the images were not kept, so none is answered as placed: retry later"
             raise Refusal(503, "journal", message, headers={"Retry-After": "5"}) from None
+        finally:
+            if job.kept is not None:
+                self._handed([job])  # a job that never reached the model (budget, client gone) joins no more
         return Answer(200, body, {"X-Request-ID": job.request.request_id} if job.request else None)
 
     def _place(self, jobs: Sequence[_Job]) -> list[bytes]:
@@ -196,7 +208,16 @@ class EmbedHandler:
             keep_rows(self.journal, journal_values(jobs, placed, self.bundle_sha256))
         elif self.writer is not None:  # built and committed in the journal's thread, several batches a transaction
             self.writer.submit(lambda: journal_values(jobs, placed, self.bundle_sha256), [job.kept for job in jobs])
+            self._handed(jobs)
         return answers
+
+    def _handed(self, jobs: Sequence[_Job]) -> None:
+        """These jobs no longer join a journal transaction (handed to the writer, or given up): counted once."""
+        with self._joining_lock:
+            for job in jobs:
+                if not job.handed:
+                    job.handed = True
+                    self._joining -= 1
 
     async def close(self) -> None:
         await self.batcher.close()

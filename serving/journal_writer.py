@@ -1,7 +1,7 @@
 """The journal's writer thread: group commit, so keeping every placed image costs the model little.
 
 The model thread hands each placed batch's rows over (a function that builds them) and goes on with the
-next batch; this thread commits everything handed over since its last commit in one transaction. A request
+next batch; this thread gathers batches (see JournalWriter) and commits them in one transaction. A request
 is answered only once its rows are committed (its asyncio future is settled from here, once a commit, with
 one call into the event loop), so a 2xx still means they are kept. Used for PostgreSQL, whose commit (a
 network round trip and the server's fsync) would otherwise hold the model for every batch; an SQLite journal
@@ -20,7 +20,9 @@ from collections.abc import Callable, Sequence
 from serving import metrics
 from tsimcne_core.journal import JournalError, SqlJournal
 
-RowMaker = Callable[[], Sequence[tuple]]  # builds a batch's rows (tsimcne_core.journal.ROW_COLUMNS values)
+RowMaker = Callable[[], Sequence[tuple]]
+GATHER_S = 0.005  # the longest a batch waits for others to share its transaction
+GATHER_REQUESTS = 256  # builds a batch's rows (tsimcne_core.journal.ROW_COLUMNS values)
 
 
 def keep_rows(journal: SqlJournal, rows: Sequence[tuple], batches: int = 1) -> None:
@@ -39,10 +41,17 @@ def keep_rows(journal: SqlJournal, rows: Sequence[tuple], batches: int = 1) -> N
 
 class JournalWriter:
     """One thread per worker. `submit(make_rows, waiters)`: the asyncio futures `waiters` get None once those
-    rows are committed, or the JournalError that failed their transaction (none of its rows is kept then)."""
+    rows are committed, or the JournalError that failed their transaction (none of its rows is kept then).
 
-    def __init__(self, journal: SqlJournal) -> None:
+    A transaction costs the service ~250 µs of CPU whatever it holds (psycopg's statements and round trips:
+    benchmarks/README.md, section 16), so the writer gathers: it commits once no other request is on its way
+    to it (`joining()`: queued for the model, its rows not handed over yet), when GATHER_S has passed since
+    the first batch it holds, or at GATHER_REQUESTS requests, whichever comes first; a lone request is
+    committed at once."""
+
+    def __init__(self, journal: SqlJournal, joining: Callable[[], int] = lambda: 0) -> None:
         self.journal = journal
+        self.joining = joining
         self._queue: queue.SimpleQueue[tuple[RowMaker, list[asyncio.Future]] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="journal", daemon=True)
         self._thread.start()
@@ -60,15 +69,20 @@ class JournalWriter:
             if item is None:
                 return
             pending = [item]
-            while True:  # everything handed over meanwhile goes into the same transaction
+            waiting = len(item[1])
+            deadline = time.monotonic() + GATHER_S
+            while True:  # what is handed over meanwhile goes into the same transaction
+                left = deadline - time.monotonic()
+                gather = left > 0 and waiting < GATHER_REQUESTS and self.joining() > 0
                 try:
-                    following = self._queue.get_nowait()
+                    following = self._queue.get(timeout=left) if gather else self._queue.get_nowait()
                 except queue.Empty:
                     break
                 if following is None:
                     self._commit(pending)
                     return
                 pending.append(following)
+                waiting += len(following[1])
             self._commit(pending)
 
     def _commit(self, pending: list[tuple[RowMaker, list[asyncio.Future]]]) -> None:
