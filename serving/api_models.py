@@ -53,6 +53,11 @@ class InfoResponse(BaseModel):
     calibration: dict[str, Any]
     evaluation: dict[str, Any] | None
     partial: bool
+    folds: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="journal images reviewed as fine folded into the reference (tsimcne journal fold), oldest "
+        "first: when, from which bundle (name, sha256), how many images, which journal rows, what was left out",
+    )
     limits: Limits
     auth_required: bool
     versions: dict[str, dict[str, str]] = Field(description="'bundle': versions that made it; 'service': running")

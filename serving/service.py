@@ -55,7 +55,7 @@ from tsimcne_core.calibration import public_calibration
 from tsimcne_core.journal import JournalError, open_journal
 from tsimcne_core.neighbours import set_faiss_threads
 from tsimcne_core.placing import Placer
-from tsimcne_core.public import public_evaluation
+from tsimcne_core.public import public_evaluation, public_folds
 from tsimcne_core.versions import installed_versions
 
 logger = logging.getLogger("bentoml.tsimcne")
@@ -309,6 +309,7 @@ class MapService:
             calibration=public_calibration(self.placer.calibration),
             evaluation=public_evaluation(manifest.evaluation),
             partial=manifest.partial,
+            folds=public_folds(manifest.training),
             limits=Limits(
                 max_images=settings.max_images,
                 max_upload_bytes=settings.max_upload_bytes,

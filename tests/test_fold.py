@@ -166,3 +166,22 @@ def test_bad_input_is_refused_with_one_line_and_exit_code_2(folded, tmp_path) ->
     assert not (tmp_path / "none.db").exists()
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
     assert json.loads((folded["old"] / MANIFEST).read_text())["name"] == "cells"
+
+
+def test_the_service_tells_what_grew_its_reference(folded, tmp_path) -> None:
+    """GET /info of the grown bundle: its reference size and the fold (when, from which bundle, how many), not
+    the journal's path."""
+    from benchmarks.harness.servers import start_server
+
+    running = start_server(tmp_path, {"bundle": str(folded["new"])}, home=tmp_path)
+    try:
+        with running.client() as client:
+            info = client.get("/info").json()
+    finally:
+        running.stop()
+    old = open_bundle(folded["old"])
+    (fold,) = info["folds"]
+    assert fold["images"] == FOLDED and fold["from_bundle"] == old.name
+    assert fold["from_bundle_sha256"] == sha256_file(folded["old"] / MANIFEST)
+    assert info["reference_images"] == fold["reference_size"]
+    assert "journal" not in fold and str(folded["root"]) not in json.dumps(info)

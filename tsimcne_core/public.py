@@ -28,6 +28,12 @@ def public_source(source: str) -> str:
     return _FOLDERS.sub("", source)
 
 
+def public_folds(training: dict[str, Any]) -> list[dict[str, Any]]:
+    """The folds that grew the bundle's reference (`tsimcne journal fold`), for /info: when, from which bundle,
+    how many images and rows; not the journal's URL (a path or a database host on the lab's network)."""
+    return [{key: value for key, value in fold.items() if key != "journal"} for fold in training.get("folds", [])]
+
+
 def public_evaluation(evaluation: dict[str, Any] | None) -> dict[str, Any] | None:
     """The evaluation for /info, with any path (the evaluated data's) reduced to its last component."""
     if evaluation is None:
