@@ -149,6 +149,9 @@ def test_bad_input_is_refused_with_one_line_and_exit_code_2(folded, tmp_path) ->
     data = ["--calibration-data", str(folded["root"] / "calibration.npz")]
     empty = f"sqlite:///{tmp_path / 'empty.db'}"
     open_journal(empty)
+    overlapping = tmp_path / "overlapping.npz"  # 300 of the images being folded among the calibration images
+    with np.load(folded["root"] / "calibration.npz") as clean:
+        np.savez(overlapping, images=np.concatenate([folded["images"][:300], clean["images"]]))
     cases = {
         "unknown journal": (["mysql://x/y", "--bundle", old, "--out", str(tmp_path / "a")], "journal"),
         "missing journal file": ([f"sqlite:///{tmp_path}/none.db", "--bundle", old, "--out", str(tmp_path / "b")],
@@ -157,9 +160,12 @@ def test_bad_input_is_refused_with_one_line_and_exit_code_2(folded, tmp_path) ->
         "out exists": ([url, "--bundle", old, "--out", str(folded["new"])], "already exists"),
         "no reviewed rows": ([empty, "--bundle", old, "--out", str(tmp_path / "d")], "nothing to fold"),
         "no calibration data": ([url, "--bundle", old, "--out", str(tmp_path / "e")], "--calibration-data"),
+        "calibration images being folded": (
+            [url, "--bundle", old, "--out", str(tmp_path / "f"), "--calibration-data", str(overlapping)],
+            "300 of its 1300 images are among the 1000 images being folded"),
     }  # fmt: skip
     for name, (args, says) in cases.items():
-        extra = [] if name == "no calibration data" else data
+        extra = [] if name in ("no calibration data", "calibration images being folded") else data
         result = run_cli("journal", "fold", *args, *extra)
         assert result.returncode == 2, (name, result.stderr)
         assert result.stderr.startswith("error: ") and says in result.stderr and "Traceback" not in result.stderr, name

@@ -21,6 +21,7 @@ bundle is only read.
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -118,7 +119,7 @@ def fold_bundle(
         raise UserError(
             f"journal {journal.describe()}: nothing to fold into {bundle}: {describe_skipped(folded.skipped)}"
         )
-    held = _calibration_images(calibration_data, manifest, model)
+    held = _calibration_images(calibration_data, manifest, model, folded)
     rate = target_rate or manifest.calibration.target_false_flag_rate  # type: ignore[union-attr]
     record = _fold_record(journal, bundle, manifest, folded, out)
     staging = staging_folder(out)
@@ -239,15 +240,31 @@ class HeldOut:
     statistics: np.ndarray
 
 
-def _calibration_images(spec: str | Path, manifest: BundleManifest, model: ModelSession) -> HeldOut:
-    """Clean held-out images at the bundle's size, read as export reads --calibration-data."""
+def _calibration_images(
+    spec: str | Path, manifest: BundleManifest, model: ModelSession, folded: FoldedImages
+) -> HeldOut:
+    """Clean held-out images at the bundle's size, read as export reads --calibration-data; refused when some
+    are images being folded (the same pixels at the model's size): each sits on a reference point of the grown
+    map, is never flagged, and would make the flag look stricter than it is."""
     from training.datasets import load_dataset
 
     prep = manifest.preprocessing
     held = load_dataset(spec, size=(prep.height, prep.width), resize_method=prep.resize_method)
     if len(held) < MIN_CALIBRATION_IMAGES:
         raise UserError(f"--calibration-data {spec}: {len(held)} images; need at least {MIN_CALIBRATION_IMAGES}")
+    folding = {_pixel_digest(image) for image in folded.images}
+    shared = sum(_pixel_digest(image) in folding for image in held.images)
+    if shared:
+        raise UserError(
+            f"--calibration-data {spec}: {shared} of its {len(held)} images are among the {len(folded)} images "
+            "being folded (the same pixels at the model's size); calibrate on clean images that are neither folded "
+            "nor trained on"
+        )
     return HeldOut(f"{held.source} ({len(held)})", *_run_model(held.images, manifest, model))
+
+
+def _pixel_digest(image: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(image, dtype=np.uint8).tobytes()).hexdigest()
 
 
 def _run_model(
