@@ -207,8 +207,8 @@ class EmbedHandler:
         if self.journal is not None and self.writer is None:  # kept here (spooled) before any job is answered
             keep_rows(self.journal, journal_values(jobs, placed, self.bundle_sha256))
         elif self.writer is not None:  # built and committed in the journal's thread, several batches a transaction
+            self._handed(jobs)  # before the writer sees them: it waits only for requests still on their way
             self.writer.submit(lambda: journal_values(jobs, placed, self.bundle_sha256), [job.kept for job in jobs])
-            self._handed(jobs)
         return answers
 
     def _handed(self, jobs: Sequence[_Job]) -> None:

@@ -54,6 +54,8 @@ class JournalUpkeep:
                 self._prune_when_due()
             except JournalError as exc:  # logged and tried again; /embed's own writes report failures as 503
                 logger.warning("journal upkeep: %s", exc)
+            except Exception:  # a fault of ours: logged with its traceback, and the thread goes on
+                logger.exception("journal upkeep failed; trying again in a second")
             if self._stop.wait(CHECKPOINT_EVERY_S):
                 return
 

@@ -20,9 +20,10 @@ from collections.abc import Callable, Sequence
 from serving import metrics
 from tsimcne_core.journal import JournalError, SqlJournal
 
-RowMaker = Callable[[], Sequence[tuple]]
+RowMaker = Callable[[], Sequence[tuple]]  # builds a batch's rows (tsimcne_core.journal.ROW_COLUMNS values)
 GATHER_S = 0.005  # the longest a batch waits for others to share its transaction
-GATHER_REQUESTS = 256  # builds a batch's rows (tsimcne_core.journal.ROW_COLUMNS values)
+GATHER_SLICE_S = 0.0005  # how often a gathering writer looks again whether anyone is still on the way
+GATHER_REQUESTS = 256
 
 
 def keep_rows(journal: SqlJournal, rows: Sequence[tuple], batches: int = 1) -> None:
@@ -75,8 +76,13 @@ class JournalWriter:
                 left = deadline - time.monotonic()
                 gather = left > 0 and waiting < GATHER_REQUESTS and self.joining() > 0
                 try:
-                    following = self._queue.get(timeout=left) if gather else self._queue.get_nowait()
+                    if gather:
+                        following = self._queue.get(timeout=min(left, GATHER_SLICE_S))
+                    else:
+                        following = self._queue.get_nowait()
                 except queue.Empty:
+                    if gather:
+                        continue  # look again: still someone on the way, and time left?
                     break
                 if following is None:
                     self._commit(pending)

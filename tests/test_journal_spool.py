@@ -91,3 +91,28 @@ def test_a_spool_frame_that_is_not_plain_values_is_refused_and_stops_new_writes(
         journal.placements(PlacementFilter())
     with pytest.raises(JournalError, match=f"journal {url}: the placements could not be written"):
         journal.keep([_values("second.png", "a")])  # a 503, not a 200 the database would never take in
+
+
+def test_a_power_cut_tail_of_zeros_is_set_aside_and_the_whole_frames_before_it_kept(tmp_path: Path) -> None:
+    """A segment whose writer is gone ends in zeros (what a power cut can leave with journal_sync=normal): the
+    journal still opens, takes the frames before them, and sets the file aside instead of failing for ever."""
+    url = f"sqlite:///{tmp_path / 'journal.db'}"
+    context = multiprocessing.get_context("fork")
+
+    def spool_and_die() -> None:
+        journal = open_journal(url)
+        journal.keep([_values(f"before-{i}.png", "cut") for i in range(3)])
+        segment = next(spool_folder(tmp_path / "journal.db").glob("*.spool"))
+        with open(segment, "ab") as handle:
+            handle.write(b"\0" * 4096)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    writer = context.Process(target=spool_and_die)
+    writer.start()
+    writer.join(30)
+    journal = open_journal(url)  # takes the spool in as it opens: no error
+    assert [row["filename"] for row in journal.placements(PlacementFilter())] == [f"before-{i}.png" for i in range(3)]
+    folder = spool_folder(tmp_path / "journal.db")
+    assert not list(folder.glob("*.spool")) and len(list(folder.glob("*.spool.damaged"))) == 1
+    journal.keep([_values("after.png", "cut")])  # and the journal goes on
+    assert len(journal.placements(PlacementFilter())) == 4

@@ -3,8 +3,9 @@
 One row per placed image: when, the request, the bundle, the file's name and sha256, x, y, flag, score,
 evidence, majority label and share, neighbours, duplicate_of, the image at model size (raw RGB pixels: no
 encoding on the way in; PNG when it is read) and the client's metadata (source, sample id, tags). Rows are
-committed before their requests are answered, so a 2xx means they are kept; a journal that cannot be
-written fails the request (the service answers 503 naming it), never a 200 without its rows.
+kept before their requests are answered (SQLite: appended to its spool, tsimcne_core/journal_spool.py, and
+taken into the database within a second; PostgreSQL: committed), so a 2xx means they are kept; a journal that
+cannot be written fails the request (the service answers 503 naming it), never a 200 without its rows.
 
 The uploaded file itself is kept too when the service is told to (setting journal_originals). Each write also
 adds to the daily counts (tsimcne_core/journal_drift.py), so /drift reads days, not rows, at any size; what
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import sqlite3
 import threading
@@ -34,13 +36,22 @@ from typing import Any
 import numpy as np
 
 from tsimcne_core.journal_drift import COUNTED_COLUMNS, binned_median, drift_counts, upsert_counts
-from tsimcne_core.journal_spool import SpoolError, SpoolWriter, finished, read_segment, segments, spool_folder
+from tsimcne_core.journal_spool import (
+    SpoolError,
+    SpoolWriter,
+    finished,
+    read_segment,
+    segments,
+    set_aside,
+    spool_folder,
+)
 
+logger = logging.getLogger("tsimcne.journal")
 MAX_PAGE = 1000  # rows of one /placements page
 PRUNE_CHUNK = 5000  # rows deleted a transaction when pruning
 SYNC_MODES = ("normal", "full")
 LOCK_WAIT_S = 30.0  # SQLite: how long a write waits for another worker's lock before it fails
-WAL_PAGES = 2_500  # SQLite: the WAL's size in pages at which a commit checkpoints it itself (see SqliteJournal)
+WAL_PAGES = 2_500  # SQLite: the WAL's size in pages (40 MB of 16 kB pages) at which a commit checkpoints it itself
 PAGE_BYTES = 16_384  # SQLite: the page size of a new journal
 
 COLUMNS = (
@@ -520,7 +531,13 @@ class SqliteJournal(SqlJournal):
             with self._writer_made:
                 writer = self._writer
                 if writer is None or writer.pid != os.getpid():
-                    writer = self._writer = SpoolWriter(self.spool_folder, fsync=self.sync == "full")
+                    try:
+                        writer = self._writer = SpoolWriter(self.spool_folder, fsync=self.sync == "full")
+                    except OSError as exc:
+                        raise JournalError(
+                            f"journal {self.describe()}: the placements could not be written: spool "
+                            f"{self.spool_folder}: {exc}"
+                        ) from exc
         try:
             writer.append(values)
         except SpoolError as exc:
@@ -529,39 +546,67 @@ class SqliteJournal(SqlJournal):
     def take_spool(self) -> int:
         """Take every whole frame spooled by any process into the database, in one transaction with each
         segment's new offset (so a frame is taken exactly once, whichever process takes it); delete the
-        segments taken to their end whose writer is done with them. How many rows came in."""
+        segments taken to their end whose writer is done with them, and set aside (`*.damaged`, logged) those
+        a dead writer left with bytes that are not a frame after its whole ones (a power cut's zeros). How
+        many rows came in; JournalError naming the journal when the take fails (new writes are then refused
+        until one succeeds)."""
         with self._taking:
-            sizes = segments(self.spool_folder)
-            let_go = any(finished(self.spool_folder / name, size) for name, size in sizes.items())
-            if sizes == self._taken_sizes and not let_go:
-                return 0  # nothing new since this process last took it, and no writer has let go of a segment
             try:
-                with self._transaction("the spooled placements could not be taken in") as cursor:
-                    # Listed again under the write lock: a segment with an offset row that is not listed now
-                    # has been deleted (no take can commit meanwhile), so its row may go; listed before the
-                    # lock, a segment taken in and created meanwhile would lose its row and be taken twice.
-                    sizes = segments(self.spool_folder)
-                    cursor.execute("SELECT segment, read_to FROM journal_spool")
-                    offsets = dict(cursor.fetchall())
-                    taken = [read_segment(self.spool_folder, name, offsets.get(name, 0)) for name in sorted(sizes)]
-                    rows = [row for segment in taken for row in segment.rows]
-                    if rows:
-                        self._insert(cursor, rows)
-                    moved = [(s.name, s.offset) for s in taken if s.offset != offsets.get(s.name, 0)]
-                    if moved:
-                        tail = " ON CONFLICT (segment) DO UPDATE SET read_to = excluded.read_to"
-                        insert_rows(cursor, self.mark, "journal_spool", ("segment", "read_to"), moved, tail)
-                    for name in offsets.keys() - sizes.keys():  # deleted after an earlier take
-                        cursor.execute("DELETE FROM journal_spool WHERE segment = ?", [name])
+                return self._take_spool()
+            except OSError as exc:  # the spool's folder or files (descriptors run out, permissions)
+                error = JournalError(f"journal {self.describe()}: the spool could not be read: {exc}")
+                self._failing = str(error).removeprefix(f"journal {self.describe()}: ")
+                raise error from exc
             except JournalError as exc:
                 self._failing = str(exc).removeprefix(f"journal {self.describe()}: ")
                 raise
-            self._failing = None
+
+    def _take_spool(self) -> int:
+        sizes = segments(self.spool_folder)
+        let_go = any(finished(self.spool_folder / name, size) for name, size in sizes.items())
+        if self._failing is None and sizes == self._taken_sizes and not let_go:
+            return 0  # nothing new since this process last took it, and no writer has let go of a segment
+        with self._transaction("the spooled placements could not be taken in") as cursor:
+            # Listed again under the write lock: a segment with an offset row that is not listed now has been
+            # deleted (no take can commit meanwhile), so its row may go; listed before the lock, a segment
+            # taken in and created meanwhile would lose its row and be taken twice.
+            sizes = segments(self.spool_folder)
+            cursor.execute("SELECT segment, read_to FROM journal_spool")
+            offsets = dict(cursor.fetchall())
+            taken = [read_segment(self.spool_folder, name, offsets.get(name, 0)) for name in sorted(sizes)]
             for segment in taken:
-                if finished(segment.path, segment.offset):
-                    segment.path.unlink(missing_ok=True)  # its offset row goes with the next take
-            self._taken_sizes = segments(self.spool_folder)
-            return len(rows)
+                if segment.damaged_at is not None and not finished(segment.path, segment.offset):
+                    raise ValueError(
+                        f"{segment.path}: bytes that are not a spool frame at byte {segment.damaged_at}, and its "
+                        "writer still holds it"
+                    )
+            rows = [row for segment in taken for row in segment.rows]
+            if rows:
+                self._insert(cursor, rows)
+            moved = [(s.name, s.offset) for s in taken if s.offset != offsets.get(s.name, 0)]
+            if moved:
+                tail = " ON CONFLICT (segment) DO UPDATE SET read_to = excluded.read_to"
+                insert_rows(cursor, self.mark, "journal_spool", ("segment", "read_to"), moved, tail)
+            for name in offsets.keys() - sizes.keys():  # deleted after an earlier take
+                if not (self.spool_folder / name).exists():
+                    cursor.execute("DELETE FROM journal_spool WHERE segment = ?", [name])
+        self._failing = None
+        gone = set()
+        for segment in taken:
+            if segment.damaged_at is not None:
+                aside = set_aside(segment.path)
+                logger.warning(
+                    "journal %s: %s ends in bytes that are not a spool frame (from byte %d; its process is gone: "
+                    "a power cut?); its whole frames were taken in, the file set aside as %s",
+                    self.describe(), segment.path, segment.damaged_at, aside,
+                )  # fmt: skip
+                gone.add(segment.name)
+            elif finished(segment.path, segment.offset):
+                segment.path.unlink(missing_ok=True)  # its offset row goes with the next take
+                gone.add(segment.name)
+        # What was listed under the lock, all of it read: a frame appended since shows as a new size.
+        self._taken_sizes = {name: size for name, size in sizes.items() if name not in gone}
+        return len(rows)
 
     def _catch_up(self) -> None:
         self.take_spool()

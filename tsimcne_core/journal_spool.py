@@ -33,8 +33,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-MAGIC = b"TSJ1"
-FRAME_HEAD = struct.Struct("<4sI")  # magic, payload bytes
+MAGIC = b"TSJ1"  # a frame of this layout: a later change of the rows' columns gets a magic of its own
+FRAME_HEAD = struct.Struct("<4sQ")  # magic, payload bytes
 SEGMENT_BYTES = 16 * 1024 * 1024  # a writer starts a new segment beyond this
 SUFFIX = ".spool"
 
@@ -61,7 +61,17 @@ class SpoolWriter:
         self._fd = -1
         self._size = 0
         folder.mkdir(parents=True, exist_ok=True)
+        self._sync_folder()
         self._open_segment()
+
+    def _sync_folder(self) -> None:
+        """With fsync: the folder's entries (a new segment's name) on disk too, not only the frames."""
+        if self.fsync:
+            fd = os.open(self.folder, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     def _open_segment(self) -> None:
         path = self.folder / f"{self.name}.{self._sequence:08d}{SUFFIX}"
@@ -69,6 +79,7 @@ class SpoolWriter:
         fd = os.open(making, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
         fcntl.flock(fd, fcntl.LOCK_SH)  # "still being written": a reader deletes only segments it can lock
         os.replace(making, path)
+        self._sync_folder()
         previous, self._fd, self._size = self._fd, fd, 0
         if previous >= 0:
             os.close(previous)  # its flock goes with it: the reader may delete it once it has read it all
@@ -79,15 +90,21 @@ class SpoolWriter:
         payload = pickle.dumps(rows, protocol=pickle.HIGHEST_PROTOCOL)
         frame = FRAME_HEAD.pack(MAGIC, len(payload)) + payload
         with self._lock:
+            written = 0
             try:
-                written = 0
                 while written < len(frame):
                     written += os.write(self._fd, frame[written:] if written else frame)
                 if self.fsync:
                     os.fsync(self._fd)
             except OSError as exc:
-                with contextlib.suppress(OSError):  # no half frame stays in front of the next one
-                    os.ftruncate(self._fd, self._size)
+                # A half frame is cut off (no reader takes half a frame); a whole one stays (another process may
+                # have taken it already: kept, though answered 503). Either way the next frame goes into a new
+                # segment, never below an offset a reader may have stored.
+                with contextlib.suppress(OSError):
+                    if written < len(frame):
+                        os.ftruncate(self._fd, self._size)
+                    self._sequence += 1
+                    self._open_segment()
                 raise SpoolError(exc.errno, f"spool {self.folder}: {exc.strerror or exc}") from exc
             self._size += len(frame)
             if self._size >= SEGMENT_BYTES:
@@ -112,6 +129,7 @@ class SegmentRead:
     path: Path
     offset: int  # read up to here: the end of its last whole frame
     rows: list[tuple]
+    damaged_at: int | None = None  # where bytes that are not a frame start (a power cut's zeros, say)
 
 
 def segments(folder: Path) -> dict[str, int]:
@@ -131,8 +149,9 @@ def segments(folder: Path) -> dict[str, int]:
 
 
 def read_segment(folder: Path, name: str, offset: int) -> SegmentRead:
-    """The whole frames of a segment from `offset` on (a frame still being written is left for next time).
-    ValueError naming the file for a frame that is not one."""
+    """The whole frames of a segment from `offset` on (a frame still being written is left for next time), up
+    to bytes that are not a frame, if any (`damaged_at`). ValueError naming the file for a frame whose payload
+    is not plain values."""
     path = folder / name
     try:
         with open(path, "rb") as handle:
@@ -145,13 +164,23 @@ def read_segment(folder: Path, name: str, offset: int) -> SegmentRead:
     while len(data) - at >= FRAME_HEAD.size:
         magic, length = FRAME_HEAD.unpack_from(data, at)
         if magic != MAGIC:
-            raise ValueError(f"{path}: no spool frame at byte {offset + at}")
+            return SegmentRead(name, path, offset + at, rows, damaged_at=offset + at)
         end = at + FRAME_HEAD.size + length
         if end > len(data):
             break
-        rows += _RowsOnly(io.BytesIO(data[at + FRAME_HEAD.size : end])).load()
+        try:
+            rows += _RowsOnly(io.BytesIO(data[at + FRAME_HEAD.size : end])).load()
+        except Exception as exc:
+            raise ValueError(f"{path}: the spool frame at byte {offset + at}: {exc}") from exc
         at = end
     return SegmentRead(name, path, offset + at, rows)
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a damaged segment out of the spool (kept beside it for a person to look at)."""
+    aside = path.with_name(path.name + ".damaged")
+    os.replace(path, aside)
+    return aside
 
 
 def finished(path: Path, offset: int) -> bool:
@@ -171,7 +200,9 @@ def finished(path: Path, offset: int) -> bool:
         tail = os.pread(fd, FRAME_HEAD.size, offset)
         if len(tail) < FRAME_HEAD.size:
             return True  # read to its end, or a frame cut off within its head
-        _, length = FRAME_HEAD.unpack(tail)
+        magic, length = FRAME_HEAD.unpack(tail)
+        if magic != MAGIC:
+            return True  # not a frame: what a dead writer left (the caller sets the segment aside)
         return os.fstat(fd).st_size < offset + FRAME_HEAD.size + length  # a whole frame not read yet: not done
     finally:
         os.close(fd)
