@@ -525,23 +525,26 @@ class SqliteJournal(SqlJournal):
         if not values:
             return
         if self._failing is not None:
-            raise JournalError(f"journal {self.describe()}: the placements could not be written: {self._failing}")
+            raise self._unwritten(self._failing)
+        try:
+            self._spool_writer().append(values)
+        except SpoolError as exc:
+            raise self._unwritten(str(exc)) from exc
+        except OSError as exc:  # the writer could not be made (its folder, its first segment)
+            raise self._unwritten(f"spool {self.spool_folder}: {exc}") from exc
+
+    def _unwritten(self, why: str) -> JournalError:
+        return JournalError(f"journal {self.describe()}: the placements could not be written: {why}")
+
+    def _spool_writer(self) -> SpoolWriter:
+        """This process's spool writer, made in the process that writes (after a fork, a new one)."""
         writer = self._writer
-        if writer is None or writer.pid != os.getpid():  # made in the process that writes (after a fork)
+        if writer is None or writer.pid != os.getpid():
             with self._writer_made:
                 writer = self._writer
                 if writer is None or writer.pid != os.getpid():
-                    try:
-                        writer = self._writer = SpoolWriter(self.spool_folder, fsync=self.sync == "full")
-                    except OSError as exc:
-                        raise JournalError(
-                            f"journal {self.describe()}: the placements could not be written: spool "
-                            f"{self.spool_folder}: {exc}"
-                        ) from exc
-        try:
-            writer.append(values)
-        except SpoolError as exc:
-            raise JournalError(f"journal {self.describe()}: the placements could not be written: {exc}") from exc
+                    writer = self._writer = SpoolWriter(self.spool_folder, fsync=self.sync == "full")
+        return writer
 
     def take_spool(self) -> int:
         """Take every whole frame spooled by any process into the database, in one transaction with each
@@ -552,19 +555,21 @@ class SqliteJournal(SqlJournal):
         until one succeeds)."""
         with self._taking:
             try:
-                return self._take_spool()
-            except OSError as exc:  # the spool's folder or files (descriptors run out, permissions)
-                error = JournalError(f"journal {self.describe()}: the spool could not be read: {exc}")
-                self._failing = str(error).removeprefix(f"journal {self.describe()}: ")
-                raise error from exc
+                try:
+                    return self._take_spool()
+                except OSError as exc:  # the spool's folder or files (descriptors run out, permissions)
+                    raise JournalError(f"journal {self.describe()}: the spool could not be read: {exc}") from exc
             except JournalError as exc:
                 self._failing = str(exc).removeprefix(f"journal {self.describe()}: ")
                 raise
 
     def _take_spool(self) -> int:
         sizes = segments(self.spool_folder)
-        let_go = any(finished(self.spool_folder / name, size) for name, size in sizes.items())
-        if self._failing is None and sizes == self._taken_sizes and not let_go:
+        if (
+            self._failing is None
+            and sizes == self._taken_sizes
+            and not any(finished(self.spool_folder / name, size) for name, size in sizes.items())
+        ):
             return 0  # nothing new since this process last took it, and no writer has let go of a segment
         with self._transaction("the spooled placements could not be taken in") as cursor:
             # Listed again under the write lock: a segment with an offset row that is not listed now has been

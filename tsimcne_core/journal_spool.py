@@ -49,7 +49,8 @@ def spool_folder(database: Path) -> Path:
 
 
 class SpoolWriter:
-    """Appends batches of rows for one process; thread-safe. Made again after a fork (`for_process`)."""
+    """Appends batches of rows for one process; thread-safe. A forked process makes its own (the journal checks
+    the pid: tsimcne_core/journal.py `SqliteJournal.keep`)."""
 
     def __init__(self, folder: Path, fsync: bool = False) -> None:
         self.folder = folder
@@ -73,6 +74,10 @@ class SpoolWriter:
             finally:
                 os.close(fd)
 
+    def _rotate(self) -> None:
+        self._sequence += 1
+        self._open_segment()
+
     def _open_segment(self) -> None:
         path = self.folder / f"{self.name}.{self._sequence:08d}{SUFFIX}"
         making = path.with_name(path.name + ".new")  # no reader lists it before it is locked
@@ -94,6 +99,7 @@ class SpoolWriter:
             try:
                 while written < len(frame):
                     written += os.write(self._fd, frame[written:] if written else frame)
+                self._size += len(frame)  # whole in the file: another process may take it from here on
                 if self.fsync:
                     os.fsync(self._fd)
             except OSError as exc:
@@ -103,13 +109,10 @@ class SpoolWriter:
                 with contextlib.suppress(OSError):
                     if written < len(frame):
                         os.ftruncate(self._fd, self._size)
-                    self._sequence += 1
-                    self._open_segment()
+                    self._rotate()
                 raise SpoolError(exc.errno, f"spool {self.folder}: {exc.strerror or exc}") from exc
-            self._size += len(frame)
             if self._size >= SEGMENT_BYTES:
-                self._sequence += 1
-                self._open_segment()
+                self._rotate()
 
     def close(self) -> None:
         with self._lock:
