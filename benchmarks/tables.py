@@ -21,10 +21,18 @@ from pathlib import Path
 from benchmarks.journal.scale import report_table as journal_scale_table
 from benchmarks.results import RESULTS
 from benchmarks.serve.hot_path import report_table
+from benchmarks.serve.journal_cost import report_table as journal_cost_table
 
 README = Path(__file__).resolve().parent / "README.md"
-RENDERERS: dict[str, Callable[[dict], str]] = {"serve-hot-path": report_table, "journal-scale": journal_scale_table}
-BLOCK = re.compile(r"(<!-- results: (?P<file>[\w.-]+) -->\n)(?P<body>.*?)(\n<!-- /results -->)", re.S)
+RENDERERS: dict[str, Callable[[dict], str]] = {
+    "serve-hot-path": report_table,
+    "serve-journal-cost": journal_cost_table,
+    "journal-scale": journal_scale_table,
+}
+# A block's body never runs into another block (an empty one, its markers on adjacent lines, stays empty).
+BLOCK = re.compile(
+    r"(<!-- results: (?P<file>[\w.-]+) -->\n)(?P<body>(?:(?!<!-- /?results).)*?)\n?(<!-- /results -->)", re.S
+)
 
 
 def kind(file: str) -> str:
@@ -44,7 +52,7 @@ def render(text: str, results: Path = RESULTS) -> str:
         renderer = RENDERERS.get(kind(name))
         if renderer is None:
             raise SystemExit(f"error: no table renderer for {name} (known: {', '.join(sorted(RENDERERS))})")
-        return match.group(1) + renderer(json.loads(path.read_text())) + match.group(4)
+        return match.group(1) + renderer(json.loads(path.read_text())) + "\n" + match.group(4)
 
     return BLOCK.sub(drawn, text)
 

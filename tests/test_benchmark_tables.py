@@ -39,6 +39,20 @@ def test_a_changed_result_file_makes_the_table_stale_until_it_is_drawn_again(tmp
     assert "| 123,456 |" in readme.read_text() and _tables("--check", *paths).returncode == 0
 
 
+def test_an_empty_block_is_filled_and_the_text_after_it_is_kept(tmp_path: Path) -> None:
+    """A new block, its two markers on adjacent lines, gets its table; the prose and blocks after it stay."""
+    readme = tmp_path / "README.md"
+    empty, filled = (
+        f"<!-- results: {RESULT} -->\n<!-- /results -->",
+        f"<!-- results: {RESULT} -->\nold\n<!-- /results -->",
+    )
+    readme.write_text(f"{empty}\n\nProse kept.\n\n{filled}\n")
+    assert _tables("--readme", str(readme)).returncode == 0
+    drawn = readme.read_text()
+    assert drawn.count("| server | bundle |") == 2 and "Prose kept." in drawn and "old" not in drawn
+    assert drawn.count("<!-- /results -->") == 2 and _tables("--check", "--readme", str(readme)).returncode == 0
+
+
 def test_a_table_citing_a_missing_file_is_an_error_naming_it(tmp_path: Path) -> None:
     readme = tmp_path / "README.md"
     readme.write_text("<!-- results: serve-hot-path-1999-01-01.json -->\nold\n<!-- /results -->\n")
