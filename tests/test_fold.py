@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from benchmarks.harness.cli import run_cli
+from training.datasets import load_dataset
 from training.fold import grown_pixel_model
 from training.synthetic import make_synthetic_cells
 from tsimcne_core.bundle_format import MANIFEST, open_bundle, sha256_file
@@ -52,7 +53,7 @@ def _journal_rows(bundle: Bundle, images: np.ndarray, bundle_sha256: str) -> lis
 def folded(service_bundle, tmp_path_factory) -> dict:
     """1,000 images placed with the old bundle and reviewed in the journal (plus rows that must not be folded),
     folded into a new bundle through the command line."""
-    old, _ = service_bundle
+    old, data = service_bundle
     root = tmp_path_factory.mktemp("fold")
     before = _digests(old)
     sha = sha256_file(old / MANIFEST)
@@ -76,7 +77,7 @@ def folded(service_bundle, tmp_path_factory) -> dict:
                      "--calibration-data", str(root / "calibration.npz"))  # fmt: skip
     assert result.returncode == 0, result.stderr
     return {"old": old, "new": new, "before": before, "images": images, "ids": ids, "url": url,
-            "journal": journal, "stdout": result.stdout, "root": root}  # fmt: skip
+            "journal": journal, "stdout": result.stdout, "root": root, "data": data}  # fmt: skip
 
 
 def _all():
@@ -150,8 +151,14 @@ def test_bad_input_is_refused_with_one_line_and_exit_code_2(folded, tmp_path) ->
     empty = f"sqlite:///{tmp_path / 'empty.db'}"
     open_journal(empty)
     overlapping = tmp_path / "overlapping.npz"  # 300 of the images being folded among the calibration images
+    trained_on = tmp_path / "trained-on.npz"  # 50 images of the old map's reference (it keeps no pixels)
+    training = load_dataset(folded["data"], size=SIZE)
+    with np.load(folded["old"] / "reference.npz") as reference:
+        in_reference = set(reference["ids"].astype(str))
+    trained = [image for image, name in zip(training.images, training.ids, strict=True) if name in in_reference]
     with np.load(folded["root"] / "calibration.npz") as clean:
         np.savez(overlapping, images=np.concatenate([folded["images"][:300], clean["images"]]))
+        np.savez(trained_on, images=np.concatenate([np.stack(trained[:50]), clean["images"]]))
     cases = {
         "unknown journal": (["mysql://x/y", "--bundle", old, "--out", str(tmp_path / "a")], "journal"),
         "missing journal file": ([f"sqlite:///{tmp_path}/none.db", "--bundle", old, "--out", str(tmp_path / "b")],
@@ -163,9 +170,12 @@ def test_bad_input_is_refused_with_one_line_and_exit_code_2(folded, tmp_path) ->
         "calibration images being folded": (
             [url, "--bundle", old, "--out", str(tmp_path / "f"), "--calibration-data", str(overlapping)],
             "300 of its 1300 images are among the 1000 images being folded"),
+        "calibration images trained on": (
+            [url, "--bundle", old, "--out", str(tmp_path / "g"), "--calibration-data", str(trained_on)],
+            "50 of its 1050 images are images of the map's reference"),
     }  # fmt: skip
     for name, (args, says) in cases.items():
-        extra = [] if name in ("no calibration data", "calibration images being folded") else data
+        extra = [] if name.startswith(("no calibration data", "calibration images")) else data
         result = run_cli("journal", "fold", *args, *extra)
         assert result.returncode == 2, (name, result.stderr)
         assert result.stderr.startswith("error: ") and says in result.stderr and "Traceback" not in result.stderr, name

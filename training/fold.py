@@ -13,8 +13,10 @@ was made from). reference.npz records where each image came from (`provenance`: 
 The flag is calibrated again for the grown reference exactly as `tsimcne export --calibration-data` does:
 clean images of the collection that neither trained the network nor are in the reference, scored against the
 grown reference. A bundle does not keep what export's in-sample calibration needs (the reference images'
-pixels and raw features), so calibration images are required here. The pixel model (mean and covariance of
-the reference images' channel statistics) is the old one's moments pooled with the folded images'.
+pixels and raw features), so calibration images are required here; those that are images being folded (the
+same pixels) or images of the old reference (the same place and features) are refused. The pixel model (mean
+and covariance of the reference images' channel statistics) is the old one's moments pooled with the folded
+images'.
 Everything is written to a temporary folder beside the target and renamed into place at the end; the old
 bundle is only read.
 """
@@ -57,6 +59,7 @@ from tsimcne_core.session import ModelSession
 TRAINING = "training"  # provenance of the images export put in the reference
 NOT_FOLDED = ("unreviewed", "artefact")  # verdicts never folded, even where a class carries the name
 PLACEMENT_TOLERANCE = 1e-4  # |recomputed - recorded| <= this x max(1, |recorded|): export's parity rule
+FEATURE_TOLERANCE = 1e-3  # a calibration image's projected features this close to a reference image's: the same
 MIN_CALIBRATION_IMAGES = 100  # as export: fewer cannot meet a 1 % target
 BATCH = 256  # images per model run
 REGULARISER = 1e-9  # what PixelModel.fit adds to the covariance's diagonal
@@ -120,11 +123,13 @@ def fold_bundle(
             f"journal {journal.describe()}: nothing to fold into {bundle}: {describe_skipped(folded.skipped)}"
         )
     held = _calibration_images(calibration_data, manifest, model, folded)
+    old = OldReference.load(bundle)
+    _refuse_reference_images(calibration_data, held, old)
     rate = target_rate or manifest.calibration.target_false_flag_rate  # type: ignore[union-attr]
     record = _fold_record(journal, bundle, manifest, folded, out)
     staging = staging_folder(out)
     try:
-        new_manifest = _write_bundle(bundle, manifest, folded, held, rate, record, staging)
+        new_manifest = _write_bundle(bundle, old, manifest, folded, held, rate, record, staging)
         staging.chmod(0o755)
         staging.rename(out)
     except BaseException:
@@ -263,6 +268,33 @@ def _calibration_images(
     return HeldOut(f"{held.source} ({len(held)})", *_run_model(held.images, manifest, model))
 
 
+def _refuse_reference_images(spec: str | Path, held: HeldOut, old: OldReference) -> None:
+    """Refuse calibration images that are images of the map's reference (trained on, or folded before): the
+    bundle keeps no training pixels, but such an image lands on its own reference point with that point's
+    features (within export's parity tolerance), so it is found by its place and confirmed by its features.
+    Like an image being folded, each would never be flagged and make the flag look stricter than it is."""
+    reference = old.arrays["coords"][:, :2].astype(np.float64)
+    order = np.argsort(reference[:, 0], kind="stable")
+    xs = reference[order, 0]
+    placed = held.coords[:, :2].astype(np.float64)
+    allowed = PLACEMENT_TOLERANCE * np.maximum(1.0, np.abs(placed))
+    first = np.searchsorted(xs, placed[:, 0] - allowed[:, 0], side="left")
+    last = np.searchsorted(xs, placed[:, 0] + allowed[:, 0], side="right")
+    projected = old.space.project(held.features)
+    shared = 0
+    for i in np.flatnonzero(last > first):
+        candidates = order[first[i] : last[i]]
+        candidates = candidates[np.abs(reference[candidates, 1] - placed[i, 1]) <= allowed[i, 1]]
+        if any(np.allclose(old.features[j], projected[i], rtol=1e-3, atol=FEATURE_TOLERANCE) for j in candidates):
+            shared += 1
+    if shared:
+        raise UserError(
+            f"--calibration-data {spec}: {shared} of its {len(placed)} images are images of the map's reference "
+            "(each lands on a reference point, with its features: trained on, or folded before); calibrate on "
+            "clean images that are neither trained on nor folded"
+        )
+
+
 def _pixel_digest(image: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(image, dtype=np.uint8).tobytes()).hexdigest()
 
@@ -350,6 +382,7 @@ def _grown_reference(old: OldReference, folded: FoldedImages, projected: np.ndar
 
 def _write_bundle(
     bundle: Path,
+    old: OldReference,
     manifest: BundleManifest,
     folded: FoldedImages,
     held: HeldOut,
@@ -358,7 +391,6 @@ def _write_bundle(
     staging: Path,
 ) -> BundleManifest:
     """Every file of the new bundle into `staging`, bundle.json last; its manifest."""
-    old = OldReference.load(bundle)
     old_calibration = manifest.calibration
     assert isinstance(old_calibration, CombinedCalibration)
     projected = old.space.project(folded.features)
