@@ -97,15 +97,15 @@ class EmbedHandler:
         self.settings = settings
         self.bundle_sha256 = bundle_sha256
         self.journal = journal
-        # SQLite: each batch appended to the journal's spool in the model thread (one write call; the upkeep
-        # thread takes it into the database once a second); PostgreSQL's commit is a round trip and a server's
-        # fsync away, which would hold the model every batch: a writer thread, several batches a transaction
-        # (benchmarks/README.md, section 16).
+        # A spooling journal (SQLite; PostgreSQL with journal_spool): each batch appended to the spool in the
+        # model thread (one write call; the upkeep thread takes it into the database once a second). PostgreSQL
+        # without one: its commit is a round trip and a server's fsync away, which would hold the model every
+        # batch: a writer thread, several batches a transaction (benchmarks/README.md, section 16).
         # PostgreSQL: requests queued for the model whose rows the writer has not been handed yet; while there
         # are any, the writer waits a little for them to share its transaction (serving/journal_writer.py)
         self._joining = 0
         self._joining_lock = threading.Lock()
-        gathers = journal is not None and not journal.commits_locally
+        gathers = journal is not None and not journal.spools
         self.writer = JournalWriter(journal, lambda: self._joining) if gathers else None
         prep = placer.manifest.preprocessing
         self.decoder = UploadDecoder(
@@ -192,7 +192,7 @@ class EmbedHandler:
 
     def _place(self, jobs: Sequence[_Job]) -> list[bytes]:
         """In the model thread: one model run and placement for all `jobs`, then each job's answer; with a
-        journal, the batch's rows kept here (SQLite's spool: JournalError fails the whole batch, none answered as
+        journal, the batch's rows kept here (the spool: JournalError fails the whole batch, none answered as
         placed) or handed to the writer thread (each job's `kept` settles once they are committed)."""
         batch = jobs[0].batch if len(jobs) == 1 else np.concatenate([job.batch for job in jobs])
         names = jobs[0].names if len(jobs) == 1 else [name for job in jobs for name in job.names]

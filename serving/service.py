@@ -275,10 +275,13 @@ class MapService:
         # Warm-up: the first onnxruntime run allocates, the indexes page in; before /readyz says yes.
         placer.warm_up()
         # The journal (when set): opened, and its schema migrated, before /readyz says yes.
-        self.journal = open_journal(settings.journal, settings.journal_sync) if settings.journal else None
+        self.journal = (
+            open_journal(settings.journal, settings.journal_sync, settings.journal_spool) if settings.journal else None
+        )
         self.journal_upkeep = None
         if self.journal is not None:
-            logger.info("journal: %s (schema version %d)", self.journal.describe(), self.journal.version())
+            spool = f"; batches spooled in {self.journal.spool_folder}" if self.journal.spools else ""
+            logger.info("journal: %s (schema version %d%s)", self.journal.describe(), self.journal.version(), spool)
             from bentoml._internal.context import server_context
 
             prunes = server_context.worker_index in (None, 1)  # one worker of each replica prunes

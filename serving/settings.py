@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from tsimcne_core.cores import usable_cores
 
@@ -81,8 +81,15 @@ class ServiceSettings(BaseModel):
 
     journal_sync: Literal["normal", "full"] = Field(
         "normal",
-        description="SQLite journal: normal keeps what was answered if the service is killed; full also through "
-        "a power cut (an fsync per commit, slower)",
+        description="the journal's spool (SQLite, or PostgreSQL with journal_spool): normal keeps what was "
+        "answered if the service is killed; full also through a power cut (an fsync per batch, slower)",
+    )
+    journal_spool: str | None = Field(
+        None,
+        description="PostgreSQL journal: a folder on this replica's own persistent volume that /embed's rows "
+        "are appended to before the answer, moved into PostgreSQL within a second (a fraction of a "
+        "transaction's cost; other replicas' reads see them a second later); unset: each batch is committed "
+        "to PostgreSQL before its answer. SQLite's spool is always beside its database",
     )
 
     journal_originals: bool = Field(
@@ -106,6 +113,14 @@ class ServiceSettings(BaseModel):
         if value is None or value.startswith(("sqlite:///", "postgresql://", "postgres://")):
             return value
         raise ValueError("give sqlite:///PATH or postgresql://USER:PASSWORD@HOST/DB")
+
+    @field_validator("journal_spool")
+    @classmethod
+    def _spool_for_postgres(cls, value: str | None, info: ValidationInfo) -> str | None:
+        journal = info.data.get("journal") or ""  # validated before this field
+        if value is not None and not journal.startswith(("postgresql://", "postgres://")):
+            raise ValueError("a spool folder is for a PostgreSQL journal (SQLite's spool is beside its database)")
+        return value
 
     @field_validator("api_token")
     @classmethod

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from benchmarks.harness.cli import run_cli
+from benchmarks.harness.postgres import postgres_bin, start_postgres
 from training.synthetic import make_synthetic_cells
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,3 +83,16 @@ def service_bundle(tmp_path_factory) -> tuple[Path, Path]:
     result = run_cli("export", str(root / "runs" / "cells"), "--out", str(bundle), "--artefact-label", "thromboid")
     assert result.returncode == 0, result.stderr
     return bundle, data
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One throwaway PostgreSQL server for the test run (each test makes a database of its own:
+    benchmarks.harness.postgres.new_database)."""
+    if postgres_bin() is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true and PostgreSQL is missing: scripts/test installs it as root")
+        pytest.skip("PostgreSQL not installed (apt-get install postgresql)")
+    server = start_postgres()
+    yield server
+    server.stop()

@@ -273,7 +273,10 @@ def test_compose_keeps_the_journal_in_a_volume_and_offers_postgresql() -> None:
     url = override["environment"]["TSIMCNE_JOURNAL"]
     user, db = postgres["environment"]["POSTGRES_USER"], postgres["environment"]["POSTGRES_DB"]
     assert re.fullmatch(rf"postgresql://{user}:\$\{{{password.group(1)}:\?[^}}]+\}}@postgres:5432/{db}", url), url
-    assert load_settings(environ={"TSIMCNE_JOURNAL": f"postgresql://{user}:x@postgres:5432/{db}"})
+    spool = override["environment"]["TSIMCNE_JOURNAL_SPOOL"]  # on the journal's volume: kept across restarts
+    assert PurePosixPath(spool).is_relative_to(file.parent) and _volumes(service)[str(file.parent)] == volume
+    environ = {"TSIMCNE_JOURNAL": f"postgresql://{user}:x@postgres:5432/{db}", "TSIMCNE_JOURNAL_SPOOL": spool}
+    assert load_settings(environ=environ).journal_spool == spool
     assert override["depends_on"] == {"postgres": {"condition": "service_healthy"}} and "healthcheck" in postgres
 
 

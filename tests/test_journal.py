@@ -6,10 +6,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import sqlite3
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -21,7 +19,7 @@ import pytest
 from PIL import Image
 
 from benchmarks.harness.cli import run_cli
-from benchmarks.harness.postgres import postgres_bin, start_postgres
+from benchmarks.harness.postgres import new_database
 from benchmarks.harness.servers import start_server
 from tsimcne_core.journal import (
     MIGRATIONS,
@@ -39,29 +37,30 @@ SQL_LOOKING = "scope-2'; DROP TABLE placements; --"
 BACKENDS = ["sqlite", "postgresql"]
 
 
-@pytest.fixture(scope="module")
-def postgres():
-    """One throwaway PostgreSQL server for the module (each test gets a database of its own)."""
-    if postgres_bin() is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI=true and PostgreSQL is missing: scripts/test installs it as root")
-        pytest.skip("PostgreSQL not installed (apt-get install postgresql)")
-    server = start_postgres()
-    yield server
-    server.stop()
-
-
 @pytest.fixture(params=BACKENDS)
 def journal_url(request, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'journal.db'}"
-    import psycopg
+    return new_database(request.getfixturevalue("postgres"))
 
-    server = request.getfixturevalue("postgres")
-    name = f"journal_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(server.url, autocommit=True) as connection:
-        connection.execute(f"CREATE DATABASE {name}")
-    return server.url.rsplit("/", 1)[0] + f"/{name}"
+
+@pytest.fixture(params=[*BACKENDS, "postgresql-spool"])
+def journal_settings(request, tmp_path: Path) -> dict[str, str]:
+    """The service's journal settings: SQLite (its spool beside it), PostgreSQL committing each batch, and
+    PostgreSQL with a spool folder (journal_spool)."""
+    if request.param == "sqlite":
+        return {"journal": f"sqlite:///{tmp_path / 'journal.db'}"}
+    settings = {"journal": new_database(request.getfixturevalue("postgres"))}
+    if request.param == "postgresql-spool":
+        settings["journal_spool"] = str(tmp_path / "spool")
+    return settings
+
+
+def _spool(settings: dict[str, str]) -> Path | None:
+    """Where the service's journal spools, if it does."""
+    if settings["journal"].startswith("sqlite:///"):
+        return Path(settings["journal"].removeprefix("sqlite:///") + ".spool")
+    return Path(settings["journal_spool"]) if "journal_spool" in settings else None
 
 
 def _sql(url: str, statement: str) -> list[tuple]:
@@ -206,7 +205,8 @@ def _sql_plan(path: Path, sql: str, arguments: list) -> list[tuple]:
 
 
 def test_a_first_version_journal_is_migrated_keeping_its_rows(journal_url: str) -> None:
-    """A journal written by the first release (schema 1: no originals, no daily counts, no spool) opens migrated."""
+    """A journal written by the first release (schema 1: no originals, no daily counts, no spool, PostgreSQL's
+    images in TOAST storage) opens migrated."""
     mark, id_type, blob = ("?", "INTEGER PRIMARY KEY AUTOINCREMENT", "BLOB")
     if journal_url.startswith("postgresql"):
         mark, id_type, blob = ("%s", "BIGSERIAL PRIMARY KEY", "BYTEA")
@@ -223,7 +223,10 @@ def test_a_first_version_journal_is_migrated_keeping_its_rows(journal_url: str) 
         )
         _sql(journal_url, f"INSERT INTO placements ({names}) VALUES ({values}, NULL)")
     journal = open_journal(journal_url)
-    assert journal.version() == SCHEMA_VERSION == 3
+    assert journal.version() == SCHEMA_VERSION == 4
+    if journal_url.startswith("postgresql"):  # version 4: a row stays in the table's page up to 8 kB
+        options = _sql(journal_url, "SELECT reloptions FROM pg_class WHERE relname = 'placements'")
+        assert options == [(["toast_tuple_target=8160"],)]
     in_time_order = ["0.png", "2.png", "4.png", "1.png", "3.png"]  # by time, then id
     assert [row["filename"] for row in journal.placements(PlacementFilter())] == in_time_order
     assert [row["filename"] for row in journal.placements(PlacementFilter(), after=5)] == ["1.png", "3.png"]
@@ -255,10 +258,11 @@ def _kill_tree(pid: int) -> None:
     parent.wait(timeout=20)
 
 
-def test_every_acknowledged_image_is_in_the_journal_even_after_a_kill(service_bundle, tmp_path, journal_url) -> None:
+def test_every_acknowledged_image_is_in_the_journal_even_after_a_kill(service_bundle, tmp_path, journal_settings):
     bundle, data = service_bundle
     cells = sorted(data.rglob("*.png"))[:24]
-    running = start_server(tmp_path, {"bundle": str(bundle), "workers": "2", "journal": journal_url}, home=tmp_path)
+    journal_url, spool = journal_settings["journal"], _spool(journal_settings)
+    running = start_server(tmp_path, {"bundle": str(bundle), "workers": "2", **journal_settings}, home=tmp_path)
     try:
         running.wait_for_log("journal: ")
         params = {"source": SQL_LOOKING, "sample_id": "S-1", "tags": "validated,morning"}
@@ -323,29 +327,32 @@ def test_every_acknowledged_image_is_in_the_journal_even_after_a_kill(service_bu
                 future.result()
     finally:
         running.stop()
-    restarted = open_journal(journal_url)  # as the service's next start does (SQLite: takes in what was spooled)
+    # as the service's next start does (with a spool: takes in what was spooled)
+    restarted = open_journal(journal_url, spool=journal_settings.get("journal_spool"))
     kept = [row[0] for row in _sql(journal_url, "SELECT request_id FROM placements WHERE source = 'load'")]
     half_written = _sql(journal_url, "SELECT count(*) FROM placements WHERE image IS NULL OR x IS NULL")
     assert set(acknowledged) <= set(kept) and len(kept) == len(set(kept)) and half_written == [(0,)]
     assert restarted.placements(PlacementFilter(source="load"), limit=1000)
-    if journal_url.startswith("sqlite"):  # the killed workers' spool segments were taken in and deleted
-        assert not list(Path(journal_url.removeprefix("sqlite:///") + ".spool").glob("*.spool"))
+    if spool is not None:  # the killed workers' spool segments were taken in and deleted
+        assert not list(spool.glob("*.spool"))
 
 
-def test_a_journal_that_cannot_be_written_fails_the_request_with_503(service_bundle, tmp_path, journal_url) -> None:
+def test_a_journal_that_cannot_be_written_fails_the_request_with_503(service_bundle, tmp_path, journal_settings):
     bundle, data = service_bundle
     cell = sorted(data.rglob("*.png"))[0]
-    running = start_server(tmp_path, {"bundle": str(bundle), "workers": "1", "journal": journal_url}, home=tmp_path)
+    journal_url, spooled = journal_settings["journal"], _spool(journal_settings) is not None
+    running = start_server(tmp_path, {"bundle": str(bundle), "workers": "1", **journal_settings}, home=tmp_path)
     try:
         _sql(journal_url, "DROP TABLE placements")  # the journal breaks under the running service
         with running.client() as client:
-            # PostgreSQL fails the request's own transaction; SQLite spools it (kept on disk, 200) until the
-            # upkeep's next take into the database (within a second) fails, and refuses new requests from then on
+            # PostgreSQL without a spool fails the request's own transaction; a spool keeps it (on disk, 200)
+            # until the upkeep's next take into the database (within a second) fails, and refuses new requests
+            # from then on
             deadline = time.monotonic() + 10
             while (
                 reply := client.post("/embed", files=[("images", (cell.name, cell.read_bytes()))])
             ).status_code == 200:
-                assert journal_url.startswith("sqlite") and time.monotonic() < deadline
+                assert spooled and time.monotonic() < deadline
                 time.sleep(0.2)
             assert reply.status_code == 503 and reply.headers["retry-after"] == "5"
             assert f"journal {journal_url}" in reply.json()["error"] and "not kept" in reply.json()["error"]

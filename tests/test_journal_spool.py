@@ -1,5 +1,7 @@
-"""The SQLite journal's spool (tsimcne_core/journal_spool.py): batches appended by several processes are taken
-into the database exactly once, whichever process takes them, and nothing in a spool file can run code."""
+"""The journal's spool (tsimcne_core/journal_spool.py): batches appended by several processes are taken into
+the database exactly once, whichever process takes them, for SQLite (its spool beside the database) and for
+PostgreSQL with a spool folder per replica (several replicas, one database); nothing in a spool file can run
+code."""
 
 from __future__ import annotations
 
@@ -7,12 +9,34 @@ import multiprocessing
 import os
 import pickle
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tsimcne_core.journal import JournalError, JournalRow, PlacementFilter, now, open_journal
+from benchmarks.harness.postgres import new_database
+from tsimcne_core.journal import JournalError, JournalRow, PlacementFilter, SqlJournal, now, open_journal
 from tsimcne_core.journal_spool import FRAME_HEAD, MAGIC, spool_folder
+
+
+@dataclass(frozen=True)
+class Spooled:
+    """A journal with a spool: `open()` as one worker process of a replica would."""
+
+    url: str
+    folder: Path
+    spool: Path | None = None  # PostgreSQL's spool folder (setting journal_spool)
+
+    def open(self) -> SqlJournal:
+        return open_journal(self.url, spool=self.spool)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def spooled(request, tmp_path: Path) -> Spooled:
+    if request.param == "sqlite":
+        return Spooled(f"sqlite:///{tmp_path / 'journal.db'}", spool_folder(tmp_path / "journal.db"))
+    url = new_database(request.getfixturevalue("postgres"))
+    return Spooled(url, tmp_path / "spool", tmp_path / "spool")
 
 
 def _values(name: str, source: str) -> tuple:
@@ -22,9 +46,9 @@ def _values(name: str, source: str) -> tuple:
     ).values()  # fmt: skip
 
 
-def _spool_and_take(url: str, source: str, batches: int) -> None:
+def _spool_and_take(spooled: Spooled, source: str, batches: int) -> None:
     """A worker: spools `batches` batches of 3 rows, taking the spool in now and then as the upkeep does."""
-    journal = open_journal(url)
+    journal = spooled.open()
     for batch in range(batches):
         journal.keep([_values(f"{source}-{batch}-{i}.png", source) for i in range(3)])
         if batch % 7 == 0:
@@ -32,35 +56,62 @@ def _spool_and_take(url: str, source: str, batches: int) -> None:
     journal.close()
 
 
-def test_batches_spooled_by_several_processes_are_taken_in_exactly_once(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'journal.db'}"
-    open_journal(url).close()
+def _run_workers(replicas: list[Spooled], per_replica: int, batches: int) -> None:
     context = multiprocessing.get_context("fork")
-    workers = [context.Process(target=_spool_and_take, args=(url, f"w{n}", 60)) for n in range(3)]
+    workers = [
+        context.Process(target=_spool_and_take, args=(replica, f"r{r}w{n}", batches))
+        for r, replica in enumerate(replicas)
+        for n in range(per_replica)
+    ]
     for worker in workers:
         worker.start()
     for worker in workers:
         worker.join(60)
         assert worker.exitcode == 0
-    journal = open_journal(url)
+
+
+def test_batches_spooled_by_several_processes_are_taken_in_exactly_once(spooled: Spooled) -> None:
+    spooled.open().close()
+    _run_workers([spooled], per_replica=3, batches=60)
+    journal = spooled.open()
     rows = journal.placements(PlacementFilter(), limit=1000)
     names = [row["filename"] for row in rows]
     assert len(names) == len(set(names)) == 3 * 60 * 3
-    assert {row["source"] for row in rows} == {"w0", "w1", "w2"}
+    assert {row["source"] for row in rows} == {"r0w0", "r0w1", "r0w2"}
     assert sum(day["images"] for day in journal.drift()) == 540  # the daily counts came in with the rows
-    assert not list(spool_folder(tmp_path / "journal.db").glob("*.spool"))  # every segment taken and deleted
+    assert not list(spooled.folder.glob("*.spool"))  # every segment taken and deleted
 
 
-def test_a_killed_writer_keeps_what_it_spooled_and_its_cut_off_frame_is_dropped(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'journal.db'}"
-    reader = open_journal(url)
+def test_replicas_with_spools_of_their_own_share_one_postgresql_journal(postgres, tmp_path: Path) -> None:
+    """Each replica takes and tidies only its own spool: one replica's take never drops another's offsets
+    (which would take that replica's frames a second time)."""
+    url = new_database(postgres)
+    first, second = (Spooled(url, tmp_path / name, tmp_path / name) for name in ("a", "b"))
+    one, two = first.open(), second.open()
+    two.keep([_values("b-early.png", "b")])
+    two.take_spool()  # its offset row now stands in the database
+    one.keep([_values("a-early.png", "a")])
+    one.take_spool()  # lists its own folder only: must leave b's offset row alone
+    two.keep([_values("b-late.png", "b")])
+    two.take_spool()
+    names = sorted(row["filename"] for row in one.placements(PlacementFilter()))
+    assert names == ["a-early.png", "b-early.png", "b-late.png"]
+    one.close(), two.close()
+    _run_workers([first, second], per_replica=2, batches=30)  # and under load, two workers a replica
+    rows = first.open().placements(PlacementFilter(), limit=1000)
+    assert len(rows) == len({row["filename"] for row in rows}) == 3 + 2 * 2 * 30 * 3
+    assert not list(first.folder.glob("*.spool")) and not list(second.folder.glob("*.spool"))
+
+
+def test_a_killed_writer_keeps_what_it_spooled_and_its_cut_off_frame_is_dropped(spooled: Spooled) -> None:
+    reader = spooled.open()
     context = multiprocessing.get_context("fork")
     ready = context.Event()
 
     def spool_then_hang() -> None:
-        journal = open_journal(url)
+        journal = spooled.open()
         journal.keep([_values(f"kept-{i}.png", "killed") for i in range(4)])
-        segment = next(spool_folder(tmp_path / "journal.db").glob("*.spool"))
+        segment = next(spooled.folder.glob("*.spool"))
         with open(segment, "ab") as handle:  # a frame its process died writing: its head and half its payload
             handle.write(FRAME_HEAD.pack(MAGIC, 1000) + b"\x80" * 500)
         ready.set()
@@ -70,12 +121,12 @@ def test_a_killed_writer_keeps_what_it_spooled_and_its_cut_off_frame_is_dropped(
     writer.start()
     assert ready.wait(30)
     assert [row["filename"] for row in reader.placements(PlacementFilter())] == [f"kept-{i}.png" for i in range(4)]
-    assert list(spool_folder(tmp_path / "journal.db").glob("*.spool"))  # still held by its writer: kept
+    assert list(spooled.folder.glob("*.spool"))  # still held by its writer: kept
     os.kill(writer.pid, signal.SIGKILL)
     writer.join(30)
     reader.take_spool()
     reader.take_spool()
-    assert not list(spool_folder(tmp_path / "journal.db").glob("*.spool"))
+    assert not list(spooled.folder.glob("*.spool"))
     assert len(reader.placements(PlacementFilter())) == 4
 
 

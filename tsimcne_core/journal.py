@@ -3,9 +3,10 @@
 One row per placed image: when, the request, the bundle, the file's name and sha256, x, y, flag, score,
 evidence, majority label and share, neighbours, duplicate_of, the image at model size (raw RGB pixels: no
 encoding on the way in; PNG when it is read) and the client's metadata (source, sample id, tags). Rows are
-kept before their requests are answered (SQLite: appended to its spool, tsimcne_core/journal_spool.py, and
-taken into the database within a second; PostgreSQL: committed), so a 2xx means they are kept; a journal that
-cannot be written fails the request (the service answers 503 naming it), never a 200 without its rows.
+kept before their requests are answered (SQLite, and PostgreSQL with a spool folder: appended to the spool,
+tsimcne_core/journal_spool.py, and taken into the database within a second; PostgreSQL without one:
+committed), so a 2xx means they are kept; a journal that cannot be written fails the request (the service
+answers 503 naming it), never a 200 without its rows.
 
 The uploaded file itself is kept too when the service is told to (setting journal_originals). Each write also
 adds to the daily counts (tsimcne_core/journal_drift.py), so /drift reads days, not rows, at any size; what
@@ -20,6 +21,7 @@ when a journal is opened (MIGRATIONS: every journal, new or old, goes through th
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -44,6 +46,7 @@ from tsimcne_core.journal_spool import (
     segments,
     set_aside,
     spool_folder,
+    spool_identity,
 )
 
 logger = logging.getLogger("tsimcne.journal")
@@ -60,6 +63,11 @@ COLUMNS = (
     "nearest_distance",
 )  # fmt: skip
 ROW_COLUMNS = (*COLUMNS, "image", "image_height", "image_width", "original")  # what a new row is written with
+# PostgreSQL's types of ROW_COLUMNS, for COPY in binary (PostgresJournal._insert): exactly the columns' types
+ROW_TYPES = (
+    "text", "text", "text", "text", "text", "float8", "float8", "text", "float8", "text", "text", "float8", "text",
+    "text", "text", "text", "text", "float8", "bytea", "int4", "int4", "bytea",
+)  # fmt: skip
 COUNTED_AT = tuple(ROW_COLUMNS.index(name) for name in COUNTED_COLUMNS)  # where a row's values hold them
 REVIEW_COLUMNS = ("review", "reviewer", "review_note", "reviewed_at")
 JSON_COLUMNS = ("evidence", "neighbours", "tags")
@@ -85,6 +93,15 @@ def _backfill_drift(cursor: Any, mark: str) -> None:
     cursor.execute(f"SELECT {', '.join(COUNTED_COLUMNS)} FROM placements")
     counts, bins = drift_counts(cursor.fetchall())
     upsert_counts(cursor, mark, counts, bins, insert_rows)
+
+
+def _rows_inline_in_postgres(cursor: Any, mark: str) -> None:
+    """PostgreSQL: keep a row in the table's own page up to 8 kB. A 28 px row (~3 kB) is over the 2 kB at which
+    PostgreSQL tries to compress it (pixels barely compress) and moves the image to a TOAST table: a second
+    insert and index entry a row, a quarter of the server's work per row (benchmarks/README.md, section 16).
+    SQLite keeps rows in its pages anyway."""
+    if mark == "%s":
+        cursor.execute("ALTER TABLE placements SET (toast_tuple_target = 8160)")
 
 
 # MIGRATIONS[n] takes a journal from version n - 1 to n (1 creates it); a step is an SQL statement ({id_type} and
@@ -129,6 +146,7 @@ MIGRATIONS: dict[int, tuple[str | Callable[[Any, str], None], ...]] = {
     3: (  # how far each spool segment has been taken into the database (SQLite: tsimcne_core/journal_spool.py)
         "CREATE TABLE journal_spool (segment TEXT PRIMARY KEY, read_to BIGINT NOT NULL)",
     ),
+    4: (_rows_inline_in_postgres,),
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 READ_COLUMNS = ("id", *COLUMNS, *REVIEW_COLUMNS)  # what a placement read back holds, in this order
@@ -229,21 +247,49 @@ def now() -> str:
 
 
 class SqlJournal:
-    """The journal on a DB-API connection (one per thread); SQLite and PostgreSQL differ only in `_connect`,
-    the parameter mark and the id column."""
+    """The journal on a DB-API connection (one per thread); SQLite and PostgreSQL differ in `_connect`, the
+    parameter mark, the id column, how rows go in (`_insert`) and how a spool is keyed and locked. With a spool
+    folder (`spool`: always for SQLite, setting journal_spool for PostgreSQL) the service's batches are appended
+    there and taken in by `take_spool`; without one, each is a transaction of its own."""
 
     mark = "?"
     id_type = "INTEGER PRIMARY KEY AUTOINCREMENT"
     blob = "BLOB"
-    commits_locally = True  # a commit is a file write on this machine, not a round trip to a server
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, spool: Path | None = None, sync: str = "normal") -> None:
+        if sync not in SYNC_MODES:
+            raise JournalError(f"journal {url}: sync {sync!r}: give one of {', '.join(SYNC_MODES)}")
         self.url = url
+        self.sync = sync
         self._local = threading.local()
+        self.spool_folder = spool  # None: each batch is a transaction of its own (`keep`)
+        self._spool_prefix = ""  # what this spool's segments are keyed by in journal_spool (`_spool_keys`)
+        self._writer: SpoolWriter | None = None
+        self._writer_made = threading.Lock()
+        self._taking = threading.Lock()
+        self._taken_sizes: dict[str, int] | None = None  # the spool's segment sizes when this process last took it
+        self._failing: str | None = None  # why the last take failed: new writes are refused until one succeeds
         try:
             self._migrate()
+            if spool is not None:
+                self._spool_prefix = self._spool_keys(spool)
         except Exception as exc:
             raise JournalError(f"journal {self.describe()}: cannot be opened: {exc}") from exc
+        if spool is not None:
+            self.take_spool()  # what an earlier run spooled and had not taken in yet (it was killed, say)
+
+    @property
+    def spools(self) -> bool:
+        """Whether /embed's batches are appended to a spool (a file write on this machine, no transaction)."""
+        return self.spool_folder is not None
+
+    def _spool_keys(self, folder: Path) -> str:
+        """The prefix of this spool's segments in table journal_spool: none for SQLite (one spool per database)."""
+        return ""
+
+    def _lock_spool(self, cursor: Any) -> None:
+        """Hold off every other process taking this spool until the caller's transaction ends (SQLite: its
+        write transaction already does)."""
 
     def describe(self) -> str:
         return self.url
@@ -294,16 +340,118 @@ class SqlJournal:
         """Start a write transaction (PostgreSQL starts one with the first statement)."""
 
     def maintain(self) -> None:
-        """Housekeeping the service's upkeep thread does every second (SQLite: take the spool in, checkpoint
-        the WAL); none here."""
+        """Housekeeping the service's upkeep thread does every second: take the spool in (SQLite also copies
+        the WAL into the database)."""
+        if self.spools:
+            self.take_spool()
 
     def keep(self, values: Sequence[tuple]) -> None:
         """The service's write of a placed batch (ROW_COLUMNS values): kept durably when this returns, or
-        JournalError. Here a transaction of its own (`write_values`); SQLite appends to its spool."""
-        self.write_values(values)
+        JournalError. With a spool: appended to this process's segment (one write; fsynced with sync=full),
+        taken into the database within a second or before the next read in this replica (`take_spool`);
+        JournalError while the database does not take what is spooled (a 2xx is then no longer given).
+        Without one: a transaction of its own (`write_values`)."""
+        if not values:
+            return
+        if not self.spools:
+            self.write_values(values)
+            return
+        if self._failing is not None:
+            raise self._unwritten(self._failing)
+        try:
+            self._spool_writer().append(values)
+        except SpoolError as exc:
+            raise self._unwritten(str(exc)) from exc
+        except OSError as exc:  # the writer could not be made (its folder, its first segment)
+            raise self._unwritten(f"spool {self.spool_folder}: {exc}") from exc
+
+    def _unwritten(self, why: str) -> JournalError:
+        return JournalError(f"journal {self.describe()}: the placements could not be written: {why}")
+
+    def _spool_writer(self) -> SpoolWriter:
+        """This process's spool writer, made in the process that writes (after a fork, a new one)."""
+        writer = self._writer
+        if writer is None or writer.pid != os.getpid():
+            with self._writer_made:
+                writer = self._writer
+                if writer is None or writer.pid != os.getpid():
+                    writer = self._writer = SpoolWriter(self.spool_folder, fsync=self.sync == "full")
+        return writer
+
+    def take_spool(self) -> int:
+        """Take every whole frame spooled by any process into the database, in one transaction with each
+        segment's new offset (so a frame is taken exactly once, whichever process takes it); delete the
+        segments taken to their end whose writer is done with them, and set aside (`*.damaged`, logged) those
+        a dead writer left with bytes that are not a frame after its whole ones (a power cut's zeros). How
+        many rows came in; JournalError naming the journal when the take fails (new writes are then refused
+        until one succeeds)."""
+        with self._taking:
+            try:
+                try:
+                    return self._take_spool()
+                except OSError as exc:  # the spool's folder or files (descriptors run out, permissions)
+                    raise JournalError(f"journal {self.describe()}: the spool could not be read: {exc}") from exc
+            except JournalError as exc:
+                self._failing = str(exc).removeprefix(f"journal {self.describe()}: ")
+                raise
+
+    def _take_spool(self) -> int:
+        assert self.spool_folder is not None
+        sizes = segments(self.spool_folder)
+        if (
+            self._failing is None
+            and sizes == self._taken_sizes
+            and not any(finished(self.spool_folder / name, size) for name, size in sizes.items())
+        ):
+            return 0  # nothing new since this process last took it, and no writer has let go of a segment
+        with self._transaction("the spooled placements could not be taken in") as cursor:
+            # Listed again under the write lock: a segment with an offset row that is not listed now has been
+            # deleted (no take can commit meanwhile), so its row may go; listed before the lock, a segment
+            # taken in and created meanwhile would lose its row and be taken twice.
+            self._lock_spool(cursor)
+            sizes = segments(self.spool_folder)
+            cursor.execute("SELECT segment, read_to FROM journal_spool")
+            prefix = self._spool_prefix  # other replicas' spools (PostgreSQL) are theirs to take
+            offsets = {key[len(prefix) :]: at for key, at in cursor.fetchall() if key.startswith(prefix)}
+            taken = [read_segment(self.spool_folder, name, offsets.get(name, 0)) for name in sorted(sizes)]
+            for segment in taken:
+                if segment.damaged_at is not None and not finished(segment.path, segment.offset):
+                    raise ValueError(
+                        f"{segment.path}: bytes that are not a spool frame at byte {segment.damaged_at}, and its "
+                        "writer still holds it"
+                    )
+            rows = [row for segment in taken for row in segment.rows]
+            if rows:
+                self._insert(cursor, rows)
+            moved = [(prefix + s.name, s.offset) for s in taken if s.offset != offsets.get(s.name, 0)]
+            if moved:
+                tail = " ON CONFLICT (segment) DO UPDATE SET read_to = excluded.read_to"
+                insert_rows(cursor, self.mark, "journal_spool", ("segment", "read_to"), moved, tail)
+            for name in offsets.keys() - sizes.keys():  # deleted after an earlier take
+                if not (self.spool_folder / name).exists():
+                    cursor.execute(f"DELETE FROM journal_spool WHERE segment = {self.mark}", [prefix + name])
+        self._failing = None
+        gone = set()
+        for segment in taken:
+            if segment.damaged_at is not None:
+                aside = set_aside(segment.path)
+                logger.warning(
+                    "journal %s: %s ends in bytes that are not a spool frame (from byte %d; its process is gone: "
+                    "a power cut?); its whole frames were taken in, the file set aside as %s",
+                    self.describe(), segment.path, segment.damaged_at, aside,
+                )  # fmt: skip
+                gone.add(segment.name)
+            elif finished(segment.path, segment.offset):
+                segment.path.unlink(missing_ok=True)  # its offset row goes with the next take
+                gone.add(segment.name)
+        # What was listed under the lock, all of it read: a frame appended since shows as a new size.
+        self._taken_sizes = {name: size for name, size in sizes.items() if name not in gone}
+        return len(rows)
 
     def _catch_up(self) -> None:
-        """Before a read or a change: make every kept row visible (SQLite: take the spool in)."""
+        """Before a read or a change: make every kept row visible (take this replica's spool in)."""
+        if self.spools:
+            self.take_spool()
 
     def version(self) -> int:
         cursor = self._connection().cursor()
@@ -494,6 +642,12 @@ class SqlJournal:
         }  # fmt: skip
 
     def close(self) -> None:
+        """Stop spooling and take in what this process spooled (a service shutting down leaves none behind)."""
+        writer, self._writer = self._writer, None
+        if writer is not None and writer.pid == os.getpid():
+            writer.close()
+            with contextlib.suppress(JournalError):  # else kept in the spool: the next process takes it in
+                self.take_spool()
         self._close_connection()
 
     def _close_connection(self) -> None:
@@ -505,116 +659,8 @@ class SqlJournal:
 
 class SqliteJournal(SqlJournal):
     def __init__(self, url: str, sync: str = "normal") -> None:
-        if sync not in SYNC_MODES:
-            raise JournalError(f"journal {url}: sync {sync!r}: give one of {', '.join(SYNC_MODES)}")
         self.path = Path(url.removeprefix("sqlite:///"))
-        self.sync = sync
-        self.spool_folder = spool_folder(self.path)
-        self._writer: SpoolWriter | None = None
-        self._writer_made = threading.Lock()
-        self._taking = threading.Lock()
-        self._taken_sizes: dict[str, int] | None = None  # the spool's segment sizes when this process last took it
-        self._failing: str | None = None  # why the last take failed: new writes are refused until one succeeds
-        super().__init__(url)
-        self.take_spool()  # what an earlier run spooled and had not taken in yet (it was killed, say)
-
-    def keep(self, values: Sequence[tuple]) -> None:
-        """Append the batch to this process's spool segment (one write; fsynced with sync=full): durable when
-        this returns, taken into the database within a second or before the next read (`take_spool`).
-        JournalError while the database does not take what is spooled (a 2xx is then no longer given)."""
-        if not values:
-            return
-        if self._failing is not None:
-            raise self._unwritten(self._failing)
-        try:
-            self._spool_writer().append(values)
-        except SpoolError as exc:
-            raise self._unwritten(str(exc)) from exc
-        except OSError as exc:  # the writer could not be made (its folder, its first segment)
-            raise self._unwritten(f"spool {self.spool_folder}: {exc}") from exc
-
-    def _unwritten(self, why: str) -> JournalError:
-        return JournalError(f"journal {self.describe()}: the placements could not be written: {why}")
-
-    def _spool_writer(self) -> SpoolWriter:
-        """This process's spool writer, made in the process that writes (after a fork, a new one)."""
-        writer = self._writer
-        if writer is None or writer.pid != os.getpid():
-            with self._writer_made:
-                writer = self._writer
-                if writer is None or writer.pid != os.getpid():
-                    writer = self._writer = SpoolWriter(self.spool_folder, fsync=self.sync == "full")
-        return writer
-
-    def take_spool(self) -> int:
-        """Take every whole frame spooled by any process into the database, in one transaction with each
-        segment's new offset (so a frame is taken exactly once, whichever process takes it); delete the
-        segments taken to their end whose writer is done with them, and set aside (`*.damaged`, logged) those
-        a dead writer left with bytes that are not a frame after its whole ones (a power cut's zeros). How
-        many rows came in; JournalError naming the journal when the take fails (new writes are then refused
-        until one succeeds)."""
-        with self._taking:
-            try:
-                try:
-                    return self._take_spool()
-                except OSError as exc:  # the spool's folder or files (descriptors run out, permissions)
-                    raise JournalError(f"journal {self.describe()}: the spool could not be read: {exc}") from exc
-            except JournalError as exc:
-                self._failing = str(exc).removeprefix(f"journal {self.describe()}: ")
-                raise
-
-    def _take_spool(self) -> int:
-        sizes = segments(self.spool_folder)
-        if (
-            self._failing is None
-            and sizes == self._taken_sizes
-            and not any(finished(self.spool_folder / name, size) for name, size in sizes.items())
-        ):
-            return 0  # nothing new since this process last took it, and no writer has let go of a segment
-        with self._transaction("the spooled placements could not be taken in") as cursor:
-            # Listed again under the write lock: a segment with an offset row that is not listed now has been
-            # deleted (no take can commit meanwhile), so its row may go; listed before the lock, a segment
-            # taken in and created meanwhile would lose its row and be taken twice.
-            sizes = segments(self.spool_folder)
-            cursor.execute("SELECT segment, read_to FROM journal_spool")
-            offsets = dict(cursor.fetchall())
-            taken = [read_segment(self.spool_folder, name, offsets.get(name, 0)) for name in sorted(sizes)]
-            for segment in taken:
-                if segment.damaged_at is not None and not finished(segment.path, segment.offset):
-                    raise ValueError(
-                        f"{segment.path}: bytes that are not a spool frame at byte {segment.damaged_at}, and its "
-                        "writer still holds it"
-                    )
-            rows = [row for segment in taken for row in segment.rows]
-            if rows:
-                self._insert(cursor, rows)
-            moved = [(s.name, s.offset) for s in taken if s.offset != offsets.get(s.name, 0)]
-            if moved:
-                tail = " ON CONFLICT (segment) DO UPDATE SET read_to = excluded.read_to"
-                insert_rows(cursor, self.mark, "journal_spool", ("segment", "read_to"), moved, tail)
-            for name in offsets.keys() - sizes.keys():  # deleted after an earlier take
-                if not (self.spool_folder / name).exists():
-                    cursor.execute("DELETE FROM journal_spool WHERE segment = ?", [name])
-        self._failing = None
-        gone = set()
-        for segment in taken:
-            if segment.damaged_at is not None:
-                aside = set_aside(segment.path)
-                logger.warning(
-                    "journal %s: %s ends in bytes that are not a spool frame (from byte %d; its process is gone: "
-                    "a power cut?); its whole frames were taken in, the file set aside as %s",
-                    self.describe(), segment.path, segment.damaged_at, aside,
-                )  # fmt: skip
-                gone.add(segment.name)
-            elif finished(segment.path, segment.offset):
-                segment.path.unlink(missing_ok=True)  # its offset row goes with the next take
-                gone.add(segment.name)
-        # What was listed under the lock, all of it read: a frame appended since shows as a new size.
-        self._taken_sizes = {name: size for name, size in sizes.items() if name not in gone}
-        return len(rows)
-
-    def _catch_up(self) -> None:
-        self.take_spool()
+        super().__init__(url, spool_folder(self.path), sync)
 
     def maintain(self) -> None:
         """Take the spool in, then copy committed pages from the WAL into the database."""
@@ -658,15 +704,6 @@ class SqliteJournal(SqlJournal):
     def _lock_schema(self, cursor: Any) -> None:
         cursor.execute("BEGIN IMMEDIATE")  # the database's one writer lock, until the migration commits
 
-    def close(self) -> None:
-        """Stop spooling and take in what this process spooled (a service shutting down leaves none behind)."""
-        writer, self._writer = self._writer, None
-        if writer is not None and writer.pid == os.getpid():
-            writer.close()
-            with contextlib.suppress(JournalError):  # else kept in the spool: the next process takes it in
-                self.take_spool()
-        self._close_connection()
-
 
 def _while_locked(statement: Callable[[], Any], pause: float) -> None:
     """Run `statement`, again every `pause` seconds while SQLite answers that the database is locked (another
@@ -683,7 +720,12 @@ def _while_locked(statement: Callable[[], Any], pause: float) -> None:
 
 
 class PostgresJournal(SqlJournal):
-    commits_locally = False
+    """The journal in PostgreSQL, for several replicas. Without a spool each batch is committed before its
+    requests are answered (every replica reads it at once); with one (setting journal_spool: a folder on the
+    replica's own persistent volume) a batch is answered once appended there, and is in the database within a
+    second (on this replica's reads at once), at a small part of a transaction's cost (benchmarks/README.md,
+    section 16)."""
+
     mark = "%s"
     id_type = "BIGSERIAL PRIMARY KEY"
     blob = "BYTEA"
@@ -691,10 +733,24 @@ class PostgresJournal(SqlJournal):
     def _lock_schema(self, cursor: Any) -> None:
         cursor.execute("SELECT pg_advisory_xact_lock(2026120326)")  # released when the migration commits
 
+    def _spool_keys(self, folder: Path) -> str:
+        """Every replica has a spool of its own, all keyed in the one journal_spool table: by the spool's
+        identity (made once, kept in its folder), so a replica takes and tidies only its own segments."""
+        self._spool_identity = spool_identity(folder)
+        return self._spool_identity + "/"
+
+    def _lock_spool(self, cursor: Any) -> None:
+        """Several worker processes of a replica take its spool: one at a time (else two could take the same
+        frames before either commits its offsets). A lock for this spool only, released at commit."""
+        key = int.from_bytes(hashlib.blake2b(self._spool_identity.encode(), digest_size=8).digest(), "big", signed=True)
+        cursor.execute("SELECT pg_advisory_xact_lock(%s)", [key])
+
     def _insert(self, cursor: Any, values: Sequence[tuple]) -> None:
-        """The rows by COPY (less of the service's CPU than a multi-row INSERT's parameters: 50 against 61 µs a
-        row in transactions of 8), their daily counts by INSERT ... ON CONFLICT, in the caller's transaction."""
-        with cursor.copy(f"COPY placements ({', '.join(ROW_COLUMNS)}) FROM STDIN") as copy:
+        """The rows by COPY in binary, their daily counts by INSERT ... ON CONFLICT, in the caller's transaction.
+        Binary: no text to make (the pixels as hex) on this side nor to parse on the server's: 5 and 22 µs a
+        row, against 13 and 34 µs in text and more for a multi-row INSERT (benchmarks/README.md, section 16)."""
+        with cursor.copy(f"COPY placements ({', '.join(ROW_COLUMNS)}) FROM STDIN (FORMAT BINARY)") as copy:
+            copy.set_types(ROW_TYPES)
             for row in values:
                 copy.write_row(row)
         counted = ([row[at] for at in COUNTED_AT] for row in values)
@@ -716,12 +772,16 @@ class PostgresJournal(SqlJournal):
         return psycopg.connect(self.url)
 
 
-def open_journal(url: str, sync: str = "normal") -> SqlJournal:
-    """The journal a URL names: sqlite:///PATH or postgresql://USER:PASSWORD@HOST/DB. `sync` (SQLite): normal
-    (commits survive the process being killed) or full (also a power cut: an fsync per commit); PostgreSQL
-    follows its server's own synchronous_commit."""
+def open_journal(url: str, sync: str = "normal", spool: str | Path | None = None) -> SqlJournal:
+    """The journal a URL names: sqlite:///PATH or postgresql://USER:PASSWORD@HOST/DB. `sync`: normal (what
+    was answered survives the process being killed) or full (also a power cut: an fsync per commit and per
+    spooled batch); PostgreSQL's own commits follow its server's synchronous_commit. `spool` (PostgreSQL
+    only; SQLite's is always beside its database): the folder /embed's batches are appended to before they
+    are taken into the database."""
     if url.startswith("sqlite:///"):
+        if spool is not None:
+            raise JournalError(f"journal {url}: a spool folder is for PostgreSQL (SQLite's is beside its database)")
         return SqliteJournal(url, sync)
     if url.startswith(("postgresql://", "postgres://")):
-        return PostgresJournal(url)
+        return PostgresJournal(url, Path(spool) if spool is not None else None, sync)
     raise JournalError(f"journal {url!r}: give sqlite:///PATH or postgresql://USER:PASSWORD@HOST/DB")

@@ -1,15 +1,17 @@
-"""The SQLite journal's spool: placed rows appended to a file beside the database, taken into it in bulk.
+"""The journal's spool: placed rows appended to a file, taken into the database in bulk.
 
 Why: an SQLite commit per model batch (a few rows) cost /embed 16-19 % of its throughput on 2 cores, most of it
-SQLite's fixed work per transaction and the workers waiting for each other's write lock (benchmarks/README.md,
-section 16). Appending a batch to a file is one write() call; the database then takes everything spooled in
-one transaction about once a second (`SpoolReader`, called by the service's upkeep thread and before every
-read, so a read sees every acknowledged row).
+SQLite's fixed work per transaction and the workers waiting for each other's write lock; a PostgreSQL commit
+per batch, even gathered, 28-30 % (benchmarks/README.md, section 16). Appending a batch to a file is one
+write() call; the database then takes everything spooled in one transaction about once a second (the journal's
+`take_spool`, called by the service's upkeep thread and before every read, so a read sees every acknowledged
+row). SQLite's spool is beside its database; a PostgreSQL journal's (setting journal_spool) is on the
+replica's own volume, and is keyed in the database by the spool's identity (`spool_identity`).
 
-What a 2xx keeps: a batch is answered once its frame is written to the spool, on the same volume as the
-database; like a WAL commit with synchronous=NORMAL it survives the worker being killed, and with
-journal_sync=full each append is also fsynced. A frame is taken into the database exactly once: the offset
-each segment has been read up to is stored in the same transaction as its rows (table journal_spool).
+What a 2xx keeps: a batch is answered once its frame is written to the spool; like a WAL commit with
+synchronous=NORMAL it survives the worker being killed, and with journal_sync=full each append is also
+fsynced. A frame is taken into the database exactly once: the offset each segment has been read up to is
+stored in the same transaction as its rows (table journal_spool).
 
 Files: `<folder>/<writer>.<sequence>.spool`, one writer per process (its name: pid, start time, random), a new
 segment every SEGMENT_BYTES. A writer holds a shared flock on its open segment; a segment read to its end whose
@@ -48,6 +50,42 @@ def spool_folder(database: Path) -> Path:
     return database.with_name(database.name + ".spool")
 
 
+IDENTITY_FILE = "spool-id"
+
+
+def spool_identity(folder: Path) -> str:
+    """The spool's identity, made by whichever process asks first and kept in its folder: what a PostgreSQL
+    journal keys this spool's segments by, apart from other replicas' spools (tsimcne_core/journal.py)."""
+    path = folder / IDENTITY_FILE
+    try:
+        return path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        pass
+    folder.mkdir(parents=True, exist_ok=True)
+    making = folder / f"{IDENTITY_FILE}.{os.getpid()}.{secrets.token_hex(4)}.new"
+    with open(making, "w", encoding="ascii") as handle:
+        handle.write(secrets.token_hex(12))
+        handle.flush()
+        os.fsync(handle.fileno())
+    try:
+        os.link(making, path)  # only the first process's identity takes: a link never replaces a file
+    except FileExistsError:
+        pass
+    finally:
+        making.unlink()
+    _sync(folder)
+    return path.read_text(encoding="ascii").strip()
+
+
+def _sync(folder: Path) -> None:
+    """A folder's entries (a new file's name) on disk."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class SpoolWriter:
     """Appends batches of rows for one process; thread-safe. A forked process makes its own (the journal checks
     the pid: tsimcne_core/journal.py `SqliteJournal.keep`)."""
@@ -68,11 +106,7 @@ class SpoolWriter:
     def _sync_folder(self) -> None:
         """With fsync: the folder's entries (a new segment's name) on disk too, not only the frames."""
         if self.fsync:
-            fd = os.open(self.folder, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _sync(self.folder)
 
     def _rotate(self) -> None:
         self._sequence += 1

@@ -74,3 +74,15 @@ def start_postgres(settings: dict[str, str] | None = None) -> Postgres:
         "start",
     )
     return Postgres(f"postgresql://postgres@127.0.0.1:{port}/postgres", folder, programs, as_user)
+
+
+def new_database(server: Postgres, prefix: str = "journal") -> str:
+    """A new, empty database on `server` (a random name after `prefix`); its URL."""
+    import uuid
+
+    import psycopg
+
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server.url, autocommit=True) as connection:
+        connection.execute(f"CREATE DATABASE {name}")
+    return server.url.rsplit("/", 1)[0] + f"/{name}"
