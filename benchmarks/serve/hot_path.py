@@ -360,8 +360,9 @@ def main() -> None:
     parser.add_argument(
         "--journal",
         default="",
-        help="also serve the PBC bundle with the journal on: sqlite, postgresql or both (comma-separated); "
-        "postgresql starts a throwaway server (benchmarks/harness/postgres.py)",
+        help="also serve the PBC bundle with the journal on: sqlite, postgresql (a commit per batch), "
+        "postgresql-spool (setting journal_spool), comma-separated; postgresql starts a throwaway server "
+        "(benchmarks/harness/postgres.py)",
     )
     parser.add_argument("--out", type=Path, help="the result file (default: benchmarks/scratch/serve/)")
     parser.add_argument(
@@ -389,16 +390,19 @@ def main() -> None:
     planned = servers(args.bundle.resolve(), large.resolve() if large else None, work / "bentoml-home")
     postgres = None
     for kind in filter(None, args.journal.split(",")):
+        settings = {}
         if kind == "sqlite":
-            url = f"sqlite:///{work / 'journal.db'}"
-        elif kind == "postgresql":
-            from benchmarks.harness.postgres import start_postgres
+            settings["journal"] = f"sqlite:///{work / 'journal.db'}"
+        elif kind in ("postgresql", "postgresql-spool"):
+            from benchmarks.harness.postgres import new_database, start_postgres
 
-            postgres = start_postgres()
-            url = postgres.url
+            postgres = postgres or start_postgres()
+            settings["journal"] = new_database(postgres, kind.replace("-", "_"))  # each row starts empty
+            if kind == "postgresql-spool":
+                settings["journal_spool"] = str(work / "spool")
         else:
-            sys.exit(f"error: --journal {kind!r}: give sqlite, postgresql or both")
-        journaled = _embed(args.bundle.resolve(), f"embed (defaults, journal {kind})", journal=url)
+            sys.exit(f"error: --journal {kind!r}: give sqlite, postgresql or postgresql-spool (comma-separated)")
+        journaled = _embed(args.bundle.resolve(), f"embed (defaults, journal {kind})", **settings)
         journaled.env["BENTOML_HOME"] = str(work / "bentoml-home")
         planned.append(journaled)
     for server in planned:
