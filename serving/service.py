@@ -21,6 +21,7 @@ each worker), and the bundle opened in each worker's `MapService()`. Tests and t
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import logging
@@ -292,6 +293,19 @@ class MapService:
 
     def __is_ready__(self) -> bool:
         return self.ready
+
+    @bentoml.on_shutdown
+    async def shut_down(self) -> None:
+        """A worker stopping (SIGTERM: a rollout, a scale-down): the model's queue and the journal's writer
+        finish what they hold, then the journal takes in what this worker spooled, so that a replica scaled
+        away leaves nothing waiting in its spool folder (PostgreSQL's journal_spool is the replica's own)."""
+        handler = getattr(self, "embed_handler", None)
+        if handler is not None:
+            await handler.close()
+        if getattr(self, "journal_upkeep", None) is not None:
+            await asyncio.to_thread(self.journal_upkeep.close)
+        if getattr(self, "journal", None) is not None:
+            await asyncio.to_thread(self.journal.close)
 
     def _info(self) -> InfoResponse:
         settings, manifest = self.settings, self.placer.manifest

@@ -40,6 +40,7 @@ RENDERINGS = {
     "cpu+baked-bundle": ("overlays/cpu", ["baked-bundle"]),
     "single+baked-bundle": ("overlays/single", ["baked-bundle", "ingress"]),
     "gpu+all-components": ("overlays/gpu", ["ingress", "servicemonitor", "baked-bundle"]),
+    "cpu+journal-postgres-spool": ("overlays/cpu", ["journal-postgres-spool"]),
 }
 
 
@@ -96,6 +97,12 @@ def _one(docs: list[dict], kind: str) -> dict:
     return found
 
 
+def _workload(docs: list[dict]) -> dict:
+    """The service's pods' owner: the Deployment, or the StatefulSet of components/journal-postgres-spool."""
+    [found] = [doc for doc in docs if doc["kind"] in ("Deployment", "StatefulSet")]
+    return found
+
+
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
 def test_every_rendering_passes_the_kubernetes_schemas(rendered, version) -> None:
     validate = tool("kubernetes-validate")
@@ -117,6 +124,8 @@ def test_optional_components_render_only_when_asked(rendered) -> None:
     assert kinds["cpu"] == kinds["gpu"] == sorted([*common, "PersistentVolumeClaim"])
     assert kinds["lab-example"] == sorted([*common, "PersistentVolumeClaim", "Ingress", "ServiceMonitor"])
     assert kinds["cpu+baked-bundle"] == sorted(common)  # no claim, no volume: the bundle is in the image
+    spooled = [k if k != "Deployment" else "StatefulSet" for k in common]  # a claim a replica: its template
+    assert kinds["cpu+journal-postgres-spool"] == sorted([*spooled, "PersistentVolumeClaim"])
     baked = _one(_documents(rendered["cpu+baked-bundle"]), "Deployment")["spec"]["template"]["spec"]
     assert [v["name"] for v in baked["volumes"]] == ["tmp"]
     assert [m["mountPath"] for m in baked["containers"][0]["volumeMounts"]] == ["/tmp"]
@@ -140,9 +149,9 @@ def test_manifests_agree_with_the_image_and_the_service(rendered) -> None:
     port = int(re.search(r"BENTOML_PORT=(\d+)", dockerfile).group(1))
     assert re.search(r"^USER 10001$", dockerfile, flags=re.MULTILINE) and "BENTOML_HOME=/tmp/" in dockerfile
     settings = {ENV_PREFIX + name.upper() for name in ServiceSettings.model_fields}
-    for name in ("cpu", "gpu", "lab-example", "single"):
+    for name in ("cpu", "gpu", "lab-example", "single", "cpu+journal-postgres-spool"):
         docs = _documents(rendered[name])
-        deployment = _one(docs, "Deployment")
+        deployment = _workload(docs)
         pod = deployment["spec"]["template"]["spec"]
         [container] = pod["containers"]
         assert container["ports"] == [{"name": "http", "containerPort": port}]
@@ -162,6 +171,7 @@ def test_manifests_agree_with_the_image_and_the_service(rendered) -> None:
         else:
             hpa = _one(docs, "HorizontalPodAutoscaler")
             assert hpa["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+            assert hpa["spec"]["scaleTargetRef"]["kind"] == deployment["kind"]
             assert "replicas" not in deployment["spec"]  # the autoscaler owns them
         service = _one(docs, "Service")
         labels = deployment["spec"]["template"]["metadata"]["labels"]
@@ -192,7 +202,7 @@ def test_manifests_agree_with_the_image_and_the_service(rendered) -> None:
 def _most_replicas(docs: list[dict]) -> int:
     """The most pods a rendering may run at once: the autoscaler's ceiling, else the Deployment's replicas."""
     ceilings = [doc["spec"]["maxReplicas"] for doc in docs if doc["kind"] == "HorizontalPodAutoscaler"]
-    return max(ceilings) if ceilings else _one(docs, "Deployment")["spec"].get("replicas", 1)
+    return max(ceilings) if ceilings else _workload(docs)["spec"].get("replicas", 1)
 
 
 def test_the_journal_suits_the_replicas(rendered) -> None:
@@ -202,7 +212,7 @@ def test_the_journal_suits_the_replicas(rendered) -> None:
     kinds_of_journal = {}
     for name, path in rendered.items():
         docs = _documents(path)
-        deployment = _one(docs, "Deployment")
+        deployment = _workload(docs)
         pod = deployment["spec"]["template"]["spec"]
         [container] = pod["containers"]
         [journal] = [e for e in container["env"] if e["name"] == "TSIMCNE_JOURNAL"]
@@ -233,8 +243,23 @@ def test_the_journal_suits_the_replicas(rendered) -> None:
             policy = _one(docs, "NetworkPolicy")
             allowed = {(p["port"], p["protocol"]) for rule in policy["spec"]["egress"] for p in rule["ports"]}
             assert allowed == {(53, "UDP"), (53, "TCP"), (5432, "TCP")}, name  # DNS and the database only
+            spool = [e["value"] for e in container["env"] if e["name"] == "TSIMCNE_JOURNAL_SPOOL"]
+            if spool:  # on a claim of each replica's own (a StatefulSet's template), never on the pod's disk
+                assert deployment["kind"] == "StatefulSet" and deployment["spec"]["serviceName"], name
+                environ = {"TSIMCNE_JOURNAL": "postgresql://u:p@db/j", "TSIMCNE_JOURNAL_SPOOL": spool[0]}
+                assert load_settings(environ=environ).journal_spool == spool[0]
+                [mount] = [
+                    m for m in container["volumeMounts"] if PurePosixPath(spool[0]) == PurePosixPath(m["mountPath"])
+                ]
+                [claim] = [
+                    c for c in deployment["spec"]["volumeClaimTemplates"] if c["metadata"]["name"] == mount["name"]
+                ]
+                assert claim["spec"]["accessModes"] == ["ReadWriteOnce"] and not mount.get("readOnly"), name
+                assert mount["name"] not in {v["name"] for v in pod["volumes"]}, name  # not an emptyDir
+            else:
+                assert deployment["kind"] == "Deployment", name
     assert {name for name, kind in kinds_of_journal.items() if kind == "sqlite"} == {"single", "single+baked-bundle"}
-    for name in ("cpu", "gpu", "lab-example"):  # the autoscaled overlays
+    for name in ("cpu", "gpu", "lab-example", "cpu+journal-postgres-spool"):  # the autoscaled renderings
         assert _most_replicas(_documents(rendered[name])) > 1 and kinds_of_journal[name] == "postgresql"
 
 

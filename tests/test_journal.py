@@ -224,6 +224,7 @@ def test_a_first_version_journal_is_migrated_keeping_its_rows(journal_url: str) 
         _sql(journal_url, f"INSERT INTO placements ({names}) VALUES ({values}, NULL)")
     journal = open_journal(journal_url)
     assert journal.version() == SCHEMA_VERSION == 4
+    assert len(_sql(journal_url, "SELECT id FROM journal_identity")) == 1  # version 4: spool folders bind to it
     if journal_url.startswith("postgresql"):  # version 4: a row stays in the table's page up to 8 kB
         options = _sql(journal_url, "SELECT reloptions FROM pg_class WHERE relname = 'placements'")
         assert options == [(["toast_tuple_target=8160"],)]
@@ -335,6 +336,27 @@ def test_every_acknowledged_image_is_in_the_journal_even_after_a_kill(service_bu
     assert restarted.placements(PlacementFilter(source="load"), limit=1000)
     if spool is not None:  # the killed workers' spool segments were taken in and deleted
         assert not list(spool.glob("*.spool"))
+
+
+def test_a_stopping_service_takes_its_spool_into_postgresql(service_bundle, tmp_path, postgres) -> None:
+    """SIGTERM (a rollout, a scale-down): each worker takes in what it spooled before it exits, so a replica
+    scaled away leaves nothing waiting on its own volume."""
+    bundle, data = service_bundle
+    cells = sorted(data.rglob("*.png"))[:12]
+    url, spool = new_database(postgres), tmp_path / "spool"
+    settings = {"bundle": str(bundle), "workers": "2", "journal": url, "journal_spool": str(spool)}
+    running = start_server(tmp_path, settings, home=tmp_path)
+    try:
+        running.wait_for_log(f"batches spooled in {spool}")
+        with running.client() as client, ThreadPoolExecutor(4) as pool:
+            post = lambda path: client.post("/embed", files=[("images", (path.name, path.read_bytes()))])  # noqa: E731
+            answers = list(pool.map(post, cells))
+        assert [a.status_code for a in answers] == [200] * len(cells)
+    finally:
+        assert running.stop() == 0
+    kept = _sql(url, "SELECT request_id FROM placements")  # read straight from the database: nobody took it since
+    assert sorted(row[0] for row in kept) == sorted(a.headers["x-request-id"] for a in answers)
+    assert not list(spool.glob("*.spool")) and "Completed async cleanup hook: shut_down" in running.log_text()
 
 
 def test_a_journal_that_cannot_be_written_fails_the_request_with_503(service_bundle, tmp_path, journal_settings):

@@ -167,3 +167,15 @@ def test_a_power_cut_tail_of_zeros_is_set_aside_and_the_whole_frames_before_it_k
     assert not list(folder.glob("*.spool")) and len(list(folder.glob("*.spool.damaged"))) == 1
     journal.keep([_values("after.png", "cut")])  # and the journal goes on
     assert len(journal.placements(PlacementFilter())) == 4
+
+
+def test_a_spool_folder_belongs_to_one_postgresql_journal(postgres, tmp_path: Path) -> None:
+    """Two journals taking one folder's files would each take them in: the folder is bound to the first."""
+    folder = tmp_path / "spool"
+    first = open_journal(new_database(postgres), spool=folder)
+    first.keep([_values("first.png", "a")])
+    with pytest.raises(JournalError, match=rf"spool folder {folder} belongs to another journal"):
+        open_journal(new_database(postgres), spool=folder)
+    assert [row["filename"] for row in first.placements(PlacementFilter())] == ["first.png"]
+    first.close()
+    assert first.spools and open_journal(first.url, spool=folder).placements(PlacementFilter())  # its own: fine

@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import sqlite3
 import threading
 import time
@@ -104,6 +105,11 @@ def _rows_inline_in_postgres(cursor: Any, mark: str) -> None:
         cursor.execute("ALTER TABLE placements SET (toast_tuple_target = 8160)")
 
 
+def _make_identity(cursor: Any, mark: str) -> None:
+    """A random identity for the journal, made once: what PostgreSQL spool folders are bound to."""
+    cursor.execute(f"INSERT INTO journal_identity (id) VALUES ({mark})", [secrets.token_hex(12)])
+
+
 # MIGRATIONS[n] takes a journal from version n - 1 to n (1 creates it); a step is an SQL statement ({id_type} and
 # {blob} filled in per database) or a function of (cursor, parameter mark). Released steps are never edited:
 # a change is a new step, so every journal, new or old, goes through the same ones.
@@ -146,7 +152,11 @@ MIGRATIONS: dict[int, tuple[str | Callable[[Any, str], None], ...]] = {
     3: (  # how far each spool segment has been taken into the database (SQLite: tsimcne_core/journal_spool.py)
         "CREATE TABLE journal_spool (segment TEXT PRIMARY KEY, read_to BIGINT NOT NULL)",
     ),
-    4: (_rows_inline_in_postgres,),
+    4: (  # PostgreSQL's rows in the table's page; the journal's own identity (a spool folder is bound to it)
+        _rows_inline_in_postgres,
+        "CREATE TABLE journal_identity (id TEXT NOT NULL)",
+        _make_identity,
+    ),
 }
 SCHEMA_VERSION = max(MIGRATIONS)
 READ_COLUMNS = ("id", *COLUMNS, *REVIEW_COLUMNS)  # what a placement read back holds, in this order
@@ -735,8 +745,12 @@ class PostgresJournal(SqlJournal):
 
     def _spool_keys(self, folder: Path) -> str:
         """Every replica has a spool of its own, all keyed in the one journal_spool table: by the spool's
-        identity (made once, kept in its folder), so a replica takes and tidies only its own segments."""
-        self._spool_identity = spool_identity(folder)
+        identity (made once, kept in its folder), so a replica takes and tidies only its own segments. The
+        folder is bound to this journal: another journal's is refused."""
+        connection = self._connection()
+        journal = connection.execute("SELECT id FROM journal_identity").fetchone()[0]
+        connection.commit()
+        self._spool_identity = spool_identity(folder, journal)
         return self._spool_identity + "/"
 
     def _lock_spool(self, cursor: Any) -> None:

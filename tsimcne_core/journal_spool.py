@@ -51,29 +51,42 @@ def spool_folder(database: Path) -> Path:
 
 
 IDENTITY_FILE = "spool-id"
+JOURNAL_FILE = "journal-id"
 
 
-def spool_identity(folder: Path) -> str:
+def spool_identity(folder: Path, journal: str) -> str:
     """The spool's identity, made by whichever process asks first and kept in its folder: what a PostgreSQL
-    journal keys this spool's segments by, apart from other replicas' spools (tsimcne_core/journal.py)."""
-    path = folder / IDENTITY_FILE
+    journal keys this spool's segments by, apart from other replicas' spools (tsimcne_core/journal.py). The
+    folder is bound to the journal (its identity, `journal`) it was first used with; ValueError naming both
+    when it is another's, whose takers would take the same files into two databases."""
+    bound = _written_once(folder / JOURNAL_FILE, journal)
+    if bound != journal:
+        raise ValueError(
+            f"spool folder {folder} belongs to another journal (journal id {bound}, this one's is {journal}): "
+            "give each journal a spool folder of its own"
+        )
+    return _written_once(folder / IDENTITY_FILE, secrets.token_hex(12))
+
+
+def _written_once(path: Path, text: str) -> str:
+    """The content of `path`, written as `text` by whichever process gets there first (never replaced)."""
     try:
         return path.read_text(encoding="ascii").strip()
     except FileNotFoundError:
         pass
-    folder.mkdir(parents=True, exist_ok=True)
-    making = folder / f"{IDENTITY_FILE}.{os.getpid()}.{secrets.token_hex(4)}.new"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    making = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.new")
     with open(making, "w", encoding="ascii") as handle:
-        handle.write(secrets.token_hex(12))
+        handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
     try:
-        os.link(making, path)  # only the first process's identity takes: a link never replaces a file
+        os.link(making, path)  # only the first process's text takes: a link never replaces a file
     except FileExistsError:
         pass
     finally:
         making.unlink()
-    _sync(folder)
+    _sync(path.parent)
     return path.read_text(encoding="ascii").strip()
 
 
