@@ -223,8 +223,8 @@ def test_a_first_version_journal_is_migrated_keeping_its_rows(journal_url: str) 
         )
         _sql(journal_url, f"INSERT INTO placements ({names}) VALUES ({values}, NULL)")
     journal = open_journal(journal_url)
-    assert journal.version() == SCHEMA_VERSION == 4
-    assert len(_sql(journal_url, "SELECT id FROM journal_identity")) == 1  # version 4: spool folders bind to it
+    assert journal.version() == SCHEMA_VERSION == 5
+    assert len(_sql(journal_url, "SELECT id FROM journal_identity")) == 1  # version 5: spool folders bind to it
     if journal_url.startswith("postgresql"):  # version 4: a row stays in the table's page up to 8 kB
         options = _sql(journal_url, "SELECT reloptions FROM pg_class WHERE relname = 'placements'")
         assert options == [(["toast_tuple_target=8160"],)]

@@ -179,3 +179,40 @@ def test_a_spool_folder_belongs_to_one_postgresql_journal(postgres, tmp_path: Pa
     assert [row["filename"] for row in first.placements(PlacementFilter())] == ["first.png"]
     first.close()
     assert first.spools and open_journal(first.url, spool=folder).placements(PlacementFilter())  # its own: fine
+
+
+def test_a_cloned_spool_folder_does_not_make_its_twin_take_rows_twice(postgres, tmp_path: Path) -> None:
+    """A replica's volume restored from another's snapshot carries the same spool identity: each folder's
+    takes must leave the other's offsets alone (else the other reads its segments again from the start)."""
+    url = new_database(postgres)
+    first = open_journal(url, spool=tmp_path / "a")
+    (tmp_path / "b").mkdir()
+    for name in ("spool-id", "journal-id"):  # the clone: the same identity files, none of the segments
+        (tmp_path / "b" / name).write_bytes((tmp_path / "a" / name).read_bytes())
+    second = open_journal(url, spool=tmp_path / "b")
+    second.keep([_values("b-early.png", "b")])
+    second.take_spool()
+    first.keep([_values("a.png", "a")])
+    first.take_spool()
+    first.take_spool()
+    second.keep([_values("b-late.png", "b")])
+    second.take_spool()
+    names = sorted(row["filename"] for row in first.placements(PlacementFilter()))
+    assert names == ["a.png", "b-early.png", "b-late.png"]
+
+
+def test_a_postgresql_server_that_goes_away_fails_writes_and_reads_naming_the_journal(postgres) -> None:
+    """Also in a thread that had no connection yet (a 503 naming the journal, not a 500)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from benchmarks.harness.postgres import start_postgres
+
+    server = start_postgres()
+    url = new_database(server)
+    journal = open_journal(url)
+    server.stop()
+    with ThreadPoolExecutor(1) as fresh_thread:
+        for call, says in ((lambda: journal.keep([_values("a.png", "a")]), "could not be written"),
+                           (lambda: journal.placements(PlacementFilter()), "cannot be read")):  # fmt: skip
+            with pytest.raises(JournalError, match=f"journal {url}: .*{says}"):
+                fresh_thread.submit(call).result()

@@ -124,7 +124,7 @@ def fold_bundle(
         )
     held = _calibration_images(calibration_data, manifest, model, folded)
     old = OldReference.load(bundle)
-    _refuse_reference_images(calibration_data, held, old)
+    _refuse_reference_images(calibration_data, held, old, float(manifest.parity.get("allowed", 0.0)))
     rate = target_rate or manifest.calibration.target_false_flag_rate  # type: ignore[union-attr]
     record = _fold_record(journal, bundle, manifest, folded, out)
     staging = staging_folder(out)
@@ -268,16 +268,18 @@ def _calibration_images(
     return HeldOut(f"{held.source} ({len(held)})", *_run_model(held.images, manifest, model))
 
 
-def _refuse_reference_images(spec: str | Path, held: HeldOut, old: OldReference) -> None:
+def _refuse_reference_images(spec: str | Path, held: HeldOut, old: OldReference, parity: float = 0.0) -> None:
     """Refuse calibration images that are images of the map's reference (trained on, or folded before): the
     bundle keeps no training pixels, but such an image lands on its own reference point with that point's
     features (within export's parity tolerance), so it is found by its place and confirmed by its features.
-    Like an image being folded, each would never be flagged and make the flag look stricter than it is."""
+    Like an image being folded, each would never be flagged and make the flag look stricter than it is.
+    `parity`: export's allowed |onnxruntime - torch| (bundle.json parity.allowed), twice of which widens the
+    search, as the reference may have been placed by torch."""
     reference = old.arrays["coords"][:, :2].astype(np.float64)
     order = np.argsort(reference[:, 0], kind="stable")
     xs = reference[order, 0]
     placed = held.coords[:, :2].astype(np.float64)
-    allowed = PLACEMENT_TOLERANCE * np.maximum(1.0, np.abs(placed))
+    allowed = np.maximum(PLACEMENT_TOLERANCE * np.maximum(1.0, np.abs(placed)), 2 * parity)
     first = np.searchsorted(xs, placed[:, 0] - allowed[:, 0], side="left")
     last = np.searchsorted(xs, placed[:, 0] + allowed[:, 0], side="right")
     projected = old.space.project(held.features)

@@ -152,8 +152,8 @@ MIGRATIONS: dict[int, tuple[str | Callable[[Any, str], None], ...]] = {
     3: (  # how far each spool segment has been taken into the database (SQLite: tsimcne_core/journal_spool.py)
         "CREATE TABLE journal_spool (segment TEXT PRIMARY KEY, read_to BIGINT NOT NULL)",
     ),
-    4: (  # PostgreSQL's rows in the table's page; the journal's own identity (a spool folder is bound to it)
-        _rows_inline_in_postgres,
+    4: (_rows_inline_in_postgres,),
+    5: (  # the journal's own identity, which a PostgreSQL spool folder is bound to
         "CREATE TABLE journal_identity (id TEXT NOT NULL)",
         _make_identity,
     ),
@@ -279,6 +279,7 @@ class SqlJournal:
         self._taking = threading.Lock()
         self._taken_sizes: dict[str, int] | None = None  # the spool's segment sizes when this process last took it
         self._failing: str | None = None  # why the last take failed: new writes are refused until one succeeds
+        self._listed: set[str] = set()  # segments this process has seen in its spool folder (`_may_forget`)
         try:
             self._migrate()
             if spool is not None:
@@ -301,6 +302,14 @@ class SqlJournal:
         """Hold off every other process taking this spool until the caller's transaction ends (SQLite: its
         write transaction already does)."""
 
+    def _may_forget(self, segment: str) -> bool:
+        """Whether a segment's offset row may go now that its file is gone: only when this process saw the file
+        in its own folder. Another folder whose spool has the same identity (a volume cloned from this one)
+        keys its segments under the same prefix; their files are never here, and forgetting their offsets
+        would make that folder's takers read them again from the start. Offsets of segments deleted just
+        before every process of a replica stopped stay behind (a few short rows; they match no file)."""
+        return segment in self._listed
+
     def describe(self) -> str:
         return self.url
 
@@ -312,6 +321,14 @@ class SqlJournal:
         if connection is None:
             connection = self._local.connection = self._connect()
         return connection
+
+    def _connected(self, failure: str) -> Any:
+        """This thread's connection; JournalError naming the journal and `failure` when none can be made (the
+        server is down, say), as for a failed statement."""
+        try:
+            return self._connection()
+        except Exception as exc:
+            raise JournalError(f"journal {self.describe()}: {failure}: {exc}") from exc
 
     def _lock_schema(self, cursor: Any) -> None:
         """Hold off other processes opening the journal until this one's migration commits (several workers
@@ -438,8 +455,10 @@ class SqlJournal:
                 tail = " ON CONFLICT (segment) DO UPDATE SET read_to = excluded.read_to"
                 insert_rows(cursor, self.mark, "journal_spool", ("segment", "read_to"), moved, tail)
             for name in offsets.keys() - sizes.keys():  # deleted after an earlier take
-                if not (self.spool_folder / name).exists():
+                if not (self.spool_folder / name).exists() and self._may_forget(name):
                     cursor.execute(f"DELETE FROM journal_spool WHERE segment = {self.mark}", [prefix + name])
+                    self._listed.discard(name)
+            self._listed.update(sizes)
         self._failing = None
         gone = set()
         for segment in taken:
@@ -492,7 +511,7 @@ class SqlJournal:
     def _transaction(self, failure: str) -> Iterator[Any]:
         """A write transaction's cursor, committed at the end; on any fault rolled back and JournalError
         raised, naming the journal and `failure` (nothing of the transaction is kept)."""
-        connection = self._connection()
+        connection = self._connected(failure)
         try:
             self._begin_write(connection)
             yield connection.cursor()
@@ -540,7 +559,7 @@ class SqlJournal:
 
     def _read(self, sql: str, values: list[Any]) -> Any:
         self._catch_up()
-        connection = self._connection()
+        connection = self._connected("cannot be read")
         try:
             cursor = connection.cursor()
             cursor.execute(sql, values)
@@ -677,6 +696,10 @@ class SqliteJournal(SqlJournal):
         self.take_spool()
         self.checkpoint()
 
+    def _may_forget(self, segment: str) -> bool:
+        """Always: the spool folder is named after the database file, so no other folder keys into it."""
+        return True
+
     def _connect(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         connection = sqlite3.connect(self.path, timeout=LOCK_WAIT_S, check_same_thread=False)
@@ -783,7 +806,16 @@ class PostgresJournal(SqlJournal):
             raise JournalError(
                 f"journal {self.describe()}: PostgreSQL needs psycopg (pip install 'psycopg[binary]')"
             ) from exc
-        return psycopg.connect(self.url)
+        # A server or network that stops answering fails a statement instead of hanging it (a take holding the
+        # spool's lock would hold every other worker's take, and their reads, with it); READ COMMITTED whatever
+        # the database's default, so a take sees the offsets the previous taker committed while it waited.
+        given = psycopg.conninfo.conninfo_to_dict(self.url)
+        defaults = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10}
+        connection = psycopg.connect(self.url, **{k: v for k, v in defaults.items() if k not in given})
+        connection.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
+        connection.execute(f"SET lock_timeout = '{int(LOCK_WAIT_S)}s'")
+        connection.commit()
+        return connection
 
 
 def open_journal(url: str, sync: str = "normal", spool: str | Path | None = None) -> SqlJournal:
