@@ -14,8 +14,9 @@ BentoML's app unchanged. What a request costs here, each thing done once:
   typed records, no re-validation) in the worker's one model thread (serving/batching.py,
   tsimcne_core/placing.py), shared by every request of a batch;
 - with a journal, the batch's rows kept before any of its requests is answered: appended to the spool in
-  the model thread (SQLite: tsimcne_core/journal_spool.py) or committed by the worker's journal thread,
-  several batches a transaction (PostgreSQL: serving/journal_writer.py);
+  the model thread (SQLite, and PostgreSQL with journal_spool: tsimcne_core/journal_spool.py) or committed
+  by the worker's journal thread, several batches a transaction (PostgreSQL without one:
+  serving/journal_writer.py);
 - request metrics: a count and a latency per request, the placement metrics once per model run.
 The same answers (`EmbedHandler.answer`) serve the API method BentoML declares for /embed (its OpenAPI
 schema, in-process calls), so both paths place and refuse alike.

@@ -1,9 +1,9 @@
-"""The journal's upkeep in each worker: SQLite's spool taken in and its WAL checkpointed, today's drift as
+"""The journal's upkeep in each worker: the spool taken in (SQLite's WAL also checkpointed), today's drift as
 Prometheus gauges, and pruning by age, off the request path.
 
 A thread of its own (its own database connection) wakes every second: it takes what the workers spooled into
-an SQLite journal's database in one transaction and checkpoints its WAL (tsimcne_core/journal.py
-`SqliteJournal.maintain`), every `refresh_s` reads today's daily counts (a
+the database in one transaction, and checkpoints an SQLite journal's WAL (tsimcne_core/journal.py
+`SqlJournal.maintain`), every `refresh_s` reads today's daily counts (a
 few rows, whatever the journal's size) into the drift gauges, and, in the worker told to prune, deletes
 placements older than the retention setting once an hour. Every replica reads the same journal, so the
 gauges agree across workers and replicas (Prometheus takes the most recent or the max).

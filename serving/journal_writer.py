@@ -3,10 +3,11 @@
 The model thread hands each placed batch's rows over (a function that builds them) and goes on with the
 next batch; this thread gathers batches (see JournalWriter) and commits them in one transaction. A request
 is answered only once its rows are committed (its asyncio future is settled from here, once a commit, with
-one call into the event loop), so a 2xx still means they are kept. Used for PostgreSQL, whose commit (a
-network round trip and the server's fsync) would otherwise hold the model for every batch; an SQLite journal
-appends each batch to its spool in the model thread (one write call: tsimcne_core/journal_spool.py), where
-this hand-over would cost more than the append (benchmarks/README.md, section 16).
+one call into the event loop), so a 2xx still means they are kept. Used for PostgreSQL without a spool,
+whose commit (a network round trip and the server's fsync) would otherwise hold the model for every batch; a
+spooling journal (SQLite; PostgreSQL with journal_spool) appends each batch to its spool in the model thread
+(one write call: tsimcne_core/journal_spool.py), where this hand-over would cost more than the append
+(benchmarks/README.md, section 16).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ GATHER_REQUESTS = 256
 
 
 def keep_rows(journal: SqlJournal, rows: Sequence[tuple], batches: int = 1) -> None:
-    """`rows` kept durably (`SqlJournal.keep`: SQLite's spool, or a PostgreSQL transaction), counted in the
+    """`rows` kept durably (`SqlJournal.keep`: the spool, or a PostgreSQL transaction), counted in the
     journal's metrics (rows, seconds); a JournalError is counted as `batches` failed model batches and raised
     again."""
     started = time.perf_counter()

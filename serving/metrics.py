@@ -67,7 +67,7 @@ BUNDLE_INFO = Gauge(
 JOURNAL_ROWS = Counter("tsimcne_journal_rows", "Placed images written to the journal")
 JOURNAL_WRITE_SECONDS = Histogram(
     "tsimcne_journal_write_seconds",
-    "Seconds a model batch took to be kept by the journal (SQLite: its spool append; PostgreSQL: its transaction)",
+    "Seconds a model batch took to be kept by the journal (its spool append; PostgreSQL without one: a transaction)",
     buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
 JOURNAL_FAILURES = Counter("tsimcne_journal_failures", "Model batches whose journal write failed (answered 503)")

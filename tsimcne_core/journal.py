@@ -693,7 +693,7 @@ class SqliteJournal(SqlJournal):
 
     def maintain(self) -> None:
         """Take the spool in, then copy committed pages from the WAL into the database."""
-        self.take_spool()
+        super().maintain()
         self.checkpoint()
 
     def _may_forget(self, segment: str) -> bool:
@@ -773,14 +773,15 @@ class PostgresJournal(SqlJournal):
         connection = self._connection()
         journal = connection.execute("SELECT id FROM journal_identity").fetchone()[0]
         connection.commit()
-        self._spool_identity = spool_identity(folder, journal)
-        return self._spool_identity + "/"
+        identity = spool_identity(folder, journal)
+        digest = hashlib.blake2b(identity.encode(), digest_size=8).digest()
+        self._spool_lock_key = int.from_bytes(digest, "big", signed=True)  # this spool's advisory lock
+        return identity + "/"
 
     def _lock_spool(self, cursor: Any) -> None:
         """Several worker processes of a replica take its spool: one at a time (else two could take the same
         frames before either commits its offsets). A lock for this spool only, released at commit."""
-        key = int.from_bytes(hashlib.blake2b(self._spool_identity.encode(), digest_size=8).digest(), "big", signed=True)
-        cursor.execute("SELECT pg_advisory_xact_lock(%s)", [key])
+        cursor.execute("SELECT pg_advisory_xact_lock(%s)", [self._spool_lock_key])
 
     def _insert(self, cursor: Any, values: Sequence[tuple]) -> None:
         """The rows by COPY in binary, their daily counts by INSERT ... ON CONFLICT, in the caller's transaction.

@@ -101,7 +101,7 @@ def _sync(folder: Path) -> None:
 
 class SpoolWriter:
     """Appends batches of rows for one process; thread-safe. A forked process makes its own (the journal checks
-    the pid: tsimcne_core/journal.py `SqliteJournal.keep`)."""
+    the pid: tsimcne_core/journal.py `SqlJournal._spool_writer`)."""
 
     def __init__(self, folder: Path, fsync: bool = False) -> None:
         self.folder = folder

@@ -145,9 +145,9 @@ PANELS = [
         40,
         w=8,
         unit="s",
-        description="What /embed waits for: SQLite's append to the spool (taken into the database once a second), "
-        "PostgreSQL's transaction (group commit). A rising p99 means a slow disk (SQLite, journal_sync=full) or a "
-        "busy database (PostgreSQL).",
+        description="What /embed waits for: the append to the spool (SQLite, PostgreSQL with journal_spool; taken "
+        "into the database once a second), else PostgreSQL's transaction (group commit). A rising p99 means a slow "
+        "disk (the spool, journal_sync=full) or a busy database (PostgreSQL without a spool).",
     ),
     panel(
         "Journal: failed batches (answered 503)",
